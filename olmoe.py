@@ -574,6 +574,8 @@ def load_model(path, *, device=None, dtype=None, moe_dispatch="batched", quantiz
     if quantize is not None:
         quantize_model(model, quantize)
     model.to(dtype).to_empty(device=device or "cpu")  # float tensors take dtype; quantized ones stay integer
+    if config.tie_word_embeddings:  # to_empty gives each module its own new tensor: tie them again
+        model.lm_head.weight = model.model.embed_tokens.weight
 
     remaining = set(layout)
     for file in _shard_files(path):
