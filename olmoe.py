@@ -446,14 +446,14 @@ class Transformer(nn.Module):
             x = x[:, -1:]  # prefill of a generation needs only the last position's logits
         out = Output(self.lm_head(x), router_logits=tuple(router_logits))  # (B, T, V)
 
-        if router_logits:
+        if router_logits and cache is None:  # the training-side forward; generation needs none of this
             c, m = self.config, attention_mask
             out.aux_loss = load_balancing_loss(router_logits, c.num_experts_per_tok, m)
             out.z_loss = router_z_loss(router_logits, m)
         if labels is not None:
             out.loss = F.cross_entropy(out.logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
                                        ignore_index=-100)
-            if router_logits:
+            if out.aux_loss is not None:
                 out.loss = out.loss + c.router_aux_loss_coef * out.aux_loss + c.router_z_loss_coef * out.z_loss
         return out
 

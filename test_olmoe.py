@@ -4,6 +4,8 @@ Checkpoints are small random models written to tmp_path in the Hub's layout by t
 which is also the reference the logits are compared against."""
 
 import json
+import os
+import re
 import math
 
 import pytest
@@ -305,3 +307,224 @@ def test_loader_casts_and_returns_an_eval_model(good_checkpoint):
     assert not model.training and isinstance(model.config, olmoe.OlmoeConfig)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     assert model(tokens()).logits.shape == (2, 12, TINY["vocab_size"])
+
+
+# --------------------------------------------------------------------------------------------------------------
+# generate.py
+
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+import generate as gen  # noqa: E402
+
+TOKENIZER_VOCAB, MODEL_VOCAB = 300, 320  # the model's vocabulary is padded, as the released ones are
+
+
+@pytest.fixture(scope="module")
+def tokenizer_json(tmp_path_factory):
+    """A byte-level BPE tokenizer trained here, so multi-byte characters span several tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=TOKENIZER_VOCAB, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(["the quick brown fox jumps over the lazy dog; café, naïve, 日本語"] * 20, trainer)
+    assert tok.get_vocab_size() == TOKENIZER_VOCAB
+    path = tmp_path_factory.mktemp("tokenizer") / "tokenizer.json"
+    tok.save(str(path))
+    return path
+
+
+def gen_checkpoint(path, tokenizer_json, model_type="olmoe", **overrides):
+    ref = hf_model(model_type, vocab_size=MODEL_VOCAB, max_position_embeddings=128, **overrides)
+    save(ref, path)
+    (path / "tokenizer.json").write_text(tokenizer_json.read_text())
+    return ref, path
+
+
+def greedy_by_recomputing(model, prompt, n):
+    ids = list(prompt)
+    for _ in range(n):
+        logits = model(torch.tensor([ids])).logits[0, -1]
+        ids.append(logits[:TOKENIZER_VOCAB].argmax().item())
+    return ids[len(prompt):]
+
+
+@pytest.mark.parametrize("model_type", ["olmoe", "olmo2"])
+def test_cached_decoding_equals_recomputing_the_sequence(tmp_path, tokenizer_json, model_type):
+    _, path = gen_checkpoint(tmp_path, tokenizer_json, model_type)
+    model = olmoe.load_model(path)
+    prompt = [5, 17, 42, 7, 99]
+    with torch.no_grad():
+        expected = greedy_by_recomputing(model, prompt, 20)
+    assert gen.generate(model, [prompt], 20, vocab_size=TOKENIZER_VOCAB) == [expected]
+
+
+@pytest.mark.parametrize("model_type", ["olmoe", "olmo2"])
+def test_batch_of_prompts_equals_each_prompt_alone(tmp_path, tokenizer_json, model_type):
+    _, path = gen_checkpoint(tmp_path, tokenizer_json, model_type)
+    model = olmoe.load_model(path)
+    prompts = [[3, 1, 4, 1, 5, 9, 2], [6], [5, 3, 5, 8]]
+    alone = [gen.generate(model, [p], 12)[0] for p in prompts]
+    assert gen.generate(model, prompts, 12) == alone
+
+
+@pytest.mark.parametrize("model_type", ["olmoe", "olmo2"])
+def test_greedy_output_equals_transformers_generate(tmp_path, tokenizer_json, model_type):
+    ref, path = gen_checkpoint(tmp_path, tokenizer_json, model_type)
+    model = olmoe.load_model(path)
+    from tokenizers import Tokenizer
+
+    prompt = Tokenizer.from_file(str(tokenizer_json)).encode("the lazy fox").ids
+    theirs = ref.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=24, pad_token_id=0,
+                          suppress_tokens=list(range(TOKENIZER_VOCAB, MODEL_VOCAB)))[0, len(prompt):].tolist()
+    assert gen.generate(model, [prompt], 24, vocab_size=TOKENIZER_VOCAB) == [theirs]
+
+
+def test_compiled_decode_step_gives_the_same_tokens(tmp_path, tokenizer_json):
+    """torch.compile of the decode step (CUDA graphs on a GPU) is a fast path of the same function."""
+    _, path = gen_checkpoint(tmp_path, tokenizer_json)
+    model = olmoe.load_model(path)
+    prompts = [[3, 1, 4, 1, 5], [9, 2]]
+    assert gen.generate(model, prompts, 10, compile=True) == gen.generate(model, prompts, 10)
+
+
+def test_generation_stops_at_eos_per_row(tmp_path, tokenizer_json):
+    _, path = gen_checkpoint(tmp_path, tokenizer_json)
+    model = olmoe.load_model(path)
+    prompts = [[1, 2, 3], [7, 8]]
+    free = gen.generate(model, prompts, 10)
+    eos = free[0][3]  # make row 0's fourth token the end of its text
+    out = gen.generate(model, prompts, 10, eos_ids={eos})
+    assert out == [row[: row.index(eos) + 1] if eos in row else row for row in free]
+    assert len(out[0]) <= 4
+
+
+def test_padded_vocabulary_ids_are_never_sampled(tmp_path, tokenizer_json):
+    _, path = gen_checkpoint(tmp_path, tokenizer_json)
+    model = olmoe.load_model(path)
+
+    class FavourPadding(torch.nn.Linear):  # makes the padded ids by far the likeliest
+        def forward(self, x):
+            return super().forward(x) + 100 * (torch.arange(MODEL_VOCAB) >= TOKENIZER_VOCAB)
+
+    model.lm_head = FavourPadding(TINY["hidden_size"], MODEL_VOCAB, bias=False)
+    g = torch.Generator().manual_seed(0)
+    for kw in [dict(), dict(temperature=1.0, generator=g)]:
+        unrestricted = gen.generate(model, [[1, 2]], 8, **kw)[0]
+        restricted = gen.generate(model, [[1, 2]], 8, vocab_size=TOKENIZER_VOCAB, **kw)[0]
+        assert max(unrestricted) >= TOKENIZER_VOCAB and max(restricted) < TOKENIZER_VOCAB
+
+
+def test_sampling_is_a_pure_function_of_logits_and_generator():
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(0))
+    draw = lambda seed, **kw: gen.sample(logits, generator=torch.Generator().manual_seed(seed), **kw)  # noqa: E731
+    assert torch.equal(draw(1, temperature=1.0), draw(1, temperature=1.0))
+    assert not torch.equal(draw(1, temperature=1.0), draw(2, temperature=1.0))
+    assert torch.equal(draw(0), logits.argmax(-1))
+    assert torch.equal(draw(3, temperature=1.0, top_k=1), logits.argmax(-1))
+    assert torch.equal(draw(3, temperature=1.0, top_p=1e-6), logits.argmax(-1))
+    top3 = logits.topk(3).indices
+    picks = torch.stack([draw(s, temperature=5.0, top_k=3) for s in range(50)])  # (50, 4)
+    assert all(p in top3[row] for row in range(4) for p in picks[:, row])
+
+
+def run_cli(*args, env=None):
+    return subprocess.run([sys.executable, "generate.py", *args], capture_output=True, text=True, timeout=300,
+                          env=env)
+
+
+def test_cli_end_to_end(tmp_path, tokenizer_json):
+    _, path = gen_checkpoint(tmp_path, tokenizer_json)
+    prompt = "café naïve"
+    r = run_cli("--checkpoint", str(path), "--prompt", prompt, "--max-new-tokens", "16", "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(tokenizer_json))
+    expected = gen.generate(olmoe.load_model(path), [tok.encode(prompt).ids], 16, vocab_size=TOKENIZER_VOCAB)[0]
+    assert r.stdout == prompt + tok.decode(expected) + "\n"  # the streamed pieces add up to the whole text
+    assert re.fullmatch(r"prefill \d+ tokens in \d+ ms \| decode [\d.]+ tok/s \| [\d.]+ GB/s \| peak memory .*",
+                        r.stderr.strip().splitlines()[-1])
+
+    r = run_cli("--checkpoint", str(path), "--prompt", "the", "--prompt", "lazy dog", "--max-new-tokens", "4")
+    assert r.returncode == 0 and r.stdout.startswith("the") and "\n\nlazy dog" in r.stdout
+
+
+def test_cli_offline_hub_id_without_cache_is_one_clear_line(tmp_path):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path))
+    r = run_cli("--checkpoint", "allenai/OLMoE-1B-7B-0924", "--prompt", "hi", env=env)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert r.stderr.strip().count("\n") == 0 and "Connect once to download it" in r.stderr
+
+
+@pytest.fixture(scope="module")
+def cli_checkpoints(tmp_path_factory, tokenizer_json):
+    """One good checkpoint and one broken in each way a user can meet, by name."""
+    root = tmp_path_factory.mktemp("cli")
+    _, good = gen_checkpoint(root / "good", tokenizer_json)
+
+    def variant(name, edit_tensors=None, edit_config=None, raw_config=None, truncate=False, no_tokenizer=False):
+        d = root / name
+        d.mkdir()
+        copy_checkpoint(good, d, edit_tensors=edit_tensors, edit_config=edit_config)
+        if raw_config is not None:
+            (d / "config.json").write_text(raw_config)
+        if truncate:
+            data = (d / "model.safetensors").read_bytes()
+            (d / "model.safetensors").write_bytes(data[: len(data) - 100])
+        if not no_tokenizer:
+            (d / "tokenizer.json").write_text(tokenizer_json.read_text())
+        return d
+
+    def pop(t):
+        del t["model.layers.0.self_attn.q_proj.weight"]
+        return t
+
+    def reshape(t):
+        t["lm_head.weight"] = t["lm_head.weight"][:10]
+        return t
+
+    (root / "a_file").write_text("")
+    return dict(good=good, missing_dir=root / "nowhere", a_file=root / "a_file",
+                bad_json=variant("bad_json", raw_config="{"), llama=variant("llama", edit_config=lambda c: {
+                    **c, "model_type": "llama"}), truncated=variant("truncated", truncate=True),
+                missing_tensor=variant("missing_tensor", edit_tensors=pop),
+                misshaped=variant("misshaped", edit_tensors=reshape), no_tokenizer=variant("no_tok", no_tokenizer=True))
+
+
+BAD_INPUTS = {
+    "missing checkpoint": (dict(checkpoint="missing_dir"), "no such directory"),
+    "checkpoint is a file": (dict(checkpoint="a_file"), "not a directory"),
+    "config not JSON": (dict(checkpoint="bad_json"), "config.json: not valid JSON"),
+    "unknown model_type": (dict(checkpoint="llama"), "model_type 'llama' is not 'olmo2' or 'olmoe'"),
+    "truncated safetensors": (dict(checkpoint="truncated"), "not a readable safetensors file"),
+    "missing tensor": (dict(checkpoint="missing_tensor"), "missing, e.g. model.layers.0.self_attn.q_proj.weight"),
+    "mis-shaped tensor": (dict(checkpoint="misshaped"), r"lm_head.weight has shape \(10, 32\), expected \(320, 32\)"),
+    "no tokenizer.json": (dict(checkpoint="no_tokenizer"), "tokenizer.json: missing"),
+    "beyond context": (dict(args=["--max-new-tokens", "200"]), "exceeds the context length of 128"),
+    "max-new-tokens 0": (dict(args=["--max-new-tokens", "0"]), "max_new_tokens must be at least 1"),
+    "negative temperature": (dict(args=["--temperature", "-1"]), "temperature >= 0"),
+    "top-p 0": (dict(args=["--top-p", "0"]), "0 < top_p <= 1"),
+    "top-p above 1": (dict(args=["--top-p", "1.5"]), "0 < top_p <= 1"),
+    "negative top-k": (dict(args=["--top-k", "-2"]), "top_k >= 0"),
+    "unknown dtype": (dict(args=["--dtype", "float8"]), "--dtype 'float8': expected one of"),
+    "empty prompt": (dict(prompt=""), "prompt 1 is empty"),
+    "cuda without a GPU": (dict(args=["--device", "cuda"]), "no CUDA GPU is available"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_cli_bad_input_is_one_line_error(case, cli_checkpoints, capsys):
+    spec, message = BAD_INPUTS[case]
+    if case == "cuda without a GPU" and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    argv = ["--checkpoint", str(cli_checkpoints[spec.get("checkpoint", "good")]),
+            "--prompt", spec.get("prompt", "the fox"), "--max-new-tokens", "4", *spec.get("args", [])]
+    with pytest.raises(SystemExit) as exit_info:
+        gen.main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code != 0
+    assert err.count("\n") == 1 and err.startswith("error: ") and re.search(message, err), err

@@ -1,0 +1,253 @@
+"""Generate text with OLMoE or OLMo2: python generate.py --prompt "Once upon a time"
+
+argparse -> load the checkpoint and tokenizer -> generate() -> print. Text goes to stdout, statistics to stderr.
+generate() works on token ids and is what a notebook imports; everything here is a function, nothing is global.
+"""
+
+import argparse
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import olmoe
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def sample(logits, *, temperature=0.0, top_k=0, top_p=1.0, generator=None):
+    """Pick one token per row of logits (B, V). temperature 0 is greedy; top_k keeps the k likeliest tokens
+    (0: all); top_p keeps the smallest set whose probability reaches p. A pure function of its arguments."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k:
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, -float("inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        before = sorted_logits.softmax(dim=-1).cumsum(dim=-1) - sorted_logits.softmax(dim=-1)  # mass ranked above
+        sorted_logits = sorted_logits.masked_fill(before >= top_p, -float("inf"))  # the top token always stays
+        logits = torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
+
+
+def bytes_per_decode_step(model, B, S, experts_hit):
+    """Bytes one decode step reads: every weight but the embedding table (of which it reads B rows) and the
+    experts, then only the experts_hit experts some row was routed to, and the whole KV cache (attention runs
+    over all S slots, the mask hiding the unwritten ones)."""
+    c, weights = model.config, model.state_dict()
+    total = sum(t.nbytes for name, t in weights.items() if "experts" not in name and "embed_tokens" not in name)
+    total += B * c.hidden_size * weights["model.embed_tokens.weight"].element_size()
+    total += 2 * c.num_hidden_layers * B * c.num_key_value_heads * S * c.head_dim * model.lm_head.weight.element_size()
+    if experts_hit:
+        stacked = sum(t.nbytes for name, t in weights.items() if "experts" in name)  # all layers, all experts
+        total += experts_hit * stacked // (c.num_hidden_layers * c.num_experts)
+    return total
+
+
+@torch.no_grad()
+def generate(model, prompts, max_new_tokens, *, eos_ids=(), vocab_size=None, temperature=0.0, top_k=0, top_p=1.0,
+             generator=None, compile=False, on_token=None, stats=None):
+    """Continue each prompt (a list of token ids); return the new ids of each, up to and including its eos.
+    Prompts of different lengths run as one left-padded batch; each row gives the tokens it would give alone.
+    vocab_size: ids at or above it (the padded rows of the embedding) are never sampled. on_token(ids) is called
+    after every step with the (B,) new ids. stats, a dict, receives timings and bytes read per decode step."""
+    c, device = model.config, model.lm_head.weight.device
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
+        raise ValueError(f"need temperature >= 0, 0 < top_p <= 1 and top_k >= 0; got {temperature}, {top_p}, {top_k}")
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    B, T = len(prompts), max(map(len, prompts))
+    S = T + max_new_tokens
+    if S > c.max_position_embeddings:
+        raise ValueError(f"prompt ({T} tokens) plus max_new_tokens ({max_new_tokens}) exceeds the context length "
+                         f"of {c.max_position_embeddings}")
+
+    # Left padding lines up every row's last prompt token at slot T-1. The mask hides the padding slots, and
+    # positions count only real tokens, so each row sees exactly what it would see alone.
+    ids = torch.tensor([[0] * (T - len(p)) + list(p) for p in prompts], device=device)  # (B, T)
+    mask = torch.ones(B, S, dtype=torch.bool, device=device)
+    mask[:, :T] = ids.new_tensor([[0] * (T - len(p)) + [1] * len(p) for p in prompts]).bool()  # (B, S)
+    pos = mask[:, :T].long().cumsum(-1) - 1  # (B, T)
+    cache = model.new_cache(B, S)
+
+    def step(tokens, pos, cache_pos, last_only=True):
+        out = model(tokens, attention_mask=mask, position_ids=pos, cache=cache, cache_pos=cache_pos,
+                    last_only=last_only)
+        routes = [r[:, -1].topk(c.num_experts_per_tok).indices for r in out.router_logits]  # L x (B, K)
+        return out.logits[:, -1].float(), torch.stack(routes) if routes else None
+
+    decode = step
+    if compile:  # one graph for the decode step, replayed as a CUDA graph on GPUs; shapes never change
+        for kv in cache:
+            torch._dynamo.mark_static_address(kv.k), torch._dynamo.mark_static_address(kv.v)
+        decode = torch.compile(step, mode="reduce-overhead", fullgraph=True)
+
+    def pick(logits):
+        if vocab_size is not None:
+            logits[:, vocab_size:] = -float("inf")
+        return sample(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    t0 = time.perf_counter()
+    logits, _ = step(ids, pos, torch.arange(T, device=device))
+    token = pick(logits)  # (B,)
+    sync()
+    t1 = time.perf_counter()
+    eos = torch.tensor(list(eos_ids) or [-1], device=device)
+    out, done = [token], torch.isin(token, eos)
+    if on_token:
+        on_token(token.tolist())
+    pos, routes = pos[:, -1:], []
+    for t in range(T, S - 1):
+        if done.all():
+            break
+        pos = pos + 1
+        logits, route = decode(token[:, None], pos, torch.tensor([t], device=device))
+        routes.append(route)
+        token = pick(logits)
+        out.append(token)
+        done = done | torch.isin(token, eos)
+        if on_token:
+            on_token(token.tolist())
+    sync()
+    t2 = time.perf_counter()
+    if stats is not None:
+        # distinct (layer, expert) pairs each decode step read, averaged over the steps
+        hit = sum(len({(l, e) for l, row in enumerate(r.tolist()) for e in sum(row, [])}) for r in routes
+                  if r is not None) / max(len(routes), 1)
+        stats.update(prefill_s=t1 - t0, prefill_tokens=B * T, decode_s=t2 - t1, decode_tokens=B * (len(out) - 1),
+                     step_bytes=bytes_per_decode_step(model, B, S, hit))
+    rows = torch.stack(out, dim=1).tolist()  # (B, steps)
+    return [row[: next((i + 1 for i, x in enumerate(row) if x in eos_ids), len(row))] for row in rows]
+
+
+def checkpoint_dir(name) -> Path:
+    """A local directory as it is; anything else that looks like a Hub id (owner/name) is fetched or taken from
+    huggingface_hub's cache."""
+    path = Path(name).expanduser()
+    if path.exists() or name.count("/") != 1 or name.startswith((".", "/", "~")):
+        return path
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(name, allow_patterns=["*.json", "*.safetensors"]))
+    except Exception as e:
+        raise olmoe.CheckpointError(f"{name}: not a local directory, and not in the Hub cache nor downloadable "
+                                    f"({type(e).__name__}). Connect once to download it, or pass --checkpoint "
+                                    "a local checkpoint directory") from None
+
+
+def load_tokenizer(path: Path):
+    """The tokenizer, its eos ids (config.json and generation_config.json) and its chat template, if any."""
+    from tokenizers import Tokenizer
+
+    if not (path / "tokenizer.json").is_file():
+        raise olmoe.CheckpointError(f"{path / 'tokenizer.json'}: missing (the tokenizer is read from it)")
+    tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
+    eos = set()
+    for name in ("config.json", "generation_config.json"):
+        ids = json.loads((path / name).read_text()).get("eos_token_id") if (path / name).is_file() else None
+        eos.update(ids if isinstance(ids, list) else [] if ids is None else [ids])
+    tc_file = path / "tokenizer_config.json"
+    tc = json.loads(tc_file.read_text()) if tc_file.is_file() else {}
+    return tokenizer, eos, tc
+
+
+def render_chat(tokenizer_config, prompt):
+    """The checkpoint's own chat template (Jinja, as transformers renders it) around one user message."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    if not tokenizer_config.get("chat_template"):
+        raise ValueError("--chat: this checkpoint's tokenizer_config.json has no chat_template")
+    template = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).from_string(
+        tokenizer_config["chat_template"])
+    special = {k: v if isinstance(v, str) else (v or {}).get("content", "")
+               for k, v in tokenizer_config.items() if k in ("bos_token", "eos_token")}
+    return template.render(messages=[{"role": "user", "content": prompt}], add_generation_prompt=True, **special)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--prompt", action="append", required=True, help="text to continue; repeat for a batch")
+    p.add_argument("--checkpoint", default="allenai/OLMoE-1B-7B-0924", help="local directory or Hub id")
+    p.add_argument("--max-new-tokens", type=int, default=100)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    p.add_argument("--top-k", type=int, default=0, help="0 keeps all tokens")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--chat", action="store_true", help="wrap each prompt in the checkpoint's chat template")
+    p.add_argument("--device", default=None, help="default: cuda, else mps, else cpu")
+    p.add_argument("--dtype", default=None, help="bfloat16 (default on GPU), float16 or float32 (default on CPU)")
+    p.add_argument("--quantize", choices=["int8", "int4"], default=None, help="weight-only quantization")
+    p.add_argument("--compile", action="store_true", help="torch.compile the decode step (CUDA graphs on GPU)")
+    p.add_argument("--moe-dispatch", choices=["batched", "naive"], default="batched")
+    args = p.parse_args(argv)
+    try:
+        run(args)
+    except (ValueError, OSError, RuntimeError) as e:  # CheckpointError is a ValueError
+        print(f"error: {e}".splitlines()[0], file=sys.stderr)
+        sys.exit(1)
+
+
+def run(args):
+    mps = getattr(torch.backends, "mps", None)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else
+                                          "mps" if mps and mps.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA GPU is available")
+    if args.dtype is not None and args.dtype not in DTYPES:
+        raise ValueError(f"--dtype {args.dtype!r}: expected one of {', '.join(DTYPES)}")
+    dtype = DTYPES[args.dtype or ("float32" if device.type == "cpu" else "bfloat16")]
+    path = checkpoint_dir(args.checkpoint)
+    olmoe.read_config(path)  # a bad checkpoint path or config fails here, before the tokenizer is read
+    tokenizer, eos, tokenizer_config = load_tokenizer(path)
+    texts = [render_chat(tokenizer_config, t) if args.chat else t for t in args.prompt]
+    prompts = [tokenizer.encode(t, add_special_tokens=not args.chat).ids for t in texts]
+    for i, ids in enumerate(prompts):
+        if not ids:
+            raise ValueError(f"prompt {i + 1} is empty: give some text to continue")
+    model = olmoe.load_model(path, device=device, dtype=dtype, moe_dispatch=args.moe_dispatch,
+                             quantize=args.quantize)
+
+    new_ids, printed = [], 0
+
+    def stream(ids):  # one prompt: print the new text as it comes, holding back a half-decoded character
+        nonlocal printed
+        new_ids.extend(i for i in ids if i not in eos)
+        text = tokenizer.decode(new_ids)
+        if not text.endswith("\ufffd"):
+            print(text[printed:], end="", flush=True)
+            printed = len(text)
+
+    single = len(prompts) == 1
+    if single:
+        print(args.prompt[0], end="", flush=True)
+    stats = {}
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    outputs = generate(model, prompts, args.max_new_tokens, eos_ids=eos, vocab_size=tokenizer.get_vocab_size(),
+                       temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, generator=generator,
+                       compile=args.compile, on_token=stream if single else None, stats=stats)
+    for prompt, out in zip(args.prompt, outputs):
+        if single:
+            print(tokenizer.decode([i for i in out if i not in eos])[printed:])
+        else:
+            print(prompt + tokenizer.decode([i for i in out if i not in eos]), end="\n\n")
+
+    peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda" else
+            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    rate = stats["decode_tokens"] / stats["decode_s"] if stats["decode_tokens"] else 0.0
+    steps_per_s = rate / len(prompts)
+    print(f"prefill {stats['prefill_tokens']} tokens in {stats['prefill_s'] * 1e3:.0f} ms | "
+          f"decode {rate:.1f} tok/s | {stats['step_bytes'] * steps_per_s / 1e9:.1f} GB/s | "
+          f"peak memory {peak / 1e9:.2f} GB ({'GPU' if device.type == 'cuda' else 'process RSS'})", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
