@@ -41,8 +41,8 @@ def bytes_per_decode_step(model, B, S, experts_hit):
     over all S slots, the mask hiding the unwritten ones)."""
     c, weights = model.config, model.state_dict()
     total = sum(t.nbytes for name, t in weights.items() if "experts" not in name and "embed_tokens" not in name)
-    total += B * c.hidden_size * weights["model.embed_tokens.weight"].element_size()
-    total += 2 * c.num_hidden_layers * B * c.num_key_value_heads * S * c.head_dim * model.lm_head.weight.element_size()
+    size = weights["model.embed_tokens.weight"].element_size()  # activations' and KV cache's dtype too
+    total += B * c.hidden_size * size + 2 * c.num_hidden_layers * B * c.num_key_value_heads * S * c.head_dim * size
     if experts_hit:
         stacked = sum(t.nbytes for name, t in weights.items() if "experts" in name)  # all layers, all experts
         total += experts_hit * stacked // (c.num_hidden_layers * c.num_experts)
@@ -56,7 +56,7 @@ def generate(model, prompts, max_new_tokens, *, eos_ids=(), vocab_size=None, tem
     Prompts of different lengths run as one left-padded batch; each row gives the tokens it would give alone.
     vocab_size: ids at or above it (the padded rows of the embedding) are never sampled. on_token(ids) is called
     after every step with the (B,) new ids. stats, a dict, receives timings and bytes read per decode step."""
-    c, device = model.config, model.lm_head.weight.device
+    c, device = model.config, model.model.embed_tokens.weight.device
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:

@@ -249,8 +249,8 @@ class Experts(nn.Module):
     def __init__(self, E, D, I):
         super().__init__()
         self.num_experts, self.I = E, I
-        self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, D))  # (E, 2I, D)
-        self.down_proj = nn.Parameter(torch.empty(E, D, I))  # (E, D, I)
+        self.gate_up_proj = nn.Parameter(torch.randn(E, 2 * I, D) * 0.02)  # (E, 2I, D)
+        self.down_proj = nn.Parameter(torch.randn(E, D, I) * 0.02)  # (E, D, I)
 
     # The dispatches read weights through these two, which quantized experts override to dequantize.
     def gate_up(self, i=slice(None)):
@@ -409,7 +409,7 @@ class Transformer(nn.Module):
 
     def new_cache(self, B, S, *, dtype=None, device=None):
         """One KVCache per layer for B rows of S slots."""
-        c, p = self.config, self.lm_head.weight
+        c, p = self.config, self.model.embed_tokens.weight  # never quantized
         return [KVCache(B, c.num_key_value_heads, S, c.head_dim, dtype=dtype or p.dtype, device=device or p.device)
                 for _ in range(c.num_hidden_layers)]
 
@@ -487,6 +487,100 @@ def router_z_loss(router_logits, attention_mask=None):
 
 
 # --------------------------------------------------------------------------------------------------------------
+# Quantization (weight-only; skip it on a first reading)
+#
+# int8: each output row of a weight matrix gets one scale, absmax/127, and w ~ q * scale with q in [-127, 127].
+# int4: each group of G consecutive inputs in a row gets its own scale, absmax/7; q in [-8, 7] is stored as
+#       q + 8 in a nibble, two per byte. Smaller groups follow the weights more closely but store more scales.
+# Every linear layer and every expert is quantized, except the router (E x D, tiny, and it picks the experts)
+# and a tied lm_head (it is the embedding). Activations, norms and the embedding stay in the model's dtype.
+
+
+def quantize(w, bits, group_size=128):
+    """w (..., out, in) -> (q, scale): int8 q (..., out, in) and scale (..., out); or, for int4, uint8 q
+    (..., out, in/2) and scale (..., out, in/G). Scales are kept in float32."""
+    w = w.float()
+    if bits == 4 and w.shape[-1] % group_size:
+        raise ValueError(f"{w.shape[-1]} inputs are not a multiple of the int4 group size {group_size}")
+    if bits == 8:
+        scale = w.abs().amax(dim=-1).clamp(min=1e-12) / 127  # (..., out)
+        return (w / scale[..., None]).round().clamp(-127, 127).to(torch.int8), scale
+    groups = w.unflatten(-1, (-1, group_size))  # (..., out, in/G, G)
+    scale = groups.abs().amax(dim=-1).clamp(min=1e-12) / 7  # (..., out, in/G)
+    q = ((groups / scale[..., None]).round().clamp(-8, 7) + 8).to(torch.uint8).flatten(-2)  # (..., out, in)
+    return q[..., 0::2] | (q[..., 1::2] << 4), scale  # even inputs in the low nibble, odd in the high
+
+
+def dequantize(q, scale, dtype):
+    """The inverse of quantize, in dtype: (..., out, in)."""
+    if q.dtype == torch.int8:
+        return (q.to(scale.dtype) * scale[..., None]).to(dtype)
+    q = torch.stack((q & 15, q >> 4), dim=-1).flatten(-2)  # (..., out, in) in [0, 15]
+    groups = q.unflatten(-1, (scale.shape[-1], -1)).to(scale.dtype) - 8  # (..., out, in/G, G)
+    return (groups * scale[..., None]).flatten(-2).to(dtype)
+
+
+class QuantLinear(nn.Module):
+    """nn.Linear(in, out, bias=False) with a quantized weight; the loader quantizes into it via load()."""
+
+    def __init__(self, linear: nn.Linear, bits, group_size, dtype):
+        super().__init__()
+        out_features, in_features = linear.weight.shape
+        self.dtype, self.bits, self.group_size = dtype, bits, group_size
+        q, scale = quantize(torch.empty(out_features, in_features, device="meta"), bits, group_size)
+        self.register_buffer("weight", torch.empty_like(q))  # (out, in) int8, or (out, in/2) uint8
+        self.register_buffer("scale", torch.empty_like(scale))  # (out,), or (out, in/G)
+
+    def load(self, attr, index, w):
+        self.weight[index], self.scale[index] = quantize(w.to(self.weight.device), self.bits, self.group_size)
+
+    def forward(self, x):
+        if self.bits == 8:  # one scale per output: scale the product instead of dequantizing the weight
+            return F.linear(x, self.weight.to(x.dtype)) * self.scale.to(x.dtype)
+        return F.linear(x, dequantize(self.weight, self.scale, x.dtype))
+
+
+class QuantExperts(nn.Module):
+    """Experts with quantized stacked weights; the dispatches dequantize only the experts they read."""
+
+    def __init__(self, experts: Experts, bits, group_size, dtype):
+        super().__init__()
+        self.num_experts, self.I, self.dtype = experts.num_experts, experts.I, dtype
+        self.bits, self.group_size = bits, group_size
+        for name in ("gate_up_proj", "down_proj"):
+            q, scale = quantize(torch.empty_like(getattr(experts, name), device="meta"), bits, group_size)
+            self.register_buffer(name, torch.empty_like(q))  # (E, out, in) int8, or (E, out, in/2) uint8
+            self.register_buffer(name + "_scale", torch.empty_like(scale))  # (E, out), or (E, out, in/G)
+
+    def load(self, attr, index, w):
+        q, scale = quantize(w.to(self.gate_up_proj.device), self.bits, self.group_size)
+        getattr(self, attr)[index], getattr(self, attr + "_scale")[index] = q, scale
+
+    def gate_up(self, i=slice(None)):
+        return dequantize(self.gate_up_proj[i], self.gate_up_proj_scale[i], self.dtype)  # (..., 2I, D)
+
+    def down(self, i=slice(None)):
+        return dequantize(self.down_proj[i], self.down_proj_scale[i], self.dtype)  # (..., D, I)
+
+
+def quantize_model(model: Transformer, kind: str, group_size=128, dtype=torch.float32):
+    """Swap (on the meta device, before loading) every linear layer and every Experts for a quantized one."""
+    bits = {"int8": 8, "int4": 4}.get(kind)
+    if bits is None:
+        raise ValueError(f"quantize {kind!r}: expected 'int8' or 'int4'")
+    for parent_name, parent in list(model.named_modules()):
+        for name, child in parent.named_children():
+            try:
+                if isinstance(child, Experts):
+                    setattr(parent, name, QuantExperts(child, bits, group_size, dtype))
+                elif isinstance(child, nn.Linear) and name != "gate" and \
+                        child.weight is not model.model.embed_tokens.weight:
+                    setattr(parent, name, QuantLinear(child, bits, group_size, dtype))
+            except ValueError as e:
+                raise ValueError(f"{parent_name}.{name}".lstrip(".") + f": {e}") from None
+
+
+# --------------------------------------------------------------------------------------------------------------
 # Loader: a Hub checkpoint directory (config.json + safetensors) into a Transformer
 
 
@@ -560,20 +654,23 @@ def _read_tensors(file: Path):
         raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
 
 
-def load_model(path, *, device=None, dtype=None, moe_dispatch="batched", quantize=None) -> Transformer:
+def load_model(path, *, device=None, dtype=None, moe_dispatch="batched", quantize=None,
+               group_size=128) -> Transformer:
     """Load a Hub-layout checkpoint directory (one model.safetensors, or shards named by
     model.safetensors.index.json). The model is built on the meta device (no memory), allocated once on
     `device` in `dtype` (default float32), and filled one checkpoint tensor at a time, cast as it goes, so two
-    copies of the weights never exist. quantize: None, "int8" or "int4" (see the quantization section)."""
+    copies of the weights never exist. quantize: None, "int8" or "int4" (with group_size inputs per scale):
+    then each tensor is quantized as it is read, and no full-precision model is ever built."""
     path = Path(path)
     config = read_config(path)
     dtype = dtype or torch.float32
     with torch.device("meta"):
         model = Transformer(config, moe_dispatch)
     layout = hub_layout(model)  # full-precision shapes, whatever quantization does to storage below
+    model.to(dtype)
     if quantize is not None:
-        quantize_model(model, quantize)
-    model.to(dtype).to_empty(device=device or "cpu")  # float tensors take dtype; quantized ones stay integer
+        quantize_model(model, quantize, group_size, dtype)  # after .to(dtype): scales stay float32
+    model.to_empty(device=device or "cpu")
     if config.tie_word_embeddings:  # to_empty gives each module its own new tensor: tie them again
         model.lm_head.weight = model.model.embed_tokens.weight
 

@@ -449,7 +449,8 @@ def test_cli_end_to_end(tmp_path, tokenizer_json):
     assert re.fullmatch(r"prefill \d+ tokens in \d+ ms \| decode [\d.]+ tok/s \| [\d.]+ GB/s \| peak memory .*",
                         r.stderr.strip().splitlines()[-1])
 
-    r = run_cli("--checkpoint", str(path), "--prompt", "the", "--prompt", "lazy dog", "--max-new-tokens", "4")
+    r = run_cli("--checkpoint", str(path), "--prompt", "the", "--prompt", "lazy dog", "--max-new-tokens", "4",
+                "--quantize", "int8")
     assert r.returncode == 0 and r.stdout.startswith("the") and "\n\nlazy dog" in r.stdout
 
 
@@ -528,3 +529,62 @@ def test_cli_bad_input_is_one_line_error(case, cli_checkpoints, capsys):
     err = capsys.readouterr().err
     assert exit_info.value.code != 0
     assert err.count("\n") == 1 and err.startswith("error: ") and re.search(message, err), err
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Weight-only quantization
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantize_round_trip_error_is_at_most_half_a_step(bits):
+    w = torch.randn(3, 40, 256) * torch.rand(3, 40, 1)  # rows of different magnitudes
+    q, scale = olmoe.quantize(w, bits, group_size=64)
+    back = olmoe.dequantize(q, scale, torch.float32)
+    step = scale[..., None] if bits == 8 else scale.repeat_interleave(64, dim=-1)  # per element
+    assert q.shape[-1] == (256 if bits == 8 else 128) and scale.dtype == torch.float32
+    assert ((back - w).abs() <= step / 2 + 1e-6).all()
+    assert (back - w).abs().max() > 0  # it did round: the bound above is not vacuous
+
+
+QUANT_MOE = dict(hidden_size=256, intermediate_size=128, num_attention_heads=4)  # widths divisible by 128
+
+
+@pytest.mark.parametrize("kind, tolerance", [("int8", 0.05), ("int4", 0.5)])
+def test_quantized_model_stays_close_to_the_float_model(tmp_path, kind, tolerance):
+    path = save(hf_model("olmoe", **QUANT_MOE), tmp_path)
+    ids = tokens(T=16)
+    with torch.no_grad():
+        ref = olmoe.load_model(path)(ids).logits
+        outs = [olmoe.load_model(path, quantize=kind, moe_dispatch=d)(ids).logits for d in ("naive", "batched")]
+    torch.testing.assert_close(outs[0], outs[1])
+    err = ((outs[0] - ref).norm() / ref.norm()).item()
+    print(f"{kind}: relative logit error {err:.3f}")
+    assert 0 < err < tolerance
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_quantized_loading_never_allocates_the_float_model(tmp_path, monkeypatch, kind):
+    path = save(hf_model("olmoe", **QUANT_MOE), tmp_path)
+    float_bytes = sum(t.nbytes for t in olmoe.load_model(path).state_dict().values())
+    allocated = []
+    to_empty = torch.nn.Module.to_empty
+
+    def recording_to_empty(self, **kw):  # the loader's one allocation of the model's storage
+        out = to_empty(self, **kw)
+        allocated.append(sum(t.nbytes for t in self.state_dict().values()))
+        return out
+
+    monkeypatch.setattr(torch.nn.Module, "to_empty", recording_to_empty)
+    model = olmoe.load_model(path, quantize=kind)
+    assert allocated == [sum(t.nbytes for t in model.state_dict().values())]
+    assert allocated[0] < (0.35 if kind == "int8" else 0.25) * float_bytes
+    experts = model.model.layers[0].mlp.experts
+    assert experts.gate_up_proj.dtype == (torch.int8 if kind == "int8" else torch.uint8)
+    assert model.model.layers[0].mlp.gate.weight.dtype == torch.float32  # the router stays in float
+
+
+def test_int4_group_size_must_divide_the_inputs(tmp_path):
+    path = save(hf_model("olmoe"), tmp_path)  # hidden size 32
+    with pytest.raises(ValueError, match="lm_head: 32 inputs are not a multiple of the int4 group size 128"):
+        olmoe.load_model(path, quantize="int4")
+    assert olmoe.load_model(path, quantize="int4", group_size=16)(tokens()).logits.isfinite().all()
