@@ -87,7 +87,7 @@ def generate(model, prompts, max_new_tokens, *, eos_ids=(), vocab_size=None, tem
     if compile:  # one graph for the decode step, replayed as a CUDA graph on GPUs; shapes never change
         for kv in cache:
             torch._dynamo.mark_static_address(kv.k), torch._dynamo.mark_static_address(kv.v)
-        decode = torch.compile(step, mode="reduce-overhead", fullgraph=True)
+        decode = torch.compile(step, mode="reduce-overhead")
 
     def pick(logits):
         if vocab_size is not None:

@@ -254,10 +254,18 @@ class Experts(nn.Module):
 
     # The dispatches read weights through these two, which quantized experts override to dequantize.
     def gate_up(self, i=slice(None)):
-        return self.gate_up_proj[i]  # (..., 2I, D): expert i, or one per element of an index tensor i
+        return take(self.gate_up_proj, i)  # (..., 2I, D): expert i, or one per element of an index tensor i
 
     def down(self, i=slice(None)):
-        return self.down_proj[i]  # (..., D, I)
+        return take(self.down_proj, i)  # (..., D, I)
+
+
+def take(t, i):
+    """t[i] for an int, a slice or an index tensor; for a tensor, index_select copies whole experts at once,
+    several times faster than advanced indexing t[i] on a CPU."""
+    if isinstance(i, torch.Tensor):
+        return t.index_select(0, i.flatten()).unflatten(0, i.shape)
+    return t[i]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -271,8 +279,7 @@ class Experts(nn.Module):
 #                sync (torch.where) per expert, and its matmuls are as small as each expert's share of tokens.
 #   moe_batched  sorts the N*K token-expert pairs by expert, so each expert's tokens are one contiguous slice,
 #                and runs all experts in one grouped matmul (no Python per expert, no host sync). For a few
-#                tokens (decoding) it instead gathers just the chosen experts' weights and does one batched
-#                matrix-vector product per pair, reading each chosen expert's weights exactly once.
+#                tokens on a GPU it instead gathers just the chosen experts' weights (moe_gathered).
 
 
 def moe_naive(x, top_w, top_i, experts: Experts):
@@ -293,10 +300,8 @@ def moe_batched(x, top_w, top_i, experts: Experts):
     """Same inputs and result as moe_naive."""
     N, K = top_i.shape
     E = experts.num_experts
-    if N * K < E:  # few tokens: gather the K chosen experts of each token
-        gate, up = torch.einsum("nd,nkid->nki", x, experts.gate_up(top_i)).chunk(2, dim=-1)  # (N, K, I) each
-        h = torch.einsum("nki,nkdi->nkd", F.silu(gate) * up, experts.down(top_i))  # (N, K, D)
-        return torch.einsum("nkd,nk->nd", h, top_w)
+    if N * K < E and (x.is_cuda or torch.compiler.is_compiling()):
+        return moe_gathered(x, top_w, top_i, experts)
     flat = top_i.flatten()  # (P,) expert of each pair, pair p = token p // K, slot p % K
     order = flat.argsort(stable=True)  # pairs sorted by expert
     ends = torch.searchsorted(flat[order], torch.arange(1, E + 1, device=x.device))  # (E,) end of each group
@@ -307,10 +312,23 @@ def moe_batched(x, top_w, top_i, experts: Experts):
     return torch.einsum("nkd,nk->nd", h.view(N, K, -1), top_w)
 
 
+def moe_gathered(x, top_w, top_i, experts: Experts):
+    """moe_batched's path for a few tokens (decoding) on a GPU or compiled: gather each token's K experts and
+    do one matrix-vector product per pair. Compiled, the gather can fuse into the products, so each chosen
+    expert's weights are read once and nothing is sorted. Eager on a CPU the gather is a copy, and the
+    grouped path above is faster there."""
+    gate, up = torch.einsum("nd,nkid->nki", x, experts.gate_up(top_i)).chunk(2, dim=-1)  # (N, K, I) each
+    h = torch.einsum("nki,nkdi->nkd", F.silu(gate) * up, experts.down(top_i))  # (N, K, D)
+    return torch.einsum("nkd,nk->nd", h, top_w)
+
+
 def grouped_mm(x, w, ends):
     """Rows ends[e-1]:ends[e] of x (P, in) times expert e's w[e].T, with w (E, out, in). Returns (P, out)."""
     aligned = all(s * x.element_size() % 16 == 0 for s in (x.shape[1], w.shape[1]))
-    if hasattr(torch, "_grouped_mm") and x.dtype in (torch.bfloat16, torch.float32) and aligned:
+    # the kernel takes bf16 everywhere, float32 only in eager mode on a CPU
+    supported = x.dtype == torch.bfloat16 or (x.dtype == torch.float32 and not x.is_cuda
+                                               and not torch.compiler.is_compiling())
+    if hasattr(torch, "_grouped_mm") and supported and aligned:
         return torch._grouped_mm(x, w.transpose(-2, -1), offs=ends.int())  # one kernel for all groups
     # Portable fallback (float64, old torch): one matmul per expert that has rows; one host sync for the bounds.
     starts = ends.tolist()
@@ -557,10 +575,10 @@ class QuantExperts(nn.Module):
         getattr(self, attr)[index], getattr(self, attr + "_scale")[index] = q, scale
 
     def gate_up(self, i=slice(None)):
-        return dequantize(self.gate_up_proj[i], self.gate_up_proj_scale[i], self.dtype)  # (..., 2I, D)
+        return dequantize(take(self.gate_up_proj, i), take(self.gate_up_proj_scale, i), self.dtype)  # (..., 2I, D)
 
     def down(self, i=slice(None)):
-        return dequantize(self.down_proj[i], self.down_proj_scale[i], self.dtype)  # (..., D, I)
+        return dequantize(take(self.down_proj, i), take(self.down_proj_scale, i), self.dtype)  # (..., D, I)
 
 
 def quantize_model(model: Transformer, kind: str, group_size=128, dtype=torch.float32):

@@ -167,13 +167,14 @@ def dense_oracle(moe, x):
     return torch.einsum("ned,ne->nd", out, weight)
 
 
-@pytest.mark.parametrize("N", [1, 3, 50])  # 1 and 3 tokens take the gather path of moe_batched, 50 the grouped one
+@pytest.mark.parametrize("N", [1, 3, 50])
 @pytest.mark.parametrize("norm_topk_prob", [False, True])
-def test_batched_dispatch_equals_naive_and_dense_oracle(N, norm_topk_prob):
+def test_batched_dispatch_equals_naive_and_dense_oracle(N, norm_topk_prob, monkeypatch):
     moe = moe_layer(norm_topk_prob=norm_topk_prob)
     x = torch.randn(1, N, TINY["hidden_size"], dtype=torch.float64)
     expected = dense_oracle(moe, x[0])
-    for dispatch in ["naive", "batched"]:
+    monkeypatch.setitem(olmoe.DISPATCH, "gathered", olmoe.moe_gathered)  # the GPU's path for few tokens
+    for dispatch in ["naive", "batched", "gathered"]:
         moe.dispatch = dispatch
         torch.testing.assert_close(moe(x)[0][0], expected, rtol=1e-12, atol=1e-12)
 
@@ -588,3 +589,119 @@ def test_int4_group_size_must_divide_the_inputs(tmp_path):
     with pytest.raises(ValueError, match="lm_head: 32 inputs are not a multiple of the int4 group size 128"):
         olmoe.load_model(path, quantize="int4")
     assert olmoe.load_model(path, quantize="int4", group_size=16)(tokens()).logits.isfinite().all()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Benchmarks, run on purpose and not by pytest: python test_olmoe.py --help
+
+
+BENCH_SHAPES = {  # the released shapes, and small ones of the same kind for a CPU
+    "OLMoE-1B-7B": lambda: olmoe.PRESETS["OLMoE-1B-7B-0924"](),
+    "OLMo-2-1B": lambda: olmoe.PRESETS["OLMo-2-0425-1B"](),
+    "small-OLMoE": lambda: olmoe.OlmoeConfig(hidden_size=512, intermediate_size=256, num_hidden_layers=4,
+                                             num_attention_heads=8, num_experts=64, num_experts_per_tok=8),
+    "small-OLMo-2": lambda: olmoe.Olmo2Config(vocab_size=100352, hidden_size=512, intermediate_size=2048,
+                                              num_hidden_layers=4, num_attention_heads=8),
+}
+
+
+def timed(fn, sync, repeat=3):
+    """Median wall time of fn() over repeat runs, after one warm-up run."""
+    fn()
+    times = []
+    for _ in range(repeat):
+        sync()
+        t = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t)
+    return sorted(times)[len(times) // 2]
+
+
+def device_ceilings(device, dtype, sync):
+    """Measured copy bandwidth (bytes read + written per second) and matmul rate in dtype (FLOP/s)."""
+    n = 2**28 if device.type == "cuda" else 2**25
+    a, b = torch.empty(n, dtype=torch.uint8, device=device).random_(), torch.empty(n, dtype=torch.uint8, device=device)
+    bandwidth = 2 * n / timed(lambda: b.copy_(a), sync, repeat=10)
+    m = 8192 if device.type == "cuda" else 1024
+    x, y = torch.randn(m, m, device=device, dtype=dtype), torch.randn(m, m, device=device, dtype=dtype)
+    return bandwidth, 2 * m**3 / timed(lambda: x @ y, sync, repeat=10)
+
+
+def twin_models(config, device, dtype):
+    """A random transformers model of this config and ours holding the very same weights (the names agree)."""
+    hf_cls = {"olmoe": (transformers.OlmoeConfig, transformers.OlmoeForCausalLM),
+              "olmo2": (transformers.Olmo2Config, transformers.Olmo2ForCausalLM)}[config.model_type]
+    fields = {k: v for k, v in vars(config).items() if not k.startswith("rope")}
+    hf_config = hf_cls[0](**fields, rope_parameters=dict(rope_type="default", rope_theta=config.rope_theta))
+    torch.manual_seed(0)
+    with torch.device(device):
+        hf = hf_cls[1](hf_config).to(dtype).eval()
+    with torch.device("meta"):
+        ours = olmoe.Transformer(config)
+    ours.to(dtype).to_empty(device=device).load_state_dict(hf.state_dict())
+    return hf, ours.eval()
+
+
+def active_params(model):
+    """Parameters one prefill token multiplies: the layers', with K of the E experts (only the last position
+    reaches lm_head, and the embedding is a lookup)."""
+    c, n = model.config, 0
+    for name, p in model.named_parameters():
+        if name.startswith("model.layers"):
+            n += p.numel() * (c.num_experts_per_tok / c.num_experts if "experts" in name else 1)
+    return n
+
+
+def benchmark(shape, device, batches, steps, prompt_len):
+    device = torch.device(device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    bandwidth, flops = device_ceilings(device, dtype, sync)
+    config = BENCH_SHAPES[shape]()
+    hf, ours = twin_models(config, device, dtype)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    print(f"{shape} on {name}, {dtype}; torch {torch.__version__}, transformers {transformers.__version__}; "
+          f"measured copy bandwidth {bandwidth / 1e9:.0f} GB/s, matmul {flops / 1e12:.1f} TFLOP/s")
+    print("| what | this project | transformers | ratio | this project, fraction of bound |")
+    print("|---|---|---|---|---|")
+    compiles = [False, True] if device.type == "cuda" else [False]
+    for B in batches:
+        g = torch.Generator().manual_seed(B)
+        prompts = torch.randint(0, config.vocab_size, (B, 16), generator=g, device="cpu").tolist()
+        ids = torch.tensor(prompts, device=device)
+        for compile in compiles:
+            stats = {}
+            run = lambda: gen.generate(ours, prompts, steps, compile=compile, stats=stats)  # noqa: E731
+            timed(run, sync, repeat=1)
+            ours_rate = stats["decode_tokens"] / stats["decode_s"]
+            bound = bandwidth / stats["step_bytes"] * B  # tokens/s if each step only read its bytes, at copy speed
+            kw = dict(cache_implementation="static") if compile else {}
+            hf_gen = lambda n: hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,  # noqa: E731
+                                           min_new_tokens=n, do_sample=False, pad_token_id=0, **kw)
+            hf_rate = B * (steps - 1) / (timed(lambda: hf_gen(steps), sync, 1) - timed(lambda: hf_gen(1), sync, 1))
+            label = f"decode tok/s, batch {B}, {'compiled' if compile else 'eager'}"
+            print(f"| {label} | {ours_rate:.1f} | {hf_rate:.1f} | {ours_rate / hf_rate:.2f}x | "
+                  f"{ours_rate / bound:.0%} of {bound:.0f} ({stats['step_bytes'] / 1e9:.3f} GB/step) |")
+    ids = torch.randint(0, config.vocab_size, (1, prompt_len), device=device)
+    with torch.no_grad():
+        ours_s = timed(lambda: ours(ids, last_only=True), sync)
+        hf_s = timed(lambda: hf(ids, logits_to_keep=1, use_cache=False), sync)
+    work = 2 * prompt_len * active_params(ours) + 2 * config.num_hidden_layers * prompt_len**2 * \
+        config.num_attention_heads * config.head_dim  # matmuls, and causal attention (half of QK^T and AV)
+    print(f"| prefill tok/s, {prompt_len} tokens | {prompt_len / ours_s:.0f} | {prompt_len / hf_s:.0f} | "
+          f"{hf_s / ours_s:.2f}x | {work / ours_s / flops:.0%} of matmul peak |")
+
+
+if __name__ == "__main__":
+    import argparse
+    import time
+
+    p = argparse.ArgumentParser(description="Benchmark this project against transformers, same weights, one run.")
+    p.add_argument("--shape", choices=BENCH_SHAPES, default="OLMoE-1B-7B")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 8, 64])
+    p.add_argument("--steps", type=int, default=64, help="tokens generated per decode measurement")
+    p.add_argument("--prompt-len", type=int, default=2048, help="tokens in the prefill measurement")
+    a = p.parse_args()
+    benchmark(a.shape, a.device, a.batch, a.steps, a.prompt_len)
