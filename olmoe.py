@@ -19,7 +19,6 @@ identity map; only the experts are stacked, one (E, out, in) tensor per projecti
 """
 
 import json
-import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
