@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 import olmoe
 
@@ -77,9 +78,8 @@ def generate(model, prompts, max_new_tokens, *, eos_ids=(), vocab_size=None, tem
     pos = mask[:, :T].long().cumsum(-1) - 1  # (B, T)
     cache = model.new_cache(B, S)
 
-    def step(tokens, pos, cache_pos, last_only=True):
-        out = model(tokens, attention_mask=mask, position_ids=pos, cache=cache, cache_pos=cache_pos,
-                    last_only=last_only)
+    def step(tokens, pos, cache_pos):
+        out = model(tokens, attention_mask=mask, position_ids=pos, cache=cache, cache_pos=cache_pos, last_only=True)
         routes = [r[:, -1].topk(c.num_experts_per_tok).indices for r in out.router_logits]  # L x (B, K)
         return out.logits[:, -1].float(), torch.stack(routes) if routes else None
 
@@ -91,10 +91,8 @@ def generate(model, prompts, max_new_tokens, *, eos_ids=(), vocab_size=None, tem
         for _ in range(3):  # compile and record outside the timings, in slot S-1: no query ever attends it
             decode(*torch.zeros(2, B, 1, dtype=torch.long, device=device), torch.tensor([S - 1], device=device))
 
-    def pick(logits):
-        if vocab_size is not None:
-            logits[:, vocab_size:] = -float("inf")
-        return sample(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+    def pick(logits):  # the padded ids are the last rows of the vocabulary: cut them off
+        return sample(logits[:, :vocab_size], temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
 
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     t0 = time.perf_counter()
@@ -112,7 +110,8 @@ def generate(model, prompts, max_new_tokens, *, eos_ids=(), vocab_size=None, tem
             break
         pos = pos + 1
         logits, route = decode(token[:, None], pos, torch.tensor([t], device=device))
-        routes.append(route)
+        if route is not None:
+            routes.append(route.clone())  # a CUDA graph's outputs are overwritten by its next replay
         token = pick(logits)
         out.append(token)
         done = done | torch.isin(token, eos)
@@ -121,9 +120,10 @@ def generate(model, prompts, max_new_tokens, *, eos_ids=(), vocab_size=None, tem
     sync()
     t2 = time.perf_counter()
     if stats is not None:
-        # distinct (layer, expert) pairs each decode step read, averaged over the steps
-        hit = sum(len({(l, e) for l, row in enumerate(r.tolist()) for e in sum(row, [])}) for r in routes
-                  if r is not None) / max(len(routes), 1)
+        hit = 0  # distinct (layer, expert) pairs a decode step read, on average
+        if routes:
+            chosen = F.one_hot(torch.stack(routes).flatten(2), c.num_experts)  # (steps, L, B*K, E)
+            hit = chosen.amax(dim=2).sum().item() / len(routes)
         stats.update(prefill_s=t1 - t0, prefill_tokens=B * T, decode_s=t2 - t1, decode_tokens=B * (len(out) - 1),
                      step_bytes=bytes_per_decode_step(model, B, S, hit))
     rows = torch.stack(out, dim=1).tolist()  # (B, steps)

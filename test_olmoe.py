@@ -420,6 +420,19 @@ def test_padded_vocabulary_ids_are_never_sampled(tmp_path, tokenizer_json):
         assert max(unrestricted) >= TOKENIZER_VOCAB and max(restricted) < TOKENIZER_VOCAB
 
 
+def test_bytes_per_decode_step_counts_what_a_step_reads():
+    config = olmoe.config_from_dict({**TINY_MOE, "model_type": "olmoe"})
+    model = olmoe.Transformer(config)
+    D, I, L, E, V = 32, 16, 2, 8, 96
+    attention = 4 * D * D + 2 * D  # q, k, v, o and the q, k norms
+    per_layer = attention + 2 * D + E * D  # the two block norms and the router
+    dense = L * per_layer + D + V * D  # the final norm and lm_head
+    B, S, hit = 3, 10, 5.5
+    kv_cache = 2 * L * B * S * D
+    expected = 4 * (dense + B * D + kv_cache + hit * 3 * I * D)  # float32; one embedding row per sequence
+    assert gen.bytes_per_decode_step(model, B, S, hit) == expected
+
+
 def test_sampling_is_a_pure_function_of_logits_and_generator():
     logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(0))
     draw = lambda seed, **kw: gen.sample(logits, generator=torch.Generator().manual_seed(seed), **kw)  # noqa: E731
@@ -461,6 +474,39 @@ def test_cli_offline_hub_id_without_cache_is_one_clear_line(tmp_path):
     r = run_cli("--checkpoint", "allenai/OLMoE-1B-7B-0924", "--prompt", "hi", env=env)
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert r.stderr.strip().count("\n") == 0 and "Connect once to download it" in r.stderr
+
+
+# Shaped like OLMoE-1B-7B-Instruct's template: Jinja blocks on their own lines, trimmed as transformers does.
+CHAT_TEMPLATE = """{{ bos_token }}{% for message in messages %}
+{% if message['role'] == 'system' %}
+{{ '<|system|>\n' + message['content'] }}
+{% elif message['role'] == 'user' %}
+{{ '<|user|>\n' + message['content'] }}
+{% endif %}
+{% if loop.last and add_generation_prompt %}
+{{ '<|assistant|>' }}
+{% endif %}
+{% endfor %}"""
+
+
+def test_chat_prompt_renders_as_transformers_renders_it(tokenizer_json):
+    config = {"chat_template": CHAT_TEMPLATE, "bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>"}
+    theirs = transformers.PreTrainedTokenizerFast(
+        tokenizer_file=str(tokenizer_json), bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+        chat_template=CHAT_TEMPLATE).apply_chat_template([{"role": "user", "content": "Hi there"}], tokenize=False,
+                                                          add_generation_prompt=True)
+    assert gen.render_chat(config, "Hi there") == theirs == "<|endoftext|><|user|>\nHi there\n<|assistant|>\n"
+
+
+def test_cli_chat_wraps_the_prompt(tmp_path, tokenizer_json, capsys):
+    _, path = gen_checkpoint(tmp_path, tokenizer_json)
+    argv = ["--checkpoint", str(path), "--prompt", "Hi", "--max-new-tokens", "3", "--chat"]
+    with pytest.raises(SystemExit):
+        gen.main(argv)
+    assert "has no chat_template" in capsys.readouterr().err
+    (path / "tokenizer_config.json").write_text(json.dumps({"chat_template": CHAT_TEMPLATE, "bos_token": "<|endoftext|>"}))
+    gen.main(argv)
+    assert capsys.readouterr().out.startswith("Hi")
 
 
 @pytest.fixture(scope="module")
