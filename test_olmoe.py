@@ -504,7 +504,8 @@ def test_cli_chat_wraps_the_prompt(tmp_path, tokenizer_json, capsys):
     with pytest.raises(SystemExit):
         gen.main(argv)
     assert "has no chat_template" in capsys.readouterr().err
-    (path / "tokenizer_config.json").write_text(json.dumps({"chat_template": CHAT_TEMPLATE, "bos_token": "<|endoftext|>"}))
+    config = {"chat_template": CHAT_TEMPLATE, "bos_token": "<|endoftext|>"}
+    (path / "tokenizer_config.json").write_text(json.dumps(config))
     gen.main(argv)
     assert capsys.readouterr().out.startswith("Hi")
 
