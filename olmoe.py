@@ -106,7 +106,7 @@ _OLMOE_1B_7B = dict(vocab_size=50304, hidden_size=2048, intermediate_size=1024, 
                     eos_token_id=50279, pad_token_id=1)
 _OLMO2 = dict(vocab_size=100352, max_position_embeddings=4096, rope_theta=500000.0, rms_norm_eps=1e-6,
               eos_token_id=100257, pad_token_id=100277)
-PRESETS = {
+PRESETS = {  # name -> a function returning a fresh config
     "OLMoE-1B-7B-0924": lambda: OlmoeConfig(**_OLMOE_1B_7B),
     "OLMoE-1B-7B-0924-Instruct": lambda: OlmoeConfig(**_OLMOE_1B_7B),
     "OLMoE-1B-7B-0125": lambda: OlmoeConfig(**_OLMOE_1B_7B),
@@ -410,15 +410,16 @@ class Output:
 
 
 class Transformer(nn.Module):
+    """Token embedding, L blocks, a final norm and lm_head: the whole OLMo2 or OLMoE model."""
+
     def __init__(self, config: Config, moe_dispatch: str = "batched"):
         super().__init__()
         self.config = config
-        block = OlmoeBlock if config.model_type == "olmoe" else Olmo2Block
+        block, norm = (OlmoeBlock, OlmoeRMSNorm) if config.model_type == "olmoe" else (Olmo2Block, Olmo2RMSNorm)
         self.model = nn.ModuleDict(dict(
             embed_tokens=nn.Embedding(config.vocab_size, config.hidden_size),  # (V, D)
             layers=nn.ModuleList(block(config, moe_dispatch) for _ in range(config.num_hidden_layers)),
-            norm=(OlmoeRMSNorm if config.model_type == "olmoe" else Olmo2RMSNorm)(config.hidden_size,
-                                                                                 config.rms_norm_eps),
+            norm=norm(config.hidden_size, config.rms_norm_eps),
         ))
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)  # (V, D)
         if config.tie_word_embeddings:
@@ -436,6 +437,7 @@ class Transformer(nn.Module):
         position_ids (B, T): RoPE positions, by default counted from cache_pos[0]. cache: from new_cache;
         cache_pos (T,): the slots this call's tokens take in it. labels (B, T): next-token targets, -100 ignored."""
         B, T = input_ids.shape
+        c = self.config
         if cache is not None and cache_pos is None:
             raise ValueError("a cache needs cache_pos, the slots of this call's tokens")
         slots = cache_pos if cache is not None else torch.arange(T, device=input_ids.device)  # (T,)
@@ -452,7 +454,7 @@ class Transformer(nn.Module):
             mask = mask | (keys == slots[:, None])
 
         x = self.model.embed_tokens(input_ids)  # (B, T, D)
-        cos, sin = rope_cos_sin(self.config, position_ids, x.dtype)  # (B, T, Dh)
+        cos, sin = rope_cos_sin(c, position_ids, x.dtype)  # (B, T, Dh)
         router_logits = []
         for i, layer in enumerate(self.model.layers):
             x, r = layer(x, cos, sin, mask, cache[i] if cache else None, cache_pos)
@@ -464,9 +466,8 @@ class Transformer(nn.Module):
         out = Output(self.lm_head(x), router_logits=tuple(router_logits))  # (B, T, V)
 
         if router_logits and cache is None:  # the training-side forward; generation needs none of this
-            c, m = self.config, attention_mask
-            out.aux_loss = load_balancing_loss(router_logits, c.num_experts_per_tok, m)
-            out.z_loss = router_z_loss(router_logits, m)
+            out.aux_loss = load_balancing_loss(router_logits, c.num_experts_per_tok, attention_mask)
+            out.z_loss = router_z_loss(router_logits, attention_mask)
         if labels is not None:
             out.loss = F.cross_entropy(out.logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
                                        ignore_index=-100)
@@ -537,41 +538,41 @@ def dequantize(q, scale, dtype):
     return (groups * scale[..., None]).flatten(-2).to(dtype)
 
 
-class QuantLinear(nn.Module):
-    """nn.Linear(in, out, bias=False) with a quantized weight; the loader quantizes into it via load()."""
+class Quantized(nn.Module):
+    """Holds quantized tensors, each `name` beside its `name_scale`; the loader fills them through load()."""
+
+    def __init__(self, shapes: dict, bits, group_size, dtype):
+        super().__init__()
+        self.bits, self.group_size, self.dtype = bits, group_size, dtype
+        for name, shape in shapes.items():
+            q, scale = quantize(torch.empty(shape, device="meta"), bits, group_size)
+            self.register_buffer(name, torch.empty_like(q))  # (..., out, in) int8, or (..., out, in/2) uint8
+            self.register_buffer(name + "_scale", torch.empty_like(scale))  # (..., out), or (..., out, in/G)
+
+    def load(self, name, index, w):
+        q, scale = quantize(w.to(getattr(self, name).device), self.bits, self.group_size)
+        getattr(self, name)[index], getattr(self, name + "_scale")[index] = q, scale
+
+
+class QuantLinear(Quantized):
+    """nn.Linear(in, out, bias=False) with a quantized weight."""
 
     def __init__(self, linear: nn.Linear, bits, group_size, dtype):
-        super().__init__()
-        out_features, in_features = linear.weight.shape
-        self.dtype, self.bits, self.group_size = dtype, bits, group_size
-        q, scale = quantize(torch.empty(out_features, in_features, device="meta"), bits, group_size)
-        self.register_buffer("weight", torch.empty_like(q))  # (out, in) int8, or (out, in/2) uint8
-        self.register_buffer("scale", torch.empty_like(scale))  # (out,), or (out, in/G)
-
-    def load(self, attr, index, w):
-        self.weight[index], self.scale[index] = quantize(w.to(self.weight.device), self.bits, self.group_size)
+        super().__init__({"weight": linear.weight.shape}, bits, group_size, dtype)
 
     def forward(self, x):
         if self.bits == 8:  # one scale per output: scale the product instead of dequantizing the weight
-            return F.linear(x, self.weight.to(x.dtype)) * self.scale.to(x.dtype)
-        return F.linear(x, dequantize(self.weight, self.scale, x.dtype))
+            return F.linear(x, self.weight.to(x.dtype)) * self.weight_scale.to(x.dtype)
+        return F.linear(x, dequantize(self.weight, self.weight_scale, x.dtype))
 
 
-class QuantExperts(nn.Module):
+class QuantExperts(Quantized):
     """Experts with quantized stacked weights; the dispatches dequantize only the experts they read."""
 
     def __init__(self, experts: Experts, bits, group_size, dtype):
-        super().__init__()
-        self.num_experts, self.I, self.dtype = experts.num_experts, experts.I, dtype
-        self.bits, self.group_size = bits, group_size
-        for name in ("gate_up_proj", "down_proj"):
-            q, scale = quantize(torch.empty_like(getattr(experts, name), device="meta"), bits, group_size)
-            self.register_buffer(name, torch.empty_like(q))  # (E, out, in) int8, or (E, out, in/2) uint8
-            self.register_buffer(name + "_scale", torch.empty_like(scale))  # (E, out), or (E, out, in/G)
-
-    def load(self, attr, index, w):
-        q, scale = quantize(w.to(self.gate_up_proj.device), self.bits, self.group_size)
-        getattr(self, attr)[index], getattr(self, attr + "_scale")[index] = q, scale
+        shapes = {name: getattr(experts, name).shape for name in ("gate_up_proj", "down_proj")}
+        super().__init__(shapes, bits, group_size, dtype)
+        self.num_experts, self.I = experts.num_experts, experts.I
 
     def gate_up(self, i=slice(None)):
         return dequantize(take(self.gate_up_proj, i), take(self.gate_up_proj_scale, i), self.dtype)  # (..., 2I, D)
@@ -666,8 +667,6 @@ def _read_tensors(file: Path):
     except FileNotFoundError:
         raise CheckpointError(f"{file}: missing (listed in the index)") from None
     except Exception as e:  # safetensors raises its own error type for truncated or corrupt files
-        if isinstance(e, CheckpointError):
-            raise
         raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
 
 
