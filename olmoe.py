@@ -299,7 +299,9 @@ def moe_batched(x, top_w, top_i, experts: Experts):
     """Same inputs and result as moe_naive."""
     N, K = top_i.shape
     E = experts.num_experts
-    if N * K < E and (x.is_cuda or torch.compiler.is_compiling()):
+    # Few tokens: gather their experts on a GPU or compiled, or when the experts are quantized (the grouped
+    # matmul would first dequantize all E of them).
+    if N * K < E and (x.is_cuda or torch.compiler.is_compiling() or not isinstance(experts.gate_up_proj, nn.Parameter)):
         return moe_gathered(x, top_w, top_i, experts)
     flat = top_i.flatten()  # (P,) expert of each pair, pair p = token p // K, slot p % K
     order = flat.argsort(stable=True)  # pairs sorted by expert
@@ -531,23 +533,23 @@ def quantize(w, bits, group_size=128):
 
 def dequantize(q, scale, dtype):
     """The inverse of quantize, in dtype: (..., out, in)."""
-    if q.dtype == torch.int8:
-        return (q.to(scale.dtype) * scale[..., None]).to(dtype)
-    q = torch.stack((q & 15, q >> 4), dim=-1).flatten(-2)  # (..., out, in) in [0, 15]
-    groups = q.unflatten(-1, (scale.shape[-1], -1)).to(scale.dtype) - 8  # (..., out, in/G, G)
-    return (groups * scale[..., None]).flatten(-2).to(dtype)
+    if q.dtype == torch.uint8:  # int4: unpack the nibbles and undo the +8, still one byte per value
+        q = torch.stack((q & 15, q >> 4), dim=-1).flatten(-2).to(torch.int8) - 8  # (..., out, in) in [-8, 7]
+        w = q.unflatten(-1, (scale.shape[-1], -1)).to(dtype) * scale[..., None].to(dtype)  # (..., out, in/G, G)
+        return w.flatten(-2)
+    return q.to(dtype) * scale[..., None].to(dtype)
 
 
 class Quantized(nn.Module):
     """Holds quantized tensors, each `name` beside its `name_scale`; the loader fills them through load()."""
 
-    def __init__(self, shapes: dict, bits, group_size, dtype):
+    def __init__(self, like: dict, bits, group_size, dtype):
         super().__init__()
         self.bits, self.group_size, self.dtype = bits, group_size, dtype
-        for name, shape in shapes.items():
-            q, scale = quantize(torch.empty(shape, device="meta"), bits, group_size)
-            self.register_buffer(name, torch.empty_like(q))  # (..., out, in) int8, or (..., out, in/2) uint8
-            self.register_buffer(name + "_scale", torch.empty_like(scale))  # (..., out), or (..., out, in/G)
+        for name, t in like.items():  # the float tensors these replace (on the meta device, when loading)
+            q, scale = quantize(torch.empty(t.shape, device="meta"), bits, group_size)
+            self.register_buffer(name, torch.empty_like(q, device=t.device))  # (..., out, in) int8 or (..., in/2) uint8
+            self.register_buffer(name + "_scale", torch.empty_like(scale, device=t.device))  # (..., out) or (..., in/G)
 
     def load(self, name, index, w):
         q, scale = quantize(w.to(getattr(self, name).device), self.bits, self.group_size)
@@ -555,23 +557,44 @@ class Quantized(nn.Module):
 
 
 class QuantLinear(Quantized):
-    """nn.Linear(in, out, bias=False) with a quantized weight."""
+    """nn.Linear(in, out, bias=False) with a quantized weight. On a CPU it uses PyTorch's int8 and int4 kernels,
+    for which int4 weights are repacked into the kernel's layout as they are loaded."""
 
     def __init__(self, linear: nn.Linear, bits, group_size, dtype):
-        super().__init__({"weight": linear.weight.shape}, bits, group_size, dtype)
+        super().__init__({"weight": linear.weight}, bits, group_size, dtype)
+        self.cpu_int4 = False  # set once the weight is in the CPU kernel's layout
+
+    def load(self, name, index, w):
+        super().load(name, index, w)
+        if self.bits == 4 and self.weight.is_cpu and hasattr(torch, "_weight_int4pack_mm_for_cpu") and \
+                self.group_size in (32, 64, 128, 256) and self.weight.shape[0] % 16 == 0:  # what it supports
+            q = torch.stack((self.weight & 15, self.weight >> 4), dim=-1).flatten(-2).int()  # (out, in) in [0, 15]
+            self.weight.copy_(torch._convert_weight_to_int4pack_for_cpu(q, 1))  # same shape, another order
+            self.cpu_int4 = True
 
     def forward(self, x):
-        if self.bits == 8:  # one scale per output: scale the product instead of dequantizing the weight
-            return F.linear(x, self.weight.to(x.dtype)) * self.weight_scale.to(x.dtype)
-        return F.linear(x, dequantize(self.weight, self.weight_scale, x.dtype))
+        x2 = x.reshape(-1, x.shape[-1])  # (N, in)
+        if self.cpu_int4:
+            if not x.is_cpu:
+                raise RuntimeError("int4 weights were packed for the CPU: load the model on the device it runs on")
+            scale = self.weight_scale.T.to(x.dtype)  # (in/G, out); the kernel computes (q - 8) * scale + zero
+            y = torch._weight_int4pack_mm_for_cpu(x2, self.weight, self.group_size,
+                                                 torch.stack((scale, torch.zeros_like(scale)), dim=-1))
+        elif self.bits == 8 and x.is_cpu and hasattr(torch, "_weight_int8pack_mm"):
+            y = torch._weight_int8pack_mm(x2, self.weight, self.weight_scale.to(x.dtype))
+        elif self.bits == 8:  # one scale per output: scale the product instead of dequantizing the weight
+            y = F.linear(x2, self.weight.to(x.dtype)) * self.weight_scale.to(x.dtype)
+        else:
+            y = F.linear(x2, dequantize(self.weight, self.weight_scale, x.dtype))
+        return y.view(*x.shape[:-1], -1)
 
 
 class QuantExperts(Quantized):
     """Experts with quantized stacked weights; the dispatches dequantize only the experts they read."""
 
     def __init__(self, experts: Experts, bits, group_size, dtype):
-        shapes = {name: getattr(experts, name).shape for name in ("gate_up_proj", "down_proj")}
-        super().__init__(shapes, bits, group_size, dtype)
+        super().__init__({name: getattr(experts, name) for name in ("gate_up_proj", "down_proj")}, bits, group_size,
+                         dtype)
         self.num_experts, self.I = experts.num_experts, experts.I
 
     def gate_up(self, i=slice(None)):

@@ -595,6 +595,20 @@ def test_quantize_round_trip_error_is_at_most_half_a_step(bits):
     assert (back - w).abs().max() > 0  # it did round: the bound above is not vacuous
 
 
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("cpu_kernel", [True, False])
+def test_quantized_linear_equals_a_matmul_with_the_dequantized_weight(bits, cpu_kernel, monkeypatch):
+    """PyTorch's CPU kernels and the plain path (the one a GPU takes) compute the same product."""
+    if not cpu_kernel:
+        monkeypatch.delattr(torch, "_weight_int8pack_mm" if bits == 8 else "_weight_int4pack_mm_for_cpu")
+    w, x = torch.randn(64, 256), torch.randn(2, 5, 256)
+    layer = olmoe.QuantLinear(torch.nn.Linear(256, 64, bias=False), bits, 128, torch.float32)
+    layer.load("weight", (), w)
+    q, scale = olmoe.quantize(w, bits, 128)
+    torch.testing.assert_close(layer(x), x @ olmoe.dequantize(q, scale, torch.float32).T, rtol=1e-4, atol=1e-4)
+    assert layer.cpu_int4 == (bits == 4 and cpu_kernel)
+
+
 QUANT_MOE = dict(hidden_size=256, intermediate_size=128, num_attention_heads=4)  # widths divisible by 128
 
 
