@@ -260,8 +260,7 @@ class Experts(nn.Module):
 
 
 def take(t, i):
-    """t[i] for an int, a slice or an index tensor; for a tensor, index_select copies whole experts at once,
-    several times faster than advanced indexing t[i] on a CPU."""
+    """t[i] for an int, a slice or an index tensor (index_select: several times faster than t[i] on a CPU)."""
     if isinstance(i, torch.Tensor):
         return t.index_select(0, i.flatten()).unflatten(0, i.shape)
     return t[i]
@@ -301,7 +300,7 @@ def moe_batched(x, top_w, top_i, experts: Experts):
     E = experts.num_experts
     # Few tokens: gather their experts on a GPU or compiled, or when the experts are quantized (the grouped
     # matmul would first dequantize all E of them).
-    if N * K < E and (x.is_cuda or torch.compiler.is_compiling() or not isinstance(experts.gate_up_proj, nn.Parameter)):
+    if N * K < E and (x.is_cuda or torch.compiler.is_compiling() or isinstance(experts, QuantExperts)):
         return moe_gathered(x, top_w, top_i, experts)
     flat = top_i.flatten()  # (P,) expert of each pair, pair p = token p // K, slot p % K
     order = flat.argsort(stable=True)  # pairs sorted by expert
@@ -314,10 +313,9 @@ def moe_batched(x, top_w, top_i, experts: Experts):
 
 
 def moe_gathered(x, top_w, top_i, experts: Experts):
-    """moe_batched's path for a few tokens (decoding) on a GPU or compiled: gather each token's K experts and
-    do one matrix-vector product per pair. Compiled, the gather can fuse into the products, so each chosen
-    expert's weights are read once and nothing is sorted. Eager on a CPU the gather is a copy, and the
-    grouped path above is faster there."""
+    """moe_batched's path for a few tokens: one matrix-vector product per token-expert pair, with the pair's
+    expert gathered. Compiled, inductor can fuse the gather into the products, so each chosen expert is read
+    once; eager on a CPU the gather is a copy, and the grouped path is faster there."""
     gate, up = torch.einsum("nd,nkid->nki", x, experts.gate_up(top_i)).chunk(2, dim=-1)  # (N, K, I) each
     h = torch.einsum("nki,nkdi->nkd", F.silu(gate) * up, experts.down(top_i))  # (N, K, D)
     return torch.einsum("nkd,nk->nd", h, top_w)
@@ -325,12 +323,13 @@ def moe_gathered(x, top_w, top_i, experts: Experts):
 
 def grouped_mm(x, w, ends):
     """Rows ends[e-1]:ends[e] of x (P, in) times expert e's w[e].T, with w (E, out, in). Returns (P, out)."""
+    kernel = getattr(F, "grouped_mm", None)  # torch >= 2.10: CPUs, and GPUs from the A100 on
     aligned = all(s * x.element_size() % 16 == 0 for s in (x.shape[1], w.shape[1]))
-    # the kernel takes bf16 everywhere, float32 only in eager mode on a CPU
-    supported = x.dtype == torch.bfloat16 or (x.dtype == torch.float32 and not x.is_cuda
-                                               and not torch.compiler.is_compiling())
-    if hasattr(torch, "_grouped_mm") and supported and aligned:
-        return torch._grouped_mm(x, w.transpose(-2, -1), offs=ends.int())  # one kernel for all groups
+    # it takes bf16 everywhere, float32 only in eager mode on a CPU
+    dtype_ok = x.dtype == torch.bfloat16 or (x.dtype == torch.float32 and not x.is_cuda
+                                              and not torch.compiler.is_compiling())
+    if kernel is not None and aligned and dtype_ok:
+        return kernel(x, w.transpose(-2, -1), offs=ends.int())  # one kernel for all groups
     # Portable fallback (float64, old torch): one matmul per expert that has rows; one host sync for the bounds.
     starts = ends.tolist()
     bounds = zip([0] + starts[:-1], starts)
