@@ -6,7 +6,6 @@ generate() works on token ids and is what a notebook imports; everything here is
 
 import argparse
 import json
-import resource
 import sys
 import time
 from pathlib import Path
@@ -242,8 +241,12 @@ def run(args):
         else:
             print(prompt + tokenizer.decode([i for i in out if i not in eos]), end="\n\n")
 
-    peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda" else
-            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device)
+    else:
+        import resource  # not on Windows
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
     rate = stats["decode_tokens"] / stats["decode_s"] if stats["decode_tokens"] else 0.0
     steps_per_s = rate / len(prompts)
     print(f"prefill {stats['prefill_tokens']} tokens in {stats['prefill_s'] * 1e3:.0f} ms | "
