@@ -774,7 +774,8 @@ def write_random_checkpoint(config, path, dtype=torch.bfloat16):
         shards.setdefault(name.split(".")[2] if name.startswith("model.layers.") else "other", {})[name] = shape
     weight_map = {}
     for shard, shapes in shards.items():
-        save_file({n: (torch.randn(s) * 0.02).to(dtype) for n, s in shapes.items()}, path / f"{shard}.safetensors")
+        tensors = {n: (torch.randn(s) * 0.02 + (len(s) == 1)).to(dtype) for n, s in shapes.items()}  # norms near 1
+        save_file(tensors, path / f"{shard}.safetensors")
         weight_map.update(dict.fromkeys(shapes, f"{shard}.safetensors"))
     (path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
     fields = {k: v for k, v in vars(config).items() if not k.startswith("rope")}
