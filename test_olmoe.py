@@ -801,7 +801,7 @@ def quantization_report(shape, workdir, steps=128):
         weights, peak, seconds = map(float, r.stdout.split())
         print(f"| {kind or 'bf16'} | {weights / 1e9:.2f} GB | {peak / 1e9:.2f} GB | {seconds:.0f} s |")
 
-    small = workdir / "small-OLMoE"
+    small = workdir / "accuracy-small-OLMoE"  # initialised as transformers does, unlike the one above
     if not (small / "config.json").is_file():
         hf, _ = twin_models(BENCH_SHAPES["small-OLMoE"](), torch.device("cpu"), torch.float32)
         hf.save_pretrained(small)
