@@ -19,7 +19,7 @@ identity map; only the experts are stacked, one (E, out, in) tensor per projecti
 """
 
 import json
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -247,7 +247,7 @@ class Experts(nn.Module):
 
     def __init__(self, E, D, I):
         super().__init__()
-        self.num_experts, self.I = E, I
+        self.num_experts = E
         self.gate_up_proj = nn.Parameter(torch.randn(E, 2 * I, D) * 0.02)  # (E, 2I, D)
         self.down_proj = nn.Parameter(torch.randn(E, D, I) * 0.02)  # (E, D, I)
 
@@ -407,7 +407,7 @@ class Output:
     loss: torch.Tensor | None = None  # cross-entropy + router_aux_loss_coef * aux_loss + router_z_loss_coef * z_loss
     aux_loss: torch.Tensor | None = None  # load balancing (OLMoE only)
     z_loss: torch.Tensor | None = None  # router z-loss (OLMoE only)
-    router_logits: tuple = field(default_factory=tuple)  # per layer (B, T, E) (OLMoE only)
+    router_logits: tuple = ()  # per layer (B, T, E) (OLMoE only)
 
 
 class Transformer(nn.Module):
@@ -542,9 +542,9 @@ def dequantize(q, scale, dtype):
 class Quantized(nn.Module):
     """Holds quantized tensors, each `name` beside its `name_scale`; the loader fills them through load()."""
 
-    def __init__(self, like: dict, bits, group_size, dtype):
+    def __init__(self, like: dict, bits, group_size):
         super().__init__()
-        self.bits, self.group_size, self.dtype = bits, group_size, dtype
+        self.bits, self.group_size = bits, group_size
         for name, t in like.items():  # the float tensors these replace (on the meta device, when loading)
             q, scale = quantize(torch.empty(t.shape, device="meta"), bits, group_size)
             self.register_buffer(name, torch.empty_like(q, device=t.device))  # (..., out, in) int8 or (..., in/2) uint8
@@ -559,8 +559,8 @@ class QuantLinear(Quantized):
     """nn.Linear(in, out, bias=False) with a quantized weight. On a CPU it uses PyTorch's int8 and int4 kernels,
     for which int4 weights are repacked into the kernel's layout as they are loaded."""
 
-    def __init__(self, linear: nn.Linear, bits, group_size, dtype):
-        super().__init__({"weight": linear.weight}, bits, group_size, dtype)
+    def __init__(self, linear: nn.Linear, bits, group_size):
+        super().__init__({"weight": linear.weight}, bits, group_size)
         self.cpu_int4 = False  # set once the weight is in the CPU kernel's layout
 
     def load(self, name, index, w):
@@ -592,9 +592,8 @@ class QuantExperts(Quantized):
     """Experts with quantized stacked weights; the dispatches dequantize only the experts they read."""
 
     def __init__(self, experts: Experts, bits, group_size, dtype):
-        super().__init__({name: getattr(experts, name) for name in ("gate_up_proj", "down_proj")}, bits, group_size,
-                         dtype)
-        self.num_experts, self.I = experts.num_experts, experts.I
+        super().__init__({name: getattr(experts, name) for name in ("gate_up_proj", "down_proj")}, bits, group_size)
+        self.num_experts, self.dtype = experts.num_experts, dtype  # dtype: what the dispatches compute in
 
     def gate_up(self, i=slice(None)):
         return dequantize(take(self.gate_up_proj, i), take(self.gate_up_proj_scale, i), self.dtype)  # (..., 2I, D)
@@ -615,7 +614,7 @@ def quantize_model(model: Transformer, kind: str, group_size=128, dtype=torch.fl
                     setattr(parent, name, QuantExperts(child, bits, group_size, dtype))
                 elif isinstance(child, nn.Linear) and name != "gate" and \
                         child.weight is not model.model.embed_tokens.weight:
-                    setattr(parent, name, QuantLinear(child, bits, group_size, dtype))
+                    setattr(parent, name, QuantLinear(child, bits, group_size))
             except ValueError as e:
                 raise ValueError(f"{parent_name}.{name}".lstrip(".") + f": {e}") from None
 

@@ -608,7 +608,7 @@ def test_quantized_linear_equals_a_matmul_with_the_dequantized_weight(bits, cpu_
     if not cpu_kernel:
         monkeypatch.delattr(torch, "_weight_int8pack_mm" if bits == 8 else "_weight_int4pack_mm_for_cpu")
     w, x = torch.randn(64, 256), torch.randn(2, 5, 256)
-    layer = olmoe.QuantLinear(torch.nn.Linear(256, 64, bias=False), bits, 128, torch.float32)
+    layer = olmoe.QuantLinear(torch.nn.Linear(256, 64, bias=False), bits, 128)
     layer.load("weight", (), w)
     q, scale = olmoe.quantize(w, bits, 128)
     torch.testing.assert_close(layer(x), x @ olmoe.dequantize(q, scale, torch.float32).T, rtol=1e-4, atol=1e-4)
