@@ -151,14 +151,21 @@ def load_tokenizer(path: Path):
 
     if not (path / "tokenizer.json").is_file():
         raise olmoe.CheckpointError(f"{path / 'tokenizer.json'}: missing (the tokenizer is read from it)")
-    tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
+    def read(name):  # an optional JSON file of the checkpoint, {} when absent
+        try:
+            return json.loads((path / name).read_text()) if (path / name).is_file() else {}
+        except json.JSONDecodeError as e:
+            raise olmoe.CheckpointError(f"{path / name}: not valid JSON ({e})") from None
+
     eos = set()
     for name in ("config.json", "generation_config.json"):
-        ids = json.loads((path / name).read_text()).get("eos_token_id") if (path / name).is_file() else None
+        ids = read(name).get("eos_token_id")
         eos.update(ids if isinstance(ids, list) else [] if ids is None else [ids])
-    tc_file = path / "tokenizer_config.json"
-    tc = json.loads(tc_file.read_text()) if tc_file.is_file() else {}
-    return tokenizer, eos, tc
+    try:
+        tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
+    except Exception as e:  # the tokenizers library raises its own error type
+        raise olmoe.CheckpointError(f"{path / 'tokenizer.json'}: not a readable tokenizer ({e})") from None
+    return tokenizer, eos, read("tokenizer_config.json")
 
 
 def render_chat(tokenizer_config, prompt):

@@ -522,7 +522,8 @@ def cli_checkpoints(tmp_path_factory, tokenizer_json):
     root = tmp_path_factory.mktemp("cli")
     _, good = gen_checkpoint(root / "good", tokenizer_json)
 
-    def variant(name, edit_tensors=None, edit_config=None, raw_config=None, truncate=False, no_tokenizer=False):
+    def variant(name, edit_tensors=None, edit_config=None, raw_config=None, truncate=False, no_tokenizer=False,
+                files=None):
         d = root / name
         d.mkdir()
         copy_checkpoint(good, d, edit_tensors=edit_tensors, edit_config=edit_config)
@@ -533,6 +534,8 @@ def cli_checkpoints(tmp_path_factory, tokenizer_json):
             (d / "model.safetensors").write_bytes(data[: len(data) - 100])
         if not no_tokenizer:
             (d / "tokenizer.json").write_text(tokenizer_json.read_text())
+        for file, text in (files or {}).items():
+            (d / file).write_text(text)
         return d
 
     def pop(t):
@@ -548,7 +551,9 @@ def cli_checkpoints(tmp_path_factory, tokenizer_json):
                 bad_json=variant("bad_json", raw_config="{"), llama=variant("llama", edit_config=lambda c: {
                     **c, "model_type": "llama"}), truncated=variant("truncated", truncate=True),
                 missing_tensor=variant("missing_tensor", edit_tensors=pop),
-                misshaped=variant("misshaped", edit_tensors=reshape), no_tokenizer=variant("no_tok", no_tokenizer=True))
+                misshaped=variant("misshaped", edit_tensors=reshape), no_tokenizer=variant("no_tok", no_tokenizer=True),
+                bad_tokenizer=variant("bad_tok", files={"tokenizer.json": "{bad"}),
+                bad_generation_config=variant("bad_gen", files={"generation_config.json": "{bad"}))
 
 
 BAD_INPUTS = {
@@ -560,6 +565,8 @@ BAD_INPUTS = {
     "missing tensor": (dict(checkpoint="missing_tensor"), "missing, e.g. model.layers.0.self_attn.q_proj.weight"),
     "mis-shaped tensor": (dict(checkpoint="misshaped"), r"lm_head.weight has shape \(10, 32\), expected \(320, 32\)"),
     "no tokenizer.json": (dict(checkpoint="no_tokenizer"), "tokenizer.json: missing"),
+    "broken tokenizer.json": (dict(checkpoint="bad_tokenizer"), "tokenizer.json: not a readable tokenizer"),
+    "generation_config not JSON": (dict(checkpoint="bad_generation_config"), "generation_config.json: not valid JSON"),
     "beyond context": (dict(args=["--max-new-tokens", "200"]), "exceeds the context length of 128"),
     "max-new-tokens 0": (dict(args=["--max-new-tokens", "0"]), "max_new_tokens must be at least 1"),
     "negative temperature": (dict(args=["--temperature", "-1"]), "temperature >= 0"),
