@@ -1,21 +1,24 @@
 """Tests for olmoe.py and generate.py: a specification to read, run on CPU in a few minutes.
 
 Checkpoints are small random models written to tmp_path in the Hub's layout by transformers' save_pretrained,
-which is also the reference the logits are compared against."""
+which is also the reference the logits are compared against. At the end, the benchmarks (python test_olmoe.py)."""
 
 import json
+import math
 import os
 import re
+import subprocess
+import sys
+import time
 from pathlib import Path
-import math
 
 import pytest
 import torch
+import transformers
 from safetensors.torch import load_file, save_file
 
+import generate as gen
 import olmoe
-
-transformers = pytest.importorskip("transformers")
 
 TINY = dict(vocab_size=96, hidden_size=32, intermediate_size=16, num_hidden_layers=2, num_attention_heads=4,
             max_position_embeddings=64, eos_token_id=None, bos_token_id=None, pad_token_id=None)
@@ -319,11 +322,6 @@ def test_loader_casts_and_returns_an_eval_model(good_checkpoint):
 
 # --------------------------------------------------------------------------------------------------------------
 # generate.py
-
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-
-import generate as gen  # noqa: E402
 
 TOKENIZER_VOCAB, MODEL_VOCAB = 300, 320  # the model's vocabulary is padded, as the released ones are
 
@@ -834,7 +832,6 @@ def quantization_report(shape, workdir, steps=128):
 
 if __name__ == "__main__":
     import argparse
-    import time
 
     p = argparse.ArgumentParser(description="Benchmark this project against transformers, same weights, one run.")
     p.add_argument("--shape", choices=BENCH_SHAPES, default="OLMoE-1B-7B")
