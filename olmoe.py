@@ -85,11 +85,13 @@ class OlmoeConfig(Config):
 
 def config_from_dict(d: dict) -> Config:
     """Build a config from a checkpoint's config.json, old or new rope keys alike; unknown keys are ignored."""
+    if not isinstance(d, dict):
+        raise ValueError(f"expected a JSON object, got {type(d).__name__}")
     cls = {"olmo2": Olmo2Config, "olmoe": OlmoeConfig}.get(d.get("model_type"))
     if cls is None:
-        raise ValueError(f"config.json: model_type {d.get('model_type')!r} is not 'olmo2' or 'olmoe'")
+        raise ValueError(f"model_type {d.get('model_type')!r} is not 'olmo2' or 'olmoe'")
     if d.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"config.json: hidden_act {d['hidden_act']!r} is not supported (expected 'silu')")
+        raise ValueError(f"hidden_act {d['hidden_act']!r} is not supported (expected 'silu')")
     kw = {f.name: d[f.name] for f in fields(cls) if f.name in d and d[f.name] is not None}
     # transformers < 5 wrote rope_theta and rope_scaling={"type" or "rope_type": ..., "factor": ...};
     # transformers 5 writes rope_parameters={"rope_type": ..., "rope_theta": ..., "factor": ...}.
@@ -634,14 +636,12 @@ def read_config(path) -> Config:
                               "(expected a checkpoint directory holding config.json and *.safetensors)")
     file = path / "config.json"
     try:
-        d = json.loads(file.read_text())
+        return config_from_dict(json.loads(file.read_text()))
     except FileNotFoundError:
         raise CheckpointError(f"{file}: missing") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{file}: not valid JSON ({e})") from None
-    try:
-        return config_from_dict(d if isinstance(d, dict) else {})
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError) as e:  # not an object, an unsupported model, a field of the wrong kind
         raise CheckpointError(f"{file}: {e}") from None
 
 
