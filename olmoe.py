@@ -279,7 +279,7 @@ def take(t, i):
 #                sync (torch.where) per expert, and its matmuls are as small as each expert's share of tokens.
 #   moe_batched  sorts the N*K token-expert pairs by expert, so each expert's tokens are one contiguous slice,
 #                and runs all experts in one grouped matmul (no Python per expert, no host sync). For a few
-#                tokens on a GPU it instead gathers just the chosen experts' weights (moe_gathered).
+#                tokens under torch.compile it instead gathers just the chosen experts (moe_gathered).
 
 
 def moe_naive(x, top_w, top_i, experts: Experts):
@@ -300,9 +300,9 @@ def moe_batched(x, top_w, top_i, experts: Experts):
     """Same inputs and result as moe_naive."""
     N, K = top_i.shape
     E = experts.num_experts
-    # Few tokens: gather their experts on a GPU or compiled, or when the experts are quantized (the grouped
-    # matmul would first dequantize all E of them).
-    if N * K < E and (x.is_cuda or torch.compiler.is_compiling() or isinstance(experts, QuantExperts)):
+    # Few tokens: gather their experts when compiled, or when the experts are quantized (the grouped matmul
+    # would first dequantize all E of them).
+    if N * K < E and (torch.compiler.is_compiling() or isinstance(experts, QuantExperts)):
         return moe_gathered(x, top_w, top_i, experts)
     flat = top_i.flatten()  # (P,) expert of each pair, pair p = token p // K, slot p % K
     order = flat.argsort(stable=True)  # pairs sorted by expert
@@ -317,7 +317,8 @@ def moe_batched(x, top_w, top_i, experts: Experts):
 def moe_gathered(x, top_w, top_i, experts: Experts):
     """moe_batched's path for a few tokens: one matrix-vector product per token-expert pair, with the pair's
     expert gathered. Compiled, inductor can fuse the gather into the products, so each chosen expert is read
-    once; eager on a CPU the gather is a copy, and the grouped path is faster there."""
+    once; eager, the gather is a copy of the experts, and the grouped path, which reads them in place, is
+    faster."""
     gate, up = torch.einsum("nd,nkid->nki", x, experts.gate_up(top_i)).chunk(2, dim=-1)  # (N, K, I) each
     h = torch.einsum("nki,nkdi->nkd", F.silu(gate) * up, experts.down(top_i))  # (N, K, D)
     return torch.einsum("nkd,nk->nd", h, top_w)

@@ -181,7 +181,7 @@ def test_batched_dispatch_equals_naive_and_dense_oracle(N, norm_topk_prob, monke
     moe = moe_layer(norm_topk_prob=norm_topk_prob)
     x = torch.randn(1, N, TINY["hidden_size"], dtype=torch.float64)
     expected = dense_oracle(moe, x[0])
-    monkeypatch.setitem(olmoe.DISPATCH, "gathered", olmoe.moe_gathered)  # the GPU's path for few tokens
+    monkeypatch.setitem(olmoe.DISPATCH, "gathered", olmoe.moe_gathered)  # the compiled path for few tokens
     for dispatch in ["naive", "batched", "gathered"]:
         moe.dispatch = dispatch
         torch.testing.assert_close(moe(x)[0][0], expected, rtol=1e-12, atol=1e-12)
