@@ -791,9 +791,24 @@ def write_random_checkpoint(config, path, dtype=torch.bfloat16):
     (path / "config.json").write_text(json.dumps(dict(fields, model_type=config.model_type)))
 
 
-def quantization_report(shape, workdir, steps=128):
+def quantized_decode_speed(checkpoint, device, steps):
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    print(f"\n{checkpoint.name}, compiled batch-1 decoding of {steps} tokens on {device}, {dtype}; median of 3 runs")
+    print("| weights | decode tok/s |\n|---|---|")
+    for kind in ["", "int8", "int4"]:
+        model = olmoe.load_model(checkpoint, device=device, dtype=dtype, quantize=kind or None)
+        rates = []
+        for _ in range(4):  # the first run compiles
+            stats = {}
+            gen.generate(model, [[1] * 16], steps, compile=True, stats=stats)
+            rates.append(stats["decode_tokens"] / stats["decode_s"])
+        print(f"| {kind or dtype} | {sorted(rates[1:])[1]:.1f} |")
+
+
+def quantization_report(shape, workdir, device, steps=128):
     """Weight and peak memory of loading `shape` (random bf16 weights) at each precision, each in a fresh
-    process; then logit error and greedy agreement of a small random checkpoint against float32."""
+    process; compiled batch-1 decoding speed of each on `device` (a GPU, or a CPU for a small shape); then
+    logit error and greedy agreement of a small random checkpoint against float32."""
     workdir.mkdir(parents=True, exist_ok=True)
     big = workdir / shape
     if not (big / "config.json").is_file():
@@ -809,6 +824,10 @@ def quantization_report(shape, workdir, steps=128):
         r = subprocess.run([sys.executable, "-c", probe, str(big), kind], capture_output=True, text=True, check=True)
         weights, peak, seconds = map(float, r.stdout.split())
         print(f"| {kind or 'bf16'} | {weights / 1e9:.2f} GB | {peak / 1e9:.2f} GB | {seconds:.0f} s |")
+
+    device = torch.device(device)
+    if device.type == "cuda" or shape.startswith("small"):  # a full shape in float32 outgrows a CPU's memory
+        quantized_decode_speed(big, device, steps)
 
     small = workdir / "accuracy-small-OLMoE"  # initialised as transformers does, unlike the one above
     if not (small / "config.json").is_file():
@@ -847,6 +866,6 @@ if __name__ == "__main__":
                    help="instead: memory and accuracy of int8 / int4, with checkpoints written to DIR")
     a = p.parse_args()
     if a.quantization:
-        quantization_report(a.shape, a.quantization)
+        quantization_report(a.shape, a.quantization, a.device)
     else:
         benchmark(a.shape, a.device, a.batch, a.steps, a.prompt_len)
