@@ -334,9 +334,8 @@ def grouped_mm(x, w, ends):
     if kernel is not None and aligned and dtype_ok:
         return kernel(x, w.transpose(-2, -1), offs=ends.int())  # one kernel for all groups
     # Portable fallback (float64, old torch): one matmul per expert that has rows; one host sync for the bounds.
-    starts = ends.tolist()
-    bounds = zip([0] + starts[:-1], starts)
-    return torch.cat([x[a:b] @ w[e].T for e, (a, b) in enumerate(bounds) if b > a])
+    ends = ends.tolist()
+    return torch.cat([x[a:b] @ w[e].T for e, (a, b) in enumerate(zip([0] + ends[:-1], ends)) if b > a])
 
 
 DISPATCH = {"naive": moe_naive, "batched": moe_batched}
@@ -470,8 +469,8 @@ class Transformer(nn.Module):
         out = Output(self.lm_head(x), router_logits=tuple(router_logits))  # (B, T, V)
 
         if router_logits and cache is None:  # the training-side forward; generation needs none of this
-            out.aux_loss = load_balancing_loss(router_logits, c.num_experts_per_tok, attention_mask)
-            out.z_loss = router_z_loss(router_logits, attention_mask)
+            rows, m = router_rows(router_logits, attention_mask)
+            out.aux_loss, out.z_loss = load_balancing_loss(rows, m, c.num_experts_per_tok), router_z_loss(rows, m)
         if labels is not None:
             out.loss = F.cross_entropy(out.logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
                                        ignore_index=-100)
@@ -480,19 +479,18 @@ class Transformer(nn.Module):
         return out
 
 
-def _token_weights(router_logits, attention_mask):
-    """All layers' router logits as (L*N, E), and each row's weight: 1, or 0 for padding."""
+def router_rows(router_logits, attention_mask=None):
+    """All layers' router logits as (L*N, E), and each row's weight m (L*N,): 1, or 0 for padding."""
     logits = torch.cat([r.flatten(0, 1) for r in router_logits])  # (L*N, E)
     if attention_mask is None:
         return logits, torch.ones(logits.shape[0], device=logits.device)
     return logits, attention_mask.flatten().float().repeat(len(router_logits))  # (L*N,)
 
 
-def load_balancing_loss(router_logits, K, attention_mask=None):
+def load_balancing_loss(logits, m, K):
     """Switch Transformer's load-balancing loss as transformers computes it: E * sum_e f_e * p_e, where f_e is
     the share of tokens that chose expert e among their K (summing to K) and p_e its mean router probability,
     both over all layers' tokens. It is smallest when tokens spread evenly over the experts."""
-    logits, m = _token_weights(router_logits, attention_mask)
     E = logits.shape[-1]
     probs = logits.softmax(dim=-1)  # (L*N, E), in the logits' dtype, as transformers does
     chosen = probs.topk(K, dim=-1).indices  # (L*N, K)
@@ -501,10 +499,9 @@ def load_balancing_loss(router_logits, K, attention_mask=None):
     return E * (f * p).sum()
 
 
-def router_z_loss(router_logits, attention_mask=None):
+def router_z_loss(logits, m):
     """The OLMoE paper's router z-loss: mean over tokens of logsumexp(router logits)^2. It keeps the router's
     logits small, which keeps its softmax (and bf16 training) stable."""
-    logits, m = _token_weights(router_logits, attention_mask)
     return (torch.logsumexp(logits.float(), dim=-1).square() * m).sum() / m.sum()
 
 
@@ -533,10 +530,15 @@ def quantize(w, bits, group_size=128):
     return q[..., 0::2] | (q[..., 1::2] << 4), scale  # even inputs in the low nibble, odd in the high
 
 
+def unpack_int4(q):
+    """(..., out, in/2) bytes -> (..., out, in) nibbles in [0, 15], even inputs from the low nibble."""
+    return torch.stack((q & 15, q >> 4), dim=-1).flatten(-2)
+
+
 def dequantize(q, scale, dtype):
     """The inverse of quantize, in dtype: (..., out, in)."""
-    if q.dtype == torch.uint8:  # int4: unpack the nibbles and undo the +8, still one byte per value
-        q = torch.stack((q & 15, q >> 4), dim=-1).flatten(-2).to(torch.int8) - 8  # (..., out, in) in [-8, 7]
+    if q.dtype == torch.uint8:  # int4: undo the +8 while still one byte per value
+        q = unpack_int4(q).to(torch.int8) - 8  # (..., out, in) in [-8, 7]
         w = q.unflatten(-1, (scale.shape[-1], -1)).to(dtype) * scale[..., None].to(dtype)  # (..., out, in/G, G)
         return w.flatten(-2)
     return q.to(dtype) * scale[..., None].to(dtype)
@@ -570,8 +572,7 @@ class QuantLinear(Quantized):
         super().load(name, index, w)
         if self.bits == 4 and self.weight.is_cpu and hasattr(torch, "_weight_int4pack_mm_for_cpu") and \
                 self.group_size in (32, 64, 128, 256) and self.weight.shape[0] % 16 == 0:  # what it supports
-            q = torch.stack((self.weight & 15, self.weight >> 4), dim=-1).flatten(-2).int()  # (out, in) in [0, 15]
-            self.weight.copy_(torch._convert_weight_to_int4pack_for_cpu(q, 1))  # same shape, another order
+            self.weight.copy_(torch._convert_weight_to_int4pack_for_cpu(unpack_int4(self.weight).int(), 1))
             self.cpu_int4 = True
 
     def forward(self, x):
