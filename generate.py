@@ -243,10 +243,11 @@ def run(args):
                        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, generator=generator,
                        compile=args.compile, on_token=stream if single else None, stats=stats)
     for prompt, out in zip(args.prompt, outputs):
+        text = tokenizer.decode([i for i in out if i not in eos])
         if single:
-            print(tokenizer.decode([i for i in out if i not in eos])[printed:])
+            print(text[printed:])
         else:
-            print(prompt + tokenizer.decode([i for i in out if i not in eos]), end="\n\n")
+            print(prompt + text, end="\n\n")
 
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device)

@@ -25,10 +25,13 @@ TINY = dict(vocab_size=96, hidden_size=32, intermediate_size=16, num_hidden_laye
 TINY_MOE = dict(TINY, num_experts=8, num_experts_per_tok=2)
 
 
+HF_CLASSES = {"olmoe": (transformers.OlmoeConfig, transformers.OlmoeForCausalLM),
+              "olmo2": (transformers.Olmo2Config, transformers.Olmo2ForCausalLM)}
+
+
 def hf_model(model_type, seed=0, **overrides):
     """A random transformers model of a tiny config, its norms perturbed so that their weights matter."""
-    cls = {"olmoe": (transformers.OlmoeConfig, transformers.OlmoeForCausalLM),
-           "olmo2": (transformers.Olmo2Config, transformers.Olmo2ForCausalLM)}[model_type]
+    cls = HF_CLASSES[model_type]
     torch.manual_seed(seed)
     model = cls[1](cls[0](**{**(TINY_MOE if model_type == "olmoe" else TINY), **overrides})).eval()
     with torch.no_grad():
@@ -695,6 +698,14 @@ def timed(fn, sync, repeat=3):
     return sorted(times)[len(times) // 2]
 
 
+def median_decode(model, prompts, steps, compile):
+    """generate()'s stats of the median of three runs, after one that warms up (and compiles)."""
+    runs = [{} for _ in range(4)]
+    for stats in runs:
+        gen.generate(model, prompts, steps, compile=compile, stats=stats)
+    return sorted(runs[1:], key=lambda s: s["decode_s"])[1]
+
+
 def device_ceilings(device, dtype, sync):
     """Measured copy bandwidth (bytes read + written per second) and matmul rate in dtype (FLOP/s)."""
     n = 2**28 if device.type == "cuda" else 2**25
@@ -707,8 +718,7 @@ def device_ceilings(device, dtype, sync):
 
 def twin_models(config, device, dtype):
     """A random transformers model of this config and ours holding the very same weights (the names agree)."""
-    hf_cls = {"olmoe": (transformers.OlmoeConfig, transformers.OlmoeForCausalLM),
-              "olmo2": (transformers.Olmo2Config, transformers.Olmo2ForCausalLM)}[config.model_type]
+    hf_cls = HF_CLASSES[config.model_type]
     fields = {k: v for k, v in vars(config).items() if not k.startswith("rope")}
     hf_config = hf_cls[0](**fields, rope_parameters=dict(rope_type="default", rope_theta=config.rope_theta))
     torch.manual_seed(0)
@@ -750,11 +760,7 @@ def benchmark(shape, device, batches, steps, prompt_len):
         prompts = torch.randint(0, config.vocab_size, (B, 16), generator=g, device="cpu").tolist()
         ids = torch.tensor(prompts, device=device)
         for compile in [False, True]:
-            runs = []
-            for _ in range(4):  # the first run warms up (and compiles)
-                runs.append({})
-                gen.generate(ours, prompts, steps, compile=compile, stats=runs[-1])
-            stats = sorted(runs[1:], key=lambda s: s["decode_s"])[1]  # the median of three
+            stats = median_decode(ours, prompts, steps, compile)
             ours_rate = stats["decode_tokens"] / stats["decode_s"]
             bound = bandwidth / stats["step_bytes"] * B  # tokens/s if each step only read its bytes, at copy speed
             kw = dict(cache_implementation="static", compile_config=compile_config) if compile else {}
@@ -797,12 +803,8 @@ def quantized_decode_speed(checkpoint, device, steps):
     print("| weights | decode tok/s |\n|---|---|")
     for kind in ["", "int8", "int4"]:
         model = olmoe.load_model(checkpoint, device=device, dtype=dtype, quantize=kind or None)
-        rates = []
-        for _ in range(4):  # the first run compiles
-            stats = {}
-            gen.generate(model, [[1] * 16], steps, compile=True, stats=stats)
-            rates.append(stats["decode_tokens"] / stats["decode_s"])
-        print(f"| {kind or dtype} | {sorted(rates[1:])[1]:.1f} |")
+        stats = median_decode(model, [[1] * 16], steps, compile=True)
+        print(f"| {kind or dtype} | {stats['decode_tokens'] / stats['decode_s']:.1f} |")
 
 
 def quantization_report(shape, workdir, device, steps=128):
