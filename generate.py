@@ -49,13 +49,69 @@ def bytes_per_decode_step(model, B, S, experts_hit):
     return total
 
 
+def native_dtype(device, dtype):
+    """dtype, unless this device only emulates it; then the dtype it runs natively, and a note saying so."""
+    if dtype != torch.bfloat16:
+        return dtype, None
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 0):
+        # Before Ampere (T4, V100) bf16 is emulated: slow, and SDPA's memory-efficient kernel and inductor skip it.
+        name = torch.cuda.get_device_name(device)
+        return torch.float16, (f"note: {name} has no native bfloat16; running in float16 "
+                               "(--dtype float32 if it overflows)")
+    mps = getattr(torch.backends, "mps", None)
+    if device.type == "mps" and not mps.is_macos_or_newer(14, 0):  # MPS has bf16 from macOS 14 on
+        return torch.float16, "note: bfloat16 needs macOS 14 on MPS; running in float16 (--dtype float32 if it overflows)"
+    return dtype, None
+
+
+class NonFiniteLogits(FloatingPointError):
+    """The logits became inf or NaN: the activations overflowed the model's dtype."""
+
+
+def decode_step(model, cache, mask, tokens, pos, slot):
+    """One token per row: tokens, pos (B, 1) at cache slot (1,). Returns the logits (B, V) in float32 and, for
+    OLMoE, the experts each row was routed to (L, B, K)."""
+    out = model(tokens, attention_mask=mask, position_ids=pos, cache=cache, cache_pos=slot, last_only=True)
+    routes = [r[:, -1].topk(model.config.num_experts_per_tok).indices for r in out.router_logits]  # L x (B, K)
+    return out.logits[:, -1].float(), torch.stack(routes) if routes else None
+
+
+def compiled_decoding(model, B, S):
+    """The model's compiled decode step and the KV cache it writes, for B rows of S slots. Both are built once and
+    kept beside the model (model.compiled_decoding), so later generate() calls of the same B and cache bucket
+    compile nothing new; a new shape replaces the cache (and compiles once for it)."""
+    kept = getattr(model, "compiled_decoding", None)
+    if kept is None or kept[0] != (B, S):
+        device = model.model.embed_tokens.weight.device
+        cache = model.new_cache(B, S)
+        for kv in cache:  # CUDA graphs read and write the cache in place, never through a copy
+            torch._dynamo.mark_static_address(kv.k), torch._dynamo.mark_static_address(kv.v)
+        # On a GPU: replay the step as a CUDA graph, and let inductor tune its kernels' tiling, which is what fuses
+        # the MoE expert gather (and the int8 dequantization) into the matmuls, as gpt-fast's mixtral-moe does.
+        options = {"triton.cudagraphs": True, "coordinate_descent_tuning": True} if device.type == "cuda" else None
+        step = kept[2] if kept else torch.compile(decode_step, dynamic=False, options=options)
+        kept = model.compiled_decoding = ((B, S), cache, step)
+    return kept[1], kept[2]
+
+
+def cache_slots(n, limit):
+    """Slots for n tokens, rounded up to a power of two (at least 64, at most the context length), so that prompts
+    and max_new_tokens of other lengths reuse the same compiled step."""
+    return min(max(64, 1 << (n - 1).bit_length()), max(n, limit))
+
+
+CHECK_EVERY = 16  # decode steps between looks at eos and overflow, each look a host sync
+
+
 @torch.no_grad()
 def generate(model, prompts, max_new_tokens, *, eos_ids=(), vocab_size=None, temperature=0.0, top_k=0, top_p=1.0,
              generator=None, compile=False, on_token=None, stats=None):
     """Continue each prompt (a list of token ids); return the new ids of each, up to and including its eos.
     Prompts of different lengths run as one left-padded batch; each row gives the tokens it would give alone.
     vocab_size: ids at or above it (the padded rows of the embedding) are never sampled. on_token(ids) is called
-    after every step with the (B,) new ids. stats, a dict, receives timings and bytes read per decode step."""
+    after every step with the (B,) new ids. stats, a dict, receives timings and bytes read per decode step.
+    compile: torch.compile the decode step (CUDA graphs on a GPU), once per model, batch size and cache bucket.
+    Raises NonFiniteLogits if the logits overflow."""
     c, device = model.config, model.model.embed_tokens.weight.device
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
@@ -64,58 +120,64 @@ def generate(model, prompts, max_new_tokens, *, eos_ids=(), vocab_size=None, tem
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     B, T = len(prompts), max(map(len, prompts))
-    S = T + max_new_tokens
-    if S > c.max_position_embeddings:
+    if T + max_new_tokens > c.max_position_embeddings:
         raise ValueError(f"prompt ({T} tokens) plus max_new_tokens ({max_new_tokens}) exceeds the context length "
                          f"of {c.max_position_embeddings}")
+    S = cache_slots(T + max_new_tokens, c.max_position_embeddings) if compile else T + max_new_tokens
+    if compile:
+        cache, decode = compiled_decoding(model, B, S)
+    else:
+        cache, decode = model.new_cache(B, S), decode_step
 
     # Left padding lines up every row's last prompt token at slot T-1. The mask hides the padding slots, and
     # positions count only real tokens, so each row sees exactly what it would see alone.
+    padded = any(len(p) < T for p in prompts)
     ids = torch.tensor([[0] * (T - len(p)) + list(p) for p in prompts], device=device)  # (B, T)
     mask = torch.ones(B, S, dtype=torch.bool, device=device)
     mask[:, :T] = ids.new_tensor([[0] * (T - len(p)) + [1] * len(p) for p in prompts]).bool()  # (B, S)
     pos = mask[:, :T].long().cumsum(-1) - 1  # (B, T)
-    cache = model.new_cache(B, S)
-
-    def step(tokens, pos, cache_pos):
-        out = model(tokens, attention_mask=mask, position_ids=pos, cache=cache, cache_pos=cache_pos, last_only=True)
-        routes = [r[:, -1].topk(c.num_experts_per_tok).indices for r in out.router_logits]  # L x (B, K)
-        return out.logits[:, -1].float(), torch.stack(routes) if routes else None
-
-    decode = step
-    if compile:  # one graph for the decode step, replayed as a CUDA graph on GPUs; shapes never change
-        for kv in cache:
-            torch._dynamo.mark_static_address(kv.k), torch._dynamo.mark_static_address(kv.v)
-        decode = torch.compile(step, mode="reduce-overhead")
-        for _ in range(3):  # compile and record outside the timings, in slot S-1: no query ever attends it
-            decode(*torch.zeros(2, B, 1, dtype=torch.long, device=device), torch.tensor([S - 1], device=device))
+    if compile:  # compile and record outside the timings, with inputs like the real ones, in the last slot:
+        for _ in range(3):  # no query ever attends it
+            decode(model, cache, mask, ids.new_zeros(B)[:, None], pos[:, -1:] + 1, torch.tensor([S - 1], device=device))
 
     def pick(logits):  # the padded ids are the last rows of the vocabulary: cut them off
         return sample(logits[:, :vocab_size], temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
 
+    def check(finite, step):  # a host sync: only every CHECK_EVERY steps, or when the caller streams anyway
+        if not finite:
+            dtype = str(model.model.embed_tokens.weight.dtype).removeprefix("torch.")
+            raise NonFiniteLogits(f"the logits overflowed to inf/NaN in {dtype} "
+                                  f"at step {step}: run in bfloat16 (--dtype bfloat16) or float32")
+
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     t0 = time.perf_counter()
-    logits, _ = step(ids, pos, torch.arange(T, device=device))
+    # The prefill: no padding, no mask (attention takes its fastest kernel); padding needs the (B, S) mask.
+    out = model(ids, attention_mask=mask if padded else None, position_ids=pos, cache=cache, last_only=True)
+    logits = out.logits[:, -1].float()
+    check(bool(logits.isfinite().all()), 0)
     token = pick(logits)  # (B,)
     sync()
     t1 = time.perf_counter()
     eos = torch.tensor(list(eos_ids) or [-1], device=device)
-    out, done = [token], torch.isin(token, eos)
+    out, done, finite = [token], torch.isin(token, eos), torch.ones((), dtype=torch.bool, device=device)
     if on_token:
         on_token(token.tolist())
-    pos, routes = pos[:, -1:], []
-    for t in range(T, S - 1):
-        if done.all():
-            break
-        pos = pos + 1
-        logits, route = decode(token[:, None], pos, torch.tensor([t], device=device))
+    pos, slot, routes = pos[:, -1:], torch.tensor([T - 1], device=device), []
+    for step in range(1, max_new_tokens):
+        pos, slot = pos + 1, slot + 1
+        logits, route = decode(model, cache, mask, token[:, None], pos, slot)
         if route is not None:
             routes.append(route.clone())  # a CUDA graph's outputs are overwritten by its next replay
+        finite = finite & logits.isfinite().all()
         token = pick(logits)
         out.append(token)
         done = done | torch.isin(token, eos)
-        if on_token:
-            on_token(token.tolist())
+        if on_token or step % CHECK_EVERY == 0 or step == max_new_tokens - 1:
+            check(bool(finite), step)
+            if on_token:
+                on_token(token.tolist())
+            if done.all():
+                break
     sync()
     t2 = time.perf_counter()
     if stats is not None:
@@ -192,14 +254,15 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--chat", action="store_true", help="wrap each prompt in the checkpoint's chat template")
     p.add_argument("--device", default=None, help="default: cuda, else mps, else cpu")
-    p.add_argument("--dtype", default=None, help="bfloat16 (default on GPU), float16 or float32 (default on CPU)")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16; default: the checkpoint's own "
+                   "(bfloat16 for the released ones), float16 where the device has no native bfloat16")
     p.add_argument("--quantize", choices=["int8", "int4"], default=None, help="weight-only quantization")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (CUDA graphs on GPU)")
     p.add_argument("--moe-dispatch", choices=["batched", "naive"], default="batched")
     args = p.parse_args(argv)
     try:
         run(args)
-    except (ValueError, OSError, RuntimeError) as e:  # CheckpointError is a ValueError
+    except (ValueError, OSError, RuntimeError, FloatingPointError) as e:  # CheckpointError is a ValueError
         print(f"error: {e}".splitlines()[0], file=sys.stderr)
         sys.exit(1)
 
@@ -210,19 +273,32 @@ def run(args):
                                           "mps" if mps and mps.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA GPU is available")
-    if args.dtype is not None and args.dtype not in DTYPES:
+    if args.dtype not in (None, *DTYPES):
         raise ValueError(f"--dtype {args.dtype!r}: expected one of {', '.join(DTYPES)}")
-    dtype = DTYPES[args.dtype or ("float32" if device.type == "cpu" else "bfloat16")]
     path = checkpoint_dir(args.checkpoint)
-    olmoe.read_config(path)  # a bad checkpoint path or config fails here, before the tokenizer is read
+    config = olmoe.read_config(path)  # a bad checkpoint path or config fails here, before the tokenizer is read
+    dtype, note = DTYPES.get(args.dtype), None
+    if args.dtype is None:
+        dtype, note = native_dtype(device, getattr(torch, config.dtype))
+    if note:
+        print(note, file=sys.stderr)
     tokenizer, eos, tokenizer_config = load_tokenizer(path)
     texts = [render_chat(tokenizer_config, t) if args.chat else t for t in args.prompt]
     prompts = [tokenizer.encode(t, add_special_tokens=not args.chat).ids for t in texts]
     for i, ids in enumerate(prompts):
         if not ids:
             raise ValueError(f"prompt {i + 1} is empty: give some text to continue")
-    model = olmoe.load_model(path, device=device, dtype=dtype, moe_dispatch=args.moe_dispatch,
-                             quantize=args.quantize)
+    try:
+        if args.quantize:
+            import quantize
+
+            model = quantize.load_model(path, args.quantize, device=device, dtype=dtype, moe_dispatch=args.moe_dispatch)
+        else:
+            model = olmoe.load_model(path, device=device, dtype=dtype, moe_dispatch=args.moe_dispatch)
+    except TypeError as e:  # MPS refuses a dtype it lacks (bfloat16 before macOS 14) with a TypeError
+        if device.type != "mps":
+            raise
+        raise ValueError(f"{device}: {e} (try --dtype float16 or float32)") from None
 
     new_ids, printed = [], 0
 

@@ -6,7 +6,7 @@ same attention (with RMSNorms on the query and key projections); they differ in 
 and in what follows attention: one MLP, or a routed mixture of experts.
 
 Read top to bottom: config -> RMSNorm -> RoPE -> attention (with its KV cache) -> MLP -> MoE router and the
-two dispatches -> the two blocks -> the model -> quantization (skippable) -> the loader.
+two dispatches -> the two blocks -> the model -> the loader.
 
 Shape legend:
     B  batch               T  time (tokens in this call)     S  cache length (slots)
@@ -19,6 +19,7 @@ identity map; only the experts are stacked, one (E, out, in) tensor per projecti
 """
 
 import json
+import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -49,6 +50,8 @@ class Config:
     tie_word_embeddings: bool = False
     eos_token_id: int | list[int] | None = 50279
     pad_token_id: int | None = 1
+    dtype: str = "float32"  # the dtype the checkpoint's weights are stored in: load_model's default
+
 
     def __post_init__(self):
         self.num_key_value_heads = self.num_key_value_heads or self.num_attention_heads
@@ -56,6 +59,8 @@ class Config:
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(f"num_attention_heads={self.num_attention_heads} is not a multiple of "
                              f"num_key_value_heads={self.num_key_value_heads}")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype {self.dtype!r} is not supported (expected float32, bfloat16 or float16)")
         if self.rope_type not in ("default", "linear", "dynamic"):
             raise ValueError(f"rope type {self.rope_type!r} is not supported (expected default, linear or dynamic)")
 
@@ -99,15 +104,16 @@ def config_from_dict(d: dict) -> Config:
     kw["rope_theta"] = rope.get("rope_theta", d.get("rope_theta") or 10000.0)
     kw["rope_type"] = rope.get("rope_type", rope.get("type", "default"))
     kw["rope_factor"] = rope.get("factor", 1.0)
+    kw["dtype"] = d.get("dtype") or d.get("torch_dtype") or "float32"  # transformers < 5 wrote torch_dtype
     return cls(**kw)
 
 
 # The released checkpoints' real values (their config.json files), for building models without a download.
 _OLMOE_1B_7B = dict(vocab_size=50304, hidden_size=2048, intermediate_size=1024, num_hidden_layers=16,
                     num_attention_heads=16, max_position_embeddings=4096, num_experts=64, num_experts_per_tok=8,
-                    eos_token_id=50279, pad_token_id=1)
+                    eos_token_id=50279, pad_token_id=1, dtype="bfloat16")
 _OLMO2 = dict(vocab_size=100352, max_position_embeddings=4096, rope_theta=500000.0, rms_norm_eps=1e-6,
-              eos_token_id=100257, pad_token_id=100277)
+              eos_token_id=100257, pad_token_id=100277, dtype="bfloat16")
 PRESETS = {  # name -> a function returning a fresh config
     "OLMoE-1B-7B-0924": lambda: OlmoeConfig(**_OLMOE_1B_7B),
     "OLMoE-1B-7B-0924-Instruct": lambda: OlmoeConfig(**_OLMOE_1B_7B),
@@ -220,11 +226,29 @@ class Attention(nn.Module):
         v = v.view(B, T, self.Hkv, self.Dh).transpose(1, 2)  # (B, Hkv, T, Dh)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
-            k, v = cache.update(cache_pos, k, v)  # (B, Hkv, S, Dh)
-        # mask is (B or 1, 1, T, S) with True where a query may attend; None means plain causal, no cache.
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                           enable_gqa=self.H != self.Hkv)  # (B, H, T, Dh)
+            k_all, v_all = cache.update(cache_pos, k, v)  # (B, Hkv, S, Dh)
+            if mask is not None:  # queries that need earlier slots read the cache; a fresh prefill needs only k, v
+                k, v = k_all, v_all
+        y = attend(q, k, v, mask)  # (B, H, T, Dh)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.H * self.Dh))
+
+
+def attend(q, k, v, mask):
+    """Softmax attention of q (B, H, T, Dh) over k, v (B, Hkv, S, Dh). mask: None for plain causal attention
+    among this call's own tokens, else (B or 1, 1, T, S), True where a query may attend.
+
+    Which SDPA kernel runs is decided by what we pass (aten/src/ATen/native/transformers/cuda/sdp_utils.cpp):
+    the flash kernel takes no explicit mask at all, so the common case (one prompt, or prompts of equal length,
+    and no cache to read) passes none and says is_causal. A mask together with enable_gqa is accepted by neither
+    flash nor memory-efficient attention and falls to the math kernel, whose float32 scores grow as H*T*S
+    (out of memory near 8-16k tokens for OLMo-2-32B's 40 query heads); so with a mask, K/V heads are repeated
+    to H for the memory-efficient kernel. A decode step (T = 1) keeps enable_gqa: its scores are only H*S."""
+    H, Hkv, T = q.shape[1], k.shape[1], q.shape[2]
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=H != Hkv)
+    if H != Hkv and T > 1:
+        k, v = k.repeat_interleave(H // Hkv, dim=1), v.repeat_interleave(H // Hkv, dim=1)  # (B, H, S, Dh)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=k.shape[1] != H)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -245,27 +269,19 @@ class MLP(nn.Module):
 
 class Experts(nn.Module):
     """E SwiGLU MLPs stacked. Each expert's gate and up projections (I, D) in the checkpoint are stored as one
-    (2I, D) matrix, rows [0, I) gate and [I, 2I) up, so one matmul computes both."""
+    (2I, D) matrix, rows [0, I) gate and [I, 2I) up, so one matmul computes both. Calling it runs the chosen
+    dispatch (below) over the experts."""
 
-    def __init__(self, E, D, I):
+    def __init__(self, E, D, I, dispatch="batched"):
         super().__init__()
-        self.num_experts = E
+        if dispatch not in DISPATCH:
+            raise ValueError(f"moe_dispatch {dispatch!r} is not one of {sorted(DISPATCH)}")
+        self.num_experts, self.dispatch = E, dispatch
         self.gate_up_proj = nn.Parameter(torch.randn(E, 2 * I, D) * 0.02)  # (E, 2I, D)
         self.down_proj = nn.Parameter(torch.randn(E, D, I) * 0.02)  # (E, D, I)
 
-    # The dispatches read weights through these two, which quantized experts override to dequantize.
-    def gate_up(self, i=slice(None)):
-        return take(self.gate_up_proj, i)  # (..., 2I, D): expert i, or one per element of an index tensor i
-
-    def down(self, i=slice(None)):
-        return take(self.down_proj, i)  # (..., D, I)
-
-
-def take(t, i):
-    """t[i] for an int, a slice or an index tensor (index_select: several times faster than t[i] on a CPU)."""
-    if isinstance(i, torch.Tensor):
-        return t.index_select(0, i.flatten()).unflatten(0, i.shape)
-    return t[i]
+    def forward(self, x, top_w, top_i):
+        return DISPATCH[self.dispatch](x, top_w, top_i, self)  # (N, D)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -277,9 +293,8 @@ def take(t, i):
 #   moe_naive    loops over experts, gathers the tokens routed to each, and adds their weighted outputs back.
 #                It is the specification: easy to check against the paper, but it does Python work and a host
 #                sync (torch.where) per expert, and its matmuls are as small as each expert's share of tokens.
-#   moe_batched  sorts the N*K token-expert pairs by expert, so each expert's tokens are one contiguous slice,
-#                and runs all experts in one grouped matmul (no Python per expert, no host sync). For a few
-#                tokens under torch.compile it instead gathers just the chosen experts (moe_gathered).
+#   moe_batched  computes the same sum with the fastest kernel this device has for this many tokens: the
+#                choice is moe_path's, and each path it can pick follows it.
 
 
 def moe_naive(x, top_w, top_i, experts: Experts):
@@ -289,66 +304,128 @@ def moe_naive(x, top_w, top_i, experts: Experts):
         tok, slot = torch.where(top_i == e)  # the tokens that chose e, and in which of their K slots
         if tok.numel() == 0:
             continue
-        h = F.linear(x[tok], experts.gate_up(e))  # (n, 2I)
+        h = F.linear(x[tok], experts.gate_up_proj[e])  # (n, 2I)
         gate, up = h.chunk(2, dim=-1)
-        h = F.linear(F.silu(gate) * up, experts.down(e))  # (n, D)
+        h = F.linear(F.silu(gate) * up, experts.down_proj[e])  # (n, D)
         y.index_add_(0, tok, h * top_w[tok, slot, None])
     return y
 
 
 def moe_batched(x, top_w, top_i, experts: Experts):
-    """Same inputs and result as moe_naive."""
+    """Same inputs and result as moe_naive, by the path moe_path picks for this device and this many tokens."""
     N, K = top_i.shape
-    E = experts.num_experts
-    # Few tokens: gather their experts when compiled, or when the experts are quantized (the grouped matmul
-    # would first dequantize all E of them).
-    if N * K < E and (torch.compiler.is_compiling() or isinstance(experts, QuantExperts)):
-        return moe_gathered(x, top_w, top_i, experts)
-    flat = top_i.flatten()  # (P,) expert of each pair, pair p = token p // K, slot p % K
-    order = flat.argsort(stable=True)  # pairs sorted by expert
-    ends = torch.searchsorted(flat[order], torch.arange(1, E + 1, device=x.device))  # (E,) end of each group
-    h = grouped_mm(x[order // K], experts.gate_up(), ends)  # (P, 2I), in sorted order
+    path = moe_path(*device_facts(x.device), x.dtype, torch.compiler.is_compiling(), N, K, experts.num_experts)
+    return MOE_PATHS[path](x, top_w, top_i, experts)
+
+
+def device_facts(device):
+    """(device type, CUDA compute capability or None): all moe_path needs to know of the hardware. Under
+    torch.compile, get_device_properties is folded to a constant (constant_fold_functions in
+    torch/_dynamo/variables/torch.py), so asking costs nothing inside a compiled step."""
+    if device.type != "cuda":
+        return device.type, None
+    p = torch.cuda.get_device_properties(device)
+    return "cuda", (p.major, p.minor)
+
+
+def moe_path(device_type, capability, dtype, compiling, N, K, E):
+    """Which MoE kernel runs, from facts about the device, for N tokens with K of E experts each.
+
+    grouped   one fused grouped matmul over the pairs sorted by expert (torch.nn.functional.grouped_mm). It is
+              one kernel only on a CPU and on CUDA capability 9.x/10.x in bf16 (aten/src/ATen/native/cuda/
+              GroupedBlas.cpp); on sm80/sm89/sm75 and MPS it falls back to offs.cpu() and a matmul per group:
+              a host sync, which crashes CUDA graph capture (pytorch#169970). Its compile-time shape function
+              takes bf16 only (meta_grouped_mm in torch/_meta_registrations.py), so float32 is eager-only.
+    gathered  few pairs (N*K < E), compiled: each pair's expert weights are gathered and multiplied
+              in one fused kernel, so only the chosen experts are read and nothing leaves the device.
+    dense     many pairs, compiled, no fused grouped kernel: every expert for every token, the unchosen ones
+              weighted 0. It reads each expert once (at a decode batch of 64 nearly all are hit anyway) and
+              needs no host sync, at E/K times the FLOPs: worth it while N stays below DENSE_MAX_TOKENS.
+    loop      otherwise: a matmul per expert that has tokens, after one host sync for the group bounds.
+              Under torch.compile it runs outside the graph (a graph break, never inside a CUDA graph)."""
+    fused_grouped = device_type == "cpu" or (device_type == "cuda" and capability[0] in (9, 10))
+    if compiling and N * K < E:
+        return "gathered"
+    if hasattr(F, "grouped_mm") and fused_grouped and (dtype == torch.bfloat16 or
+                                                      (dtype == torch.float32 and device_type == "cpu" and not compiling)):
+        return "grouped"
+    if compiling and N <= DENSE_MAX_TOKENS:
+        return "dense"
+    return "loop"
+
+
+# Past this many tokens, dense's E/K-fold FLOPs outweigh its single read of the experts: at N tokens it does
+# about N FLOPs per weight byte in bf16, and GPUs reach their matmul peak near 200-300 FLOPs per byte.
+DENSE_MAX_TOKENS = 256
+
+
+def sort_pairs(top_i, E):
+    """The N*K pairs sorted by expert: order (P,) of pair indices (pair p = token p // K, slot p % K), and the
+    end of each expert's group in that order (E,)."""
+    flat = top_i.flatten()  # (P,) expert of each pair
+    order = flat.argsort(stable=True)
+    return order, torch.searchsorted(flat[order], torch.arange(1, E + 1, device=top_i.device))
+
+
+def moe_grouped(x, top_w, top_i, experts: Experts, matmul=None):
+    """Sort the pairs by expert, so each expert's tokens are one contiguous slice, and multiply all slices by
+    their experts in one grouped matmul (no Python per expert, no host sync)."""
+    N, K = top_i.shape
+    matmul = matmul or grouped_mm
+    order, ends = sort_pairs(top_i, experts.num_experts)
+    h = matmul(x[order // K], experts.gate_up_proj, ends)  # (P, 2I), in sorted order
     gate, up = h.chunk(2, dim=-1)
-    h = grouped_mm(F.silu(gate) * up, experts.down(), ends)  # (P, D)
+    h = matmul(F.silu(gate) * up, experts.down_proj, ends)  # (P, D)
     h = torch.empty_like(h).index_copy_(0, order, h)  # back to pair order
     return torch.einsum("nkd,nk->nd", h.view(N, K, -1), top_w)
 
 
-def moe_gathered(x, top_w, top_i, experts: Experts):
-    """moe_batched's path for a few tokens: one matrix-vector product per token-expert pair, with the pair's
-    expert gathered. Compiled, inductor can fuse the gather into the products, so each chosen expert is read
-    once; eager, the gather is a copy of the experts, and the grouped path, which reads them in place, is
-    faster."""
-    gate, up = torch.einsum("nd,nkid->nki", x, experts.gate_up(top_i)).chunk(2, dim=-1)  # (N, K, I) each
-    h = torch.einsum("nki,nkdi->nkd", F.silu(gate) * up, experts.down(top_i))  # (N, K, D)
-    return torch.einsum("nkd,nk->nd", h, top_w)
-
-
 def grouped_mm(x, w, ends):
-    """Rows ends[e-1]:ends[e] of x (P, in) times expert e's w[e].T, with w (E, out, in). Returns (P, out)."""
-    kernel = getattr(F, "grouped_mm", None)  # torch >= 2.10: CPUs, and GPUs from the A100 on
-    aligned = all(s * x.element_size() % 16 == 0 for s in (x.shape[1], w.shape[1]))
-    # it takes bf16 everywhere, float32 only in eager mode on a CPU
-    dtype_ok = x.dtype == torch.bfloat16 or (x.dtype == torch.float32 and not x.is_cuda
-                                              and not torch.compiler.is_compiling())
-    if kernel is not None and aligned and dtype_ok:
-        return kernel(x, w.transpose(-2, -1), offs=ends.int())  # one kernel for all groups
-    # Portable fallback (float64, old torch): one matmul per expert that has rows; one host sync for the bounds.
+    """Rows ends[e-1]:ends[e] of x (P, in) times expert e's w[e].T, with w (E, out, in): one kernel. Returns (P, out).
+    The kernel wants each row's bytes a multiple of 16; a shape that is not takes the loop."""
+    if any(s * x.element_size() % 16 for s in (x.shape[1], w.shape[1])):
+        return loop_mm(x, w, ends)
+    return F.grouped_mm(x, w.transpose(-2, -1), offs=ends.int())
+
+
+@torch.compiler.disable  # a host sync: under torch.compile, run it eagerly between graphs
+def loop_mm(x, w, ends):
+    """grouped_mm's result with one matmul per expert that has rows, after one host sync for the bounds."""
     ends = ends.tolist()
     return torch.cat([x[a:b] @ w[e].T for e, (a, b) in enumerate(zip([0] + ends[:-1], ends)) if b > a])
 
 
+def moe_loop(x, top_w, top_i, experts: Experts):
+    return moe_grouped(x, top_w, top_i, experts, matmul=loop_mm)
+
+
+def moe_gathered(x, top_w, top_i, experts: Experts):
+    """One matrix-vector product per token-expert pair, with the pair's expert gathered. Compiled, inductor fuses
+    the gather into the products (on CUDA when coordinate_descent_tuning is on, as gpt-fast's mixtral-moe sets
+    it), so each chosen expert is read once; eager, the gather would copy the experts first."""
+    gate, up = torch.einsum("nd,nkid->nki", x, experts.gate_up_proj[top_i]).chunk(2, dim=-1)  # (N, K, I) each
+    h = torch.einsum("nki,nkdi->nkd", F.silu(gate) * up, experts.down_proj[top_i])  # (N, K, D)
+    return torch.einsum("nkd,nk->nd", h, top_w)
+
+
+def moe_dense(x, top_w, top_i, experts: Experts):
+    """Every expert on every token, each output weighted by the token's router weight for it (0 if unchosen)."""
+    w = torch.zeros(x.shape[0], experts.num_experts, dtype=x.dtype, device=x.device).scatter(1, top_i, top_w)  # (N, E)
+    gate, up = torch.einsum("nd,eid->nei", x, experts.gate_up_proj).chunk(2, dim=-1)  # (N, E, I) each
+    h = torch.einsum("nei,edi->ned", F.silu(gate) * up, experts.down_proj)  # (N, E, D)
+    return torch.einsum("ned,ne->nd", h, w)
+
+
+MOE_PATHS = {"grouped": moe_grouped, "gathered": moe_gathered, "dense": moe_dense, "loop": moe_loop}
 DISPATCH = {"naive": moe_naive, "batched": moe_batched}
 
 
 class SparseMoE(nn.Module):
     def __init__(self, config: OlmoeConfig, dispatch: str = "batched"):
         super().__init__()
-        if dispatch not in DISPATCH:
-            raise ValueError(f"moe_dispatch {dispatch!r} is not one of {sorted(DISPATCH)}")
-        self.K, self.norm_topk_prob, self.dispatch = config.num_experts_per_tok, config.norm_topk_prob, dispatch
+        self.K, self.norm_topk_prob = config.num_experts_per_tok, config.norm_topk_prob
         self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False)  # the router
-        self.experts = Experts(config.num_experts, config.hidden_size, config.intermediate_size)
+        self.experts = Experts(config.num_experts, config.hidden_size, config.intermediate_size, dispatch)
 
     def forward(self, x):
         B, T, D = x.shape
@@ -360,7 +437,7 @@ class SparseMoE(nn.Module):
         top_w, top_i = probs.topk(self.K, dim=-1)  # (N, K)
         if self.norm_topk_prob:
             top_w = top_w / top_w.sum(dim=-1, keepdim=True)
-        y = DISPATCH[self.dispatch](x, top_w.to(x.dtype), top_i, self.experts)
+        y = self.experts(x, top_w.to(x.dtype), top_i)  # (N, D)
         return y.view(B, T, D), logits.view(B, T, -1)
 
 
@@ -430,24 +507,24 @@ class Transformer(nn.Module):
 
     def new_cache(self, B, S, *, dtype=None, device=None):
         """One KVCache per layer for B rows of S slots."""
-        c, p = self.config, self.model.embed_tokens.weight  # never quantized
+        c, p = self.config, self.model.embed_tokens.weight
         return [KVCache(B, c.num_key_value_heads, S, c.head_dim, dtype=dtype or p.dtype, device=device or p.device)
                 for _ in range(c.num_hidden_layers)]
 
     def forward(self, input_ids, labels=None, *, attention_mask=None, position_ids=None, cache=None,
                 cache_pos=None, last_only=False) -> Output:
         """input_ids (B, T). attention_mask (B, T), or (B, S) with a cache: 1 for real tokens, 0 for padding.
-        position_ids (B, T): RoPE positions, by default counted from cache_pos[0]. cache: from new_cache;
-        cache_pos (T,): the slots this call's tokens take in it. labels (B, T): next-token targets, -100 ignored."""
+        position_ids (B, T): RoPE positions, by default the slots. cache: from new_cache. cache_pos (T,): the
+        slots this call's tokens take in it, attending to every earlier slot; None (the default) is a prefill
+        into slots 0..T-1 of an empty cache. labels (B, T): next-token targets, -100 ignored."""
         B, T = input_ids.shape
         c = self.config
-        if cache is not None and cache_pos is None:
-            raise ValueError("a cache needs cache_pos, the slots of this call's tokens")
-        slots = cache_pos if cache is not None else torch.arange(T, device=input_ids.device)  # (T,)
+        fresh = cache_pos is None  # no cache, or a prefill into an empty one: the tokens see only each other
+        slots = torch.arange(T, device=input_ids.device) if fresh else cache_pos  # (T,)
         if position_ids is None:
             position_ids = slots[None].expand(B, T)
-        mask = None  # plain causal
-        if cache is not None or attention_mask is not None:
+        mask = None  # plain causal among this call's tokens: no mask, so attention may take its fastest kernel
+        if not fresh or attention_mask is not None:
             keys = torch.arange(cache[0].k.shape[2] if cache else T, device=input_ids.device)  # (S,)
             mask = keys <= slots[:, None]  # (T, S) causal
             if attention_mask is not None:
@@ -460,7 +537,7 @@ class Transformer(nn.Module):
         cos, sin = rope_cos_sin(c, position_ids, x.dtype)  # (B, T, Dh)
         router_logits = []
         for i, layer in enumerate(self.model.layers):
-            x, r = layer(x, cos, sin, mask, cache[i] if cache else None, cache_pos)
+            x, r = layer(x, cos, sin, mask, cache[i] if cache else None, slots)
             if r is not None:
                 router_logits.append(r)
         x = self.model.norm(x)
@@ -503,124 +580,6 @@ def router_z_loss(logits, m):
     """The OLMoE paper's router z-loss: mean over tokens of logsumexp(router logits)^2. It keeps the router's
     logits small, which keeps its softmax (and bf16 training) stable."""
     return (torch.logsumexp(logits.float(), dim=-1).square() * m).sum() / m.sum()
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Quantization (weight-only; skip it on a first reading)
-#
-# int8: each output row of a weight matrix gets one scale, absmax/127, and w ~ q * scale with q in [-127, 127].
-# int4: each group of G consecutive inputs in a row gets its own scale, absmax/7; q in [-8, 7] is stored as
-#       q + 8 in a nibble, two per byte. Smaller groups follow the weights more closely but store more scales.
-# Every linear layer and every expert is quantized, except the router (E x D, tiny, and it picks the experts)
-# and a tied lm_head (it is the embedding). Activations, norms and the embedding stay in the model's dtype.
-
-
-def quantize(w, bits, group_size=128):
-    """w (..., out, in) -> (q, scale): int8 q (..., out, in) and scale (..., out); or, for int4, uint8 q
-    (..., out, in/2) and scale (..., out, in/G). Scales are kept in float32."""
-    w = w.float()
-    if bits == 4 and w.shape[-1] % group_size:
-        raise ValueError(f"{w.shape[-1]} inputs are not a multiple of the int4 group size {group_size}")
-    if bits == 8:
-        scale = w.abs().amax(dim=-1).clamp(min=1e-12) / 127  # (..., out)
-        return (w / scale[..., None]).round().clamp(-127, 127).to(torch.int8), scale
-    groups = w.unflatten(-1, (-1, group_size))  # (..., out, in/G, G)
-    scale = groups.abs().amax(dim=-1).clamp(min=1e-12) / 7  # (..., out, in/G)
-    q = ((groups / scale[..., None]).round().clamp(-8, 7) + 8).to(torch.uint8).flatten(-2)  # (..., out, in)
-    return q[..., 0::2] | (q[..., 1::2] << 4), scale  # even inputs in the low nibble, odd in the high
-
-
-def unpack_int4(q):
-    """(..., out, in/2) bytes -> (..., out, in) nibbles in [0, 15], even inputs from the low nibble."""
-    return torch.stack((q & 15, q >> 4), dim=-1).flatten(-2)
-
-
-def dequantize(q, scale, dtype):
-    """The inverse of quantize, in dtype: (..., out, in)."""
-    if q.dtype == torch.uint8:  # int4: undo the +8 while still one byte per value
-        q = unpack_int4(q).to(torch.int8) - 8  # (..., out, in) in [-8, 7]
-        w = q.unflatten(-1, (scale.shape[-1], -1)).to(dtype) * scale[..., None].to(dtype)  # (..., out, in/G, G)
-        return w.flatten(-2)
-    return q.to(dtype) * scale[..., None].to(dtype)
-
-
-class Quantized(nn.Module):
-    """Holds quantized tensors, each `name` beside its `name_scale`; the loader fills them through load()."""
-
-    def __init__(self, like: dict, bits, group_size):
-        super().__init__()
-        self.bits, self.group_size = bits, group_size
-        for name, t in like.items():  # the float tensors these replace (on the meta device, when loading)
-            q, scale = quantize(torch.empty(t.shape, device="meta"), bits, group_size)
-            self.register_buffer(name, torch.empty_like(q, device=t.device))  # (..., out, in) int8 or (..., in/2) uint8
-            self.register_buffer(name + "_scale", torch.empty_like(scale, device=t.device))  # (..., out) or (..., in/G)
-
-    def load(self, name, index, w):
-        q, scale = quantize(w.to(getattr(self, name).device), self.bits, self.group_size)
-        getattr(self, name)[index], getattr(self, name + "_scale")[index] = q, scale
-
-
-class QuantLinear(Quantized):
-    """nn.Linear(in, out, bias=False) with a quantized weight. On a CPU it uses PyTorch's int8 and int4 kernels,
-    for which int4 weights are repacked into the kernel's layout as they are loaded."""
-
-    def __init__(self, linear: nn.Linear, bits, group_size):
-        super().__init__({"weight": linear.weight}, bits, group_size)
-        self.cpu_int4 = False  # set once the weight is in the CPU kernel's layout
-
-    def load(self, name, index, w):
-        super().load(name, index, w)
-        if self.bits == 4 and self.weight.is_cpu and hasattr(torch, "_weight_int4pack_mm_for_cpu") and \
-                self.group_size in (32, 64, 128, 256) and self.weight.shape[0] % 16 == 0:  # what it supports
-            self.weight.copy_(torch._convert_weight_to_int4pack_for_cpu(unpack_int4(self.weight).int(), 1))
-            self.cpu_int4 = True
-
-    def forward(self, x):
-        x2 = x.reshape(-1, x.shape[-1])  # (N, in)
-        if self.cpu_int4:
-            if not x.is_cpu:
-                raise RuntimeError("int4 weights were packed for the CPU: load the model on the device it runs on")
-            scale = self.weight_scale.T.to(x.dtype)  # (in/G, out); the kernel computes (q - 8) * scale + zero
-            y = torch._weight_int4pack_mm_for_cpu(x2, self.weight, self.group_size,
-                                                 torch.stack((scale, torch.zeros_like(scale)), dim=-1))
-        elif self.bits == 8 and x.is_cpu and hasattr(torch, "_weight_int8pack_mm"):
-            y = torch._weight_int8pack_mm(x2, self.weight, self.weight_scale.to(x.dtype))
-        elif self.bits == 8:  # one scale per output: scale the product instead of dequantizing the weight
-            y = F.linear(x2, self.weight.to(x.dtype)) * self.weight_scale.to(x.dtype)
-        else:
-            y = F.linear(x2, dequantize(self.weight, self.weight_scale, x.dtype))
-        return y.view(*x.shape[:-1], -1)
-
-
-class QuantExperts(Quantized):
-    """Experts with quantized stacked weights; the dispatches dequantize only the experts they read."""
-
-    def __init__(self, experts: Experts, bits, group_size, dtype):
-        super().__init__({name: getattr(experts, name) for name in ("gate_up_proj", "down_proj")}, bits, group_size)
-        self.num_experts, self.dtype = experts.num_experts, dtype  # dtype: what the dispatches compute in
-
-    def gate_up(self, i=slice(None)):
-        return dequantize(take(self.gate_up_proj, i), take(self.gate_up_proj_scale, i), self.dtype)  # (..., 2I, D)
-
-    def down(self, i=slice(None)):
-        return dequantize(take(self.down_proj, i), take(self.down_proj_scale, i), self.dtype)  # (..., D, I)
-
-
-def quantize_model(model: Transformer, kind: str, group_size=128, dtype=torch.float32):
-    """Swap (on the meta device, before loading) every linear layer and every Experts for a quantized one."""
-    bits = {"int8": 8, "int4": 4}.get(kind)
-    if bits is None:
-        raise ValueError(f"quantize {kind!r}: expected 'int8' or 'int4'")
-    for parent_name, parent in list(model.named_modules()):
-        for name, child in parent.named_children():
-            try:
-                if isinstance(child, Experts):
-                    setattr(parent, name, QuantExperts(child, bits, group_size, dtype))
-                elif isinstance(child, nn.Linear) and name != "gate" and \
-                        child.weight is not model.model.embed_tokens.weight:
-                    setattr(parent, name, QuantLinear(child, bits, group_size))
-            except ValueError as e:
-                raise ValueError(f"{parent_name}.{name}".lstrip(".") + f": {e}") from None
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -679,42 +638,70 @@ def _shard_files(path: Path) -> list[Path]:
                           "(only safetensors checkpoints are read, never pickled ones)")
 
 
-def _read_tensors(file: Path):
-    """Yield (name, tensor) one at a time from a safetensors file, so only one tensor is in memory at once."""
+def _read_tensors(file: Path, reopen_bytes=256 * 2**20):
+    """Yield (name, tensor) one at a time from a safetensors file, so only one tensor is in memory at once.
+    safetensors maps the file into memory, and every page a read touches stays resident until the file is
+    closed: reading a 2 GB file in one opening adds 2 GB to the process's peak memory. So the file is closed
+    and opened again after every reopen_bytes read, which bounds that to about reopen_bytes."""
     from safetensors import safe_open
 
     try:
-        with safe_open(file, framework="pt", device="cpu") as f:
-            for name in f.keys():
-                yield name, f.get_tensor(name)
+        done, names = set(), None
+        while names is None or len(done) < len(names):
+            with safe_open(file, framework="pt", device="cpu") as f:
+                names, read = names or list(f.keys()), 0
+                for name in names:
+                    if name in done:
+                        continue
+                    t = f.get_tensor(name)
+                    done.add(name)
+                    read += t.nbytes
+                    yield name, t
+                    if read >= reopen_bytes:
+                        break
     except FileNotFoundError:
         raise CheckpointError(f"{file}: missing (listed in the index)") from None
     except Exception as e:  # safetensors raises its own error type for truncated or corrupt files
         raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
 
 
-def load_model(path, *, device=None, dtype=None, moe_dispatch="batched", quantize=None,
-               group_size=128) -> Transformer:
+def progress_bar(total_bytes):
+    """A progress bar on stderr for a load of a gigabyte or more (tqdm comes with huggingface_hub), else none."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        tqdm = None
+    if tqdm is None or total_bytes < 2**30:
+        return None
+    return tqdm(total=total_bytes, unit="B", unit_scale=True, desc="loading", file=sys.stderr, leave=False)
+
+
+def load_model(path, *, device=None, dtype=None, moe_dispatch="batched", prepare=None) -> Transformer:
     """Load a Hub-layout checkpoint directory (one model.safetensors, or shards named by
     model.safetensors.index.json). The model is built on the meta device (no memory), allocated once on
-    `device` in `dtype` (default float32), and filled one checkpoint tensor at a time, cast as it goes, so two
-    copies of the weights never exist. quantize: None, "int8" or "int4" (with group_size inputs per scale):
-    then each tensor is quantized as it is read, and no full-precision model is ever built."""
+    `device` in `dtype` (default: the checkpoint's own, as config.json records it), and filled one checkpoint
+    tensor at a time, cast as it goes, so two copies of the weights never exist.
+
+    prepare(model), if given, runs on the meta-device model before its storage is allocated, to swap modules
+    (quantize.py does). A module that has a method load(attr, index, tensor) stores its checkpoint tensors
+    itself: the loader hands it each one, as read, instead of copying it into the parameter."""
     path = Path(path)
     config = read_config(path)
-    dtype = dtype or torch.float32
+    dtype = dtype or getattr(torch, config.dtype)
     with torch.device("meta"):
         model = Transformer(config, moe_dispatch)
-    layout = hub_layout(model)  # full-precision shapes, whatever quantization does to storage below
+    layout = hub_layout(model)  # the checkpoint's shapes, whatever prepare does to storage below
     model.to(dtype)
-    if quantize is not None:
-        quantize_model(model, quantize, group_size, dtype)  # after .to(dtype): scales stay float32
+    if prepare is not None:
+        prepare(model)
     model.to_empty(device=device or "cpu")
     if config.tie_word_embeddings:  # to_empty gives each module its own new tensor: tie them again
         model.lm_head.weight = model.model.embed_tokens.weight
 
+    files = _shard_files(path)
+    bar = progress_bar(sum(f.stat().st_size for f in files if f.is_file()))
     remaining = set(layout)
-    for file in _shard_files(path):
+    for file in files:
         for name, t in _read_tensors(file):
             if name not in layout:
                 if name == "lm_head.weight" and config.tie_word_embeddings:
@@ -727,10 +714,14 @@ def load_model(path, *, device=None, dtype=None, moe_dispatch="batched", quantiz
             module = model.get_submodule(owner)
             with torch.no_grad():
                 if hasattr(module, "load"):
-                    module.load(attr, index, t)  # quantized module: quantizes as it stores
+                    module.load(attr, index, t)
                 else:
                     getattr(module, attr)[index].copy_(t)
             remaining.discard(name)
+            if bar is not None:
+                bar.update(t.nbytes)
+    if bar is not None:
+        bar.close()
     if remaining:
         missing = sorted(remaining)
         raise CheckpointError(f"{path}: {len(missing)} tensor(s) missing, e.g. {missing[0]} "
