@@ -60,7 +60,8 @@ def native_dtype(device, dtype):
                                "(--dtype float32 if it overflows)")
     mps = getattr(torch.backends, "mps", None)
     if device.type == "mps" and not mps.is_macos_or_newer(14, 0):  # MPS has bf16 from macOS 14 on
-        return torch.float16, "note: bfloat16 needs macOS 14 on MPS; running in float16 (--dtype float32 if it overflows)"
+        return torch.float16, ("note: bfloat16 needs macOS 14 on MPS; running in float16 "
+                               "(--dtype float32 if it overflows)")
     return dtype, None
 
 

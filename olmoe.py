@@ -332,24 +332,26 @@ def moe_path(device_type, capability, dtype, compiling, N, K, E):
     """Which MoE kernel runs, from facts about the device, for N tokens with K of E experts each.
 
     grouped   one fused grouped matmul over the pairs sorted by expert (torch.nn.functional.grouped_mm). It is
-              one kernel only on a CPU and on CUDA capability 9.x/10.x in bf16 (aten/src/ATen/native/cuda/
-              GroupedBlas.cpp); on sm80/sm89/sm75 and MPS it falls back to offs.cpu() and a matmul per group:
+              one kernel only on a CPU and on CUDA capability 9.x/10.x in bf16 (_grouped_mm_cuda in
+              aten/src/ATen/native/cuda/Blas.cpp); on sm80/sm89/sm75 and MPS it falls back to offs.cpu() and a matmul per group:
               a host sync, which crashes CUDA graph capture (pytorch#169970). Its compile-time shape function
               takes bf16 only (meta_grouped_mm in torch/_meta_registrations.py), so float32 is eager-only.
     gathered  few pairs (N*K < E), compiled: each pair's expert weights are gathered and multiplied
               in one fused kernel, so only the chosen experts are read and nothing leaves the device.
-    dense     many pairs, compiled, no fused grouped kernel: every expert for every token, the unchosen ones
-              weighted 0. It reads each expert once (at a decode batch of 64 nearly all are hit anyway) and
-              needs no host sync, at E/K times the FLOPs: worth it while N stays below DENSE_MAX_TOKENS.
+    dense     a GPU's many pairs, compiled, with no fused grouped kernel: every expert for every token, the
+              unchosen ones weighted 0. It reads each expert once (at a decode batch of 64 nearly all are hit
+              anyway) and needs no host sync, at E/K times the FLOPs: worth it up to DENSE_MAX_TOKENS tokens.
+              A CPU, compute-bound, would pay for the FLOPs, and has no CUDA graph to break.
     loop      otherwise: a matmul per expert that has tokens, after one host sync for the group bounds.
               Under torch.compile it runs outside the graph (a graph break, never inside a CUDA graph)."""
-    fused_grouped = device_type == "cpu" or (device_type == "cuda" and capability[0] in (9, 10))
+    fused_grouped = hasattr(F, "grouped_mm") and (  # torch >= 2.10
+        device_type == "cpu" and (dtype == torch.bfloat16 or dtype == torch.float32 and not compiling)
+        or device_type == "cuda" and capability[0] in (9, 10) and dtype == torch.bfloat16)
     if compiling and N * K < E:
         return "gathered"
-    if hasattr(F, "grouped_mm") and fused_grouped and (dtype == torch.bfloat16 or
-                                                      (dtype == torch.float32 and device_type == "cpu" and not compiling)):
+    if fused_grouped:
         return "grouped"
-    if compiling and N <= DENSE_MAX_TOKENS:
+    if compiling and device_type != "cpu" and N <= DENSE_MAX_TOKENS:
         return "dense"
     return "loop"
 
@@ -638,7 +640,7 @@ def _shard_files(path: Path) -> list[Path]:
                           "(only safetensors checkpoints are read, never pickled ones)")
 
 
-def _read_tensors(file: Path, reopen_bytes=256 * 2**20):
+def _read_tensors(file: Path, reopen_bytes=2**28):
     """Yield (name, tensor) one at a time from a safetensors file, so only one tensor is in memory at once.
     safetensors maps the file into memory, and every page a read touches stays resident until the file is
     closed: reading a 2 GB file in one opening adds 2 GB to the process's peak memory. So the file is closed
@@ -646,19 +648,15 @@ def _read_tensors(file: Path, reopen_bytes=256 * 2**20):
     from safetensors import safe_open
 
     try:
-        done, names = set(), None
-        while names is None or len(done) < len(names):
+        with safe_open(file, framework="pt", device="cpu") as f:
+            names, i = list(f.keys()), 0
+        while i < len(names):
             with safe_open(file, framework="pt", device="cpu") as f:
-                names, read = names or list(f.keys()), 0
-                for name in names:
-                    if name in done:
-                        continue
-                    t = f.get_tensor(name)
-                    done.add(name)
-                    read += t.nbytes
-                    yield name, t
-                    if read >= reopen_bytes:
-                        break
+                read = 0
+                while i < len(names) and read < reopen_bytes:
+                    t = f.get_tensor(names[i])
+                    read, i = read + t.nbytes, i + 1
+                    yield names[i - 1], t
     except FileNotFoundError:
         raise CheckpointError(f"{file}: missing (listed in the index)") from None
     except Exception as e:  # safetensors raises its own error type for truncated or corrupt files

@@ -220,7 +220,7 @@ EXPECTED_MOE_PATH = [
     (("cpu", None, BF16, False, 1), "grouped"),  # CPUs have a fused grouped_mm, bf16 and float32 eager
     (("cpu", None, F32, False, 64), "grouped"),
     (("cpu", None, F32, True, 1), "gathered"),  # compiled decoding: gather the 8 chosen experts
-    (("cpu", None, F32, True, 64), "dense"),  # compiled float32: grouped_mm's shape function is bf16-only
+    (("cpu", None, F32, True, 64), "loop"),  # compiled float32: grouped_mm's shape function is bf16-only
     (("cpu", None, BF16, True, 64), "grouped"),
     (("cuda", (9, 0), BF16, False, 1), "grouped"),  # H100: the fused CUDA kernel
     (("cuda", (10, 0), BF16, True, 64), "grouped"),  # B200
@@ -383,6 +383,38 @@ def test_loader_casts_and_returns_an_eval_model(good_checkpoint):
     assert model(tokens()).logits.shape == (2, 12, TINY["vocab_size"])
 
 
+@pytest.mark.parametrize("key", ["dtype", "torch_dtype"])  # transformers 5 writes dtype, older ones torch_dtype
+def test_default_dtype_is_the_checkpoints_own(tmp_path, key):
+    path = save(hf_model("olmoe").to(torch.bfloat16), tmp_path)
+    cfg = json.loads((path / "config.json").read_text())
+    cfg.pop("dtype", None), cfg.pop("torch_dtype", None)
+    (path / "config.json").write_text(json.dumps({**cfg, key: "bfloat16"}))
+    assert {p.dtype for p in olmoe.load_model(path).parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in olmoe.load_model(path, dtype=torch.float32).parameters()} == {torch.float32}
+
+
+def test_loading_peaks_near_the_weights_bytes(tmp_path):
+    """safetensors maps the file, and the pages a load touches stay resident until it is closed; the loader
+    reopens the file so that a single-file checkpoint of W bytes loads within 1.3 W of the process's memory
+    before loading (the bytes PyTorch itself takes)."""
+    config = olmoe.OlmoeConfig(vocab_size=50304, hidden_size=1024, intermediate_size=512, num_hidden_layers=6,
+                               num_attention_heads=8, dtype="bfloat16")
+    with torch.device("meta"):
+        layout = olmoe.hub_layout(olmoe.Transformer(config))
+    tensors = {name: torch.full(shape, 0.01, dtype=torch.bfloat16) for name, (_, _, shape) in layout.items()}
+    weights = sum(t.nbytes for t in tensors.values())  # about 1.4 GB
+    save_file(tensors, tmp_path / "model.safetensors")
+    del tensors
+    (tmp_path / "config.json").write_text(json.dumps({**vars(config), "model_type": "olmoe"}))
+    probe = ("import re, sys, torch, olmoe; status = lambda: open('/proc/self/status').read();"  # Linux: VmHWM, peak RSS
+             "hwm = lambda: int(re.search(r'VmHWM:\\s+(\\d+) kB', status()).group(1)) * 1024;"
+             "before = hwm(); olmoe.load_model(sys.argv[1]); print(before, hwm())")
+    r = subprocess.run([sys.executable, "-c", probe, str(tmp_path)], capture_output=True, text=True, check=True)
+    before, peak = map(int, r.stdout.split())
+    print(f"weights {weights / 1e9:.2f} GB, peak RSS {peak / 1e9:.2f} GB, of which torch {before / 1e9:.2f} GB")
+    assert peak - before <= 1.3 * weights
+
+
 # --------------------------------------------------------------------------------------------------------------
 # generate.py
 
@@ -452,10 +484,14 @@ def test_greedy_output_equals_transformers_generate(tmp_path, tokenizer_json, mo
     assert gen.generate(model, [prompt], 24, vocab_size=TOKENIZER_VOCAB) == [theirs]
 
 
+@pytest.mark.parametrize("device", [None, ("cuda", (8, 0))])
 @pytest.mark.parametrize("prompts", [[[3, 1, 4, 1, 5], [9, 2]], [[3, 1, 4], [1, 5], [9], [2, 6], [5, 3]]])
-def test_compiled_decode_step_gives_the_same_tokens(tmp_path, tokenizer_json, prompts):
+def test_compiled_decode_step_gives_the_same_tokens(tmp_path, tokenizer_json, monkeypatch, device, prompts):
     """torch.compile of the decode step (CUDA graphs on a GPU) is a fast path of the same function. With 2 rows
-    of K = 2 of E = 8 experts the compiled step gathers experts; with 5 rows it computes them all (dense)."""
+    of K = 2 of E = 8 experts the compiled step gathers experts; with 5 rows a CPU loops over them (a graph
+    break), and an A100, simulated here, computes them all (dense)."""
+    if device:
+        monkeypatch.setattr(olmoe, "device_facts", lambda _: device)
     _, path = gen_checkpoint(tmp_path, tokenizer_json)
     model = olmoe.load_model(path)
     assert gen.generate(model, prompts, 10, compile=True) == gen.generate(model, prompts, 10)
@@ -746,202 +782,12 @@ def test_cli_bad_input_is_one_line_error(case, cli_checkpoints, capsys):
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Benchmarks, run on purpose and not by pytest: python test_olmoe.py --help
+# benchmark.py --check, the self-check a user runs on their GPU, here on the CPU
 
 
-BENCH_SHAPES = {  # the released shapes, and small ones of the same kind for a CPU
-    "OLMoE-1B-7B": lambda: olmoe.PRESETS["OLMoE-1B-7B-0924"](),
-    "OLMo-2-1B": lambda: olmoe.PRESETS["OLMo-2-0425-1B"](),
-    "small-OLMoE": lambda: olmoe.OlmoeConfig(hidden_size=512, intermediate_size=256, num_hidden_layers=4,
-                                             num_attention_heads=8, num_experts=64, num_experts_per_tok=8),
-    "small-OLMo-2": lambda: olmoe.Olmo2Config(vocab_size=100352, hidden_size=512, intermediate_size=2048,
-                                              num_hidden_layers=4, num_attention_heads=8),
-}
+def test_self_check_passes_on_this_device():
+    import benchmark
 
-
-def timed(fn, sync, repeat=3):
-    """Median wall time of fn() over repeat runs, after one warm-up run."""
-    fn()
-    times = []
-    for _ in range(repeat):
-        sync()
-        t = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t)
-    return sorted(times)[len(times) // 2]
-
-
-def median_decode(model, prompts, steps, compile):
-    """generate()'s stats of the median of three runs, after one that warms up (and compiles)."""
-    runs = [{} for _ in range(4)]
-    for stats in runs:
-        gen.generate(model, prompts, steps, compile=compile, stats=stats)
-    return sorted(runs[1:], key=lambda s: s["decode_s"])[1]
-
-
-def device_ceilings(device, dtype, sync):
-    """Measured copy bandwidth (bytes read + written per second) and matmul rate in dtype (FLOP/s)."""
-    n = 2**28 if device.type == "cuda" else 2**25
-    a, b = torch.empty(n, dtype=torch.uint8, device=device).random_(), torch.empty(n, dtype=torch.uint8, device=device)
-    bandwidth = 2 * n / timed(lambda: b.copy_(a), sync, repeat=10)
-    m = 8192 if device.type == "cuda" else 1024
-    x, y = torch.randn(m, m, device=device, dtype=dtype), torch.randn(m, m, device=device, dtype=dtype)
-    return bandwidth, 2 * m**3 / timed(lambda: x @ y, sync, repeat=10)
-
-
-def twin_models(config, device, dtype):
-    """A random transformers model of this config and ours holding the very same weights (the names agree)."""
-    hf_cls = HF_CLASSES[config.model_type]
-    fields = {k: v for k, v in vars(config).items() if not k.startswith("rope")}
-    hf_config = hf_cls[0](**fields, rope_parameters=dict(rope_type="default", rope_theta=config.rope_theta))
-    torch.manual_seed(0)
-    with torch.device(device):
-        hf = hf_cls[1](hf_config).to(dtype).eval()
-    with torch.device("meta"):
-        ours = olmoe.Transformer(config)
-    ours.to(dtype).to_empty(device=device).load_state_dict(hf.state_dict())
-    return hf, ours.eval()
-
-
-def active_params(model):
-    """Parameters one prefill token multiplies: the layers', with K of the E experts (only the last position
-    reaches lm_head, and the embedding is a lookup)."""
-    c, n = model.config, 0
-    for name, p in model.named_parameters():
-        if name.startswith("model.layers"):
-            n += p.numel() * (c.num_experts_per_tok / c.num_experts if "experts" in name else 1)
-    return n
-
-
-def benchmark(shape, device, batches, steps, prompt_len):
-    device = torch.device(device)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    bandwidth, flops = device_ceilings(device, dtype, sync)
-    config = BENCH_SHAPES[shape]()
-    hf, ours = twin_models(config, device, dtype)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
-    print(f"{shape} on {name}, {dtype}; torch {torch.__version__}, transformers {transformers.__version__}; "
-          f"measured copy bandwidth {bandwidth / 1e9:.0f} GB/s, matmul {flops / 1e12:.1f} TFLOP/s")
-    print("| what | this project | transformers | ratio | this project, fraction of bound |")
-    print("|---|---|---|---|---|")
-    # transformers compiles its decode step itself with a static cache, on a CPU only when told to
-    compile_config = transformers.CompileConfig()
-    compile_config._compile_all_devices = True
-    for B in batches:
-        g = torch.Generator().manual_seed(B)
-        prompts = torch.randint(0, config.vocab_size, (B, 16), generator=g, device="cpu").tolist()
-        ids = torch.tensor(prompts, device=device)
-        for compile in [False, True]:
-            stats = median_decode(ours, prompts, steps, compile)
-            ours_rate = stats["decode_tokens"] / stats["decode_s"]
-            bound = bandwidth / stats["step_bytes"] * B  # tokens/s if each step only read its bytes, at copy speed
-            kw = dict(cache_implementation="static", compile_config=compile_config) if compile else {}
-            hf_gen = lambda n: hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,  # noqa: E731
-                                           min_new_tokens=n, do_sample=False, pad_token_id=0, **kw)
-            hf_rate = B * (steps - 1) / (timed(lambda: hf_gen(steps), sync) - timed(lambda: hf_gen(1), sync))
-            label = f"decode tok/s, batch {B}, {'compiled' if compile else 'eager'}"
-            print(f"| {label} | {ours_rate:.1f} | {hf_rate:.1f} | {ours_rate / hf_rate:.2f}x | "
-                  f"{ours_rate / bound:.0%} of {bound:.0f} ({stats['step_bytes'] / 1e9:.3f} GB/step) |")
-    ids = torch.randint(0, config.vocab_size, (1, prompt_len), device=device)
-    with torch.no_grad():
-        ours_s = timed(lambda: ours(ids, last_only=True), sync)
-        hf_s = timed(lambda: hf(ids, logits_to_keep=1, use_cache=False), sync)
-    work = 2 * prompt_len * active_params(ours) + 2 * config.num_hidden_layers * prompt_len**2 * \
-        config.num_attention_heads * config.head_dim  # matmuls, and causal attention (half of QK^T and AV)
-    print(f"| prefill tok/s, {prompt_len} tokens | {prompt_len / ours_s:.0f} | {prompt_len / hf_s:.0f} | "
-          f"{hf_s / ours_s:.2f}x | {work / ours_s / flops:.0%} of matmul peak |")
-
-
-def write_random_checkpoint(config, path, dtype=torch.bfloat16):
-    """A Hub-layout checkpoint of random weights, one safetensors shard per layer, never all in memory."""
-    with torch.device("meta"):
-        layout = olmoe.hub_layout(olmoe.Transformer(config))  # checkpoint name -> (parameter, index, shape)
-    shards = {}
-    for name, (_, _, shape) in layout.items():
-        shards.setdefault(name.split(".")[2] if name.startswith("model.layers.") else "other", {})[name] = shape
-    weight_map = {}
-    for shard, shapes in shards.items():
-        tensors = {n: (torch.randn(s) * 0.02 + (len(s) == 1)).to(dtype) for n, s in shapes.items()}  # norms near 1
-        save_file(tensors, path / f"{shard}.safetensors")
-        weight_map.update(dict.fromkeys(shapes, f"{shard}.safetensors"))
-    (path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
-    fields = {k: v for k, v in vars(config).items() if not k.startswith("rope")}
-    (path / "config.json").write_text(json.dumps(dict(fields, model_type=config.model_type)))
-
-
-def quantized_decode_speed(checkpoint, device, steps):
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    print(f"\n{checkpoint.name}, compiled batch-1 decoding of {steps} tokens on {device}, {dtype}; median of 3 runs")
-    print("| weights | decode tok/s |\n|---|---|")
-    for kind in ["", "int8", "int4"]:
-        model = olmoe.load_model(checkpoint, device=device, dtype=dtype, quantize=kind or None)
-        stats = median_decode(model, [[1] * 16], steps, compile=True)
-        print(f"| {kind or dtype} | {stats['decode_tokens'] / stats['decode_s']:.1f} |")
-
-
-def quantization_report(shape, workdir, device, steps=128):
-    """Weight and peak memory of loading `shape` (random bf16 weights) at each precision, each in a fresh
-    process; compiled batch-1 decoding speed of each on `device` (a GPU, or a CPU for a small shape); then
-    logit error and greedy agreement of a small random checkpoint against float32."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    big = workdir / shape
-    if not (big / "config.json").is_file():
-        big.mkdir(exist_ok=True)
-        write_random_checkpoint(BENCH_SHAPES[shape](), big)
-    probe = ("import resource, sys, time, torch, olmoe; t = time.perf_counter(); "
-             "m = olmoe.load_model(sys.argv[1], dtype=torch.bfloat16, quantize=sys.argv[2] or None); "
-             "print(sum(x.nbytes for x in m.state_dict().values()), resource.getrusage(resource.RUSAGE_SELF)"
-             ".ru_maxrss * 1024, time.perf_counter() - t)")
-    print(f"{shape}, random weights, loaded on CPU from a bf16 checkpoint")
-    print("| weights | weight memory | peak process memory while loading | load time |\n|---|---|---|---|")
-    for kind in ["", "int8", "int4"]:
-        r = subprocess.run([sys.executable, "-c", probe, str(big), kind], capture_output=True, text=True, check=True)
-        weights, peak, seconds = map(float, r.stdout.split())
-        print(f"| {kind or 'bf16'} | {weights / 1e9:.2f} GB | {peak / 1e9:.2f} GB | {seconds:.0f} s |")
-
-    device = torch.device(device)
-    if device.type == "cuda" or shape.startswith("small"):  # a full shape in float32 outgrows a CPU's memory
-        quantized_decode_speed(big, device, steps)
-
-    small = workdir / "accuracy-small-OLMoE"  # initialised as transformers does, unlike the one above
-    if not (small / "config.json").is_file():
-        hf, _ = twin_models(BENCH_SHAPES["small-OLMoE"](), torch.device("cpu"), torch.float32)
-        hf.save_pretrained(small)
-    ref = olmoe.load_model(small)
-    prompt = torch.randint(0, 50000, (16,), generator=torch.Generator().manual_seed(0)).tolist()
-    greedy = gen.generate(ref, [prompt], steps)[0]
-    ids = torch.tensor([prompt + greedy])
-    with torch.no_grad():
-        ref_logits = ref(ids).logits[0, len(prompt) - 1:-1]  # (steps, V): the logits that chose each token
-    print(f"\nsmall-OLMoE random checkpoint, float32 activations, {steps} greedy steps after a 16-token prompt")
-    print("| weights | relative logit error, mean / max over positions | same greedy token as float32, "
-          "teacher-forced | identical free-running tokens |\n|---|---|---|---|")
-    for kind in ["int8", "int4"]:
-        model = olmoe.load_model(small, quantize=kind)
-        with torch.no_grad():
-            logits = model(ids).logits[0, len(prompt) - 1:-1]
-        rel = (logits - ref_logits).norm(dim=-1) / ref_logits.norm(dim=-1)  # (steps,)
-        agree = (logits.argmax(-1) == ref_logits.argmax(-1)).float().mean()
-        free = gen.generate(model, [prompt], steps)[0]
-        same = next((i for i, (a, b) in enumerate(zip(free, greedy)) if a != b), steps)
-        print(f"| {kind} | {rel.mean():.4f} / {rel.max():.4f} | {agree:.1%} | first {same} of {steps} |")
-
-
-if __name__ == "__main__":
-    import argparse
-
-    p = argparse.ArgumentParser(description="Benchmark this project against transformers, same weights, one run.")
-    p.add_argument("--shape", choices=BENCH_SHAPES, default="OLMoE-1B-7B")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--batch", type=int, nargs="+", default=[1, 8, 64])
-    p.add_argument("--steps", type=int, default=64, help="tokens generated per decode measurement")
-    p.add_argument("--prompt-len", type=int, default=2048, help="tokens in the prefill measurement")
-    p.add_argument("--quantization", metavar="DIR", type=Path,
-                   help="instead: memory and accuracy of int8 / int4, with checkpoints written to DIR")
-    a = p.parse_args()
-    if a.quantization:
-        quantization_report(a.shape, a.quantization, a.device)
-    else:
-        benchmark(a.shape, a.device, a.batch, a.steps, a.prompt_len)
+    results = benchmark.check_paths(torch.device("cpu"), models=("OLMoE",), batches=(8,))
+    assert len(results) == 3 + 3 * len(olmoe.MOE_PATHS)
+    assert [what for what, ok, _ in results if not ok] == []
