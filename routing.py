@@ -1,0 +1,527 @@
+"""The routing lab: which experts OLMoE's router picks for a text, measured as in the OLMoE paper's section 5
+(Muennighoff et al. 2024, "OLMoE: Open Mixture-of-Experts Language Models", arXiv 2409.02060).
+
+python routing.py --checkpoint allenai/OLMoE-1B-7B-0924 --text prose=README.md --text code=olmoe.py --out lab/
+
+Read top to bottom: counting (pure functions over routing choices) -> the paper's ratios -> the load-balancing
+losses -> running a model over texts in chunks -> report.md and routing.json -> figures -> the command line.
+
+Every analysis starts from the routing choices: for each layer and token, the k experts with the highest router
+probability, most probable first. k is ours to choose (--top-k, 8 by default as in the paper, or 1); the model
+itself always routes each token to K = num_experts_per_tok of them. Everything counted is a sum over tokens, so
+statistics of successive chunks of text simply add up.
+
+Shape legend (as in olmoe.py):
+    L  layers              N  tokens               E  experts per layer
+    k  experts counted per token (--top-k)         K  experts the model routes each token to
+    V  vocabulary
+    choices  (L, N, k) int64 expert ids         probs  (L, N, E) float32 router probabilities
+"""
+
+import argparse
+import json
+import sys
+import textwrap
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+import generate
+import olmoe
+
+# --------------------------------------------------------------------------------------------------------------
+# Counting: pure functions from routing choices to counts. Everything else divides these.
+
+
+def top_experts(probs, k):
+    """The k most probable experts of each token, most probable first: (L, N, E) -> (L, N, k). Ranking by the
+    probabilities is ranking by the router's logits; k may be more or fewer than the model's own K."""
+    return probs.topk(k, dim=-1).indices
+
+
+def multi_hot(choices, E):
+    """(L, N, k) expert ids -> (L, N, E) float, 1 where the token chose the expert. Counting becomes matmuls."""
+    return torch.zeros(*choices.shape[:-1], E, device=choices.device).scatter_(-1, choices, 1.0)
+
+
+def expert_counts(choices, E):
+    """N(E_i) per layer: how many tokens included expert i in their top k. (L, N, k) -> (L, E), summing to N*k."""
+    L = choices.shape[0]
+    offset = torch.arange(L, device=choices.device)[:, None, None] * E  # layer l's experts are bins l*E .. l*E+E-1
+    return (choices + offset).flatten().bincount(minlength=L * E).view(L, E)
+
+
+def coactivation_counts(choices, E):
+    """N(E_i, E_j) per layer: how many tokens chose both expert i and expert j (same token, same layer), over all
+    pairs of a token's k experts. The diagonal N(E_i, E_i) is N(E_i). (L, N, k) -> (L, E, E), symmetric."""
+    m = multi_hot(choices, E)  # (L, N, E)
+    return (m.transpose(1, 2) @ m).round().long()  # (L, E, N) @ (L, N, E) -> (L, E, E); exact below 2^24 tokens
+
+
+def token_expert_counts(ids, choices, V, E):
+    """N(x, E_i) for one layer: how often token id x had expert i in its top k, and N_x, how often x occurred.
+    ids (N,) keys the count (the input tokens, or the tokens the model predicts next); choices (N, k).
+    Returns ((V, E), (V,))."""
+    pairs = (ids[:, None] * E + choices).flatten()  # (N*k,) one bin per (token id, expert)
+    return pairs.bincount(minlength=V * E).view(V, E), ids.bincount(minlength=V)
+
+
+def shared_experts(a, b):
+    """|E^(k)(x; a) ∩ E^(k)(x; b)|: how many of each token's k experts two routings agree on. (L, N, k) x 2 ->
+    (L, N). Order within the top k does not matter."""
+    return (a[..., :, None] == b[..., None, :]).any(-1).sum(-1)  # (L, N, k, k) -> (L, N, k) -> (L, N)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The paper's analyses (section 5), as ratios of the counts above
+
+
+def saturation(a, b):
+    """Router saturation, the paper's Eq. 5: per layer, the mean over tokens of |E^(k)(x; t) ∩ E^(k)(x; final)| / k,
+    the share of a token's top-k experts at checkpoint t that are also its top k at the final checkpoint.
+    a, b: (L, N, k) choices of the two checkpoints on the same tokens. Returns (L,). Routing at random gives k/E."""
+    return shared_experts(a, b).float().mean(-1) / a.shape[-1]
+
+
+def expert_load(counts):
+    """Load balance: each expert's share of a layer's N*k token-expert pairs. (L, E) counts -> (L, E), each row
+    summing to 1. Perfect balance is 1/E for every expert."""
+    return counts / counts.sum(-1, keepdim=True).clamp(min=1)
+
+
+def coactivation(counts):
+    """Expert co-activation, the paper's Eq. 6: N(E_i, E_j) / N(E_i), the share of the tokens that chose expert i
+    that also chose expert j. counts: (L, E, E) from coactivation_counts. Returns (L, E, E), row i for expert i;
+    the diagonal is 1 by definition, and rows of experts no token chose are 0.
+    This counts every pair of a token's k experts, as Eq. 6 defines it. The paper's released analysis code
+    counted only pairs adjacent in the probability-sorted top k, which gives smaller values for k > 2."""
+    n_i = counts.diagonal(dim1=1, dim2=2)  # (L, E): N(E_i)
+    return counts / n_i[:, :, None].clamp(min=1)
+
+
+def domain_specialization(counts, n_tokens):
+    """Domain specialization, the paper's Eq. 7: N^(k)(E_i, D) / N_D, the share of domain D's tokens that include
+    expert i among their top k. counts: (L, E) from expert_counts over D's tokens; n_tokens: N_D. Returns (L, E).
+    Routing uniformly at random gives k/E; 1 means every token of the domain uses the expert."""
+    return counts / n_tokens
+
+
+def vocab_specialization(counts, n, min_count=10):
+    """Vocabulary specialization, the paper's Eq. 8: N^(k)(x, E_i) / N_x, the share of token x's occurrences that
+    include expert i among their top k. counts (V, E), n (V,) from token_expert_counts, keyed on the input token
+    ids (input variant) or on the model's predicted next tokens (output variant). Rows of ids seen fewer than
+    min_count times are NaN: a share of 2 occurrences says nothing. Returns (V, E)."""
+    share = counts / n[:, None].clamp(min=1)
+    return share.masked_fill((n < min_count)[:, None], float("nan"))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The load-balancing loss, two conventions
+#
+# Both are E * sum_e f_e * p_e (Switch Transformer), p_e being expert e's mean router probability over the tokens.
+# They differ in f_e, the share of routing that went to expert e:
+#   transformers  f_e = N(E_e) / N over all layers' tokens pooled, with K experts per token: f sums to K, and
+#                 uniform routing gives K (8 for OLMoE). This is what olmoe.load_balancing_loss computes.
+#   MegaBlocks,   f_e = N(E_e) / (N*K) per layer: f sums to 1, and uniform routing gives 1.
+#   OLMo-core
+# For one layer, transformers' value = K x the normalised one; over several layers transformers pools the layers'
+# tokens before multiplying f by p, so it is K x the normalised loss of the pooled routing, not K x the mean of
+# the per-layer losses.
+
+
+def balance_losses(counts, prob_sums, n_tokens, K):
+    """counts (L, E): N(E_e) with each token's K routed experts (top_experts(probs, K)); prob_sums (L, E): router
+    probabilities summed over the n_tokens tokens. Returns (transformers' pooled loss, a scalar;
+    the normalised per-layer losses, (L,))."""
+    L, E = counts.shape
+    f = counts.sum(0) / (L * n_tokens)  # (E,) sums to K
+    p = prob_sums.sum(0) / (L * n_tokens)  # (E,) sums to 1
+    pooled = E * (f * p).sum()
+    per_layer = E * (counts / (n_tokens * K) * prob_sums / n_tokens).sum(-1)  # (L,)
+    return pooled, per_layer
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Running a model over texts, in chunks
+
+
+@dataclass
+class Stats:
+    """One domain's routing statistics, all sums over its tokens (so chunks add up). `layer` is the one whose
+    vocabulary specialization is counted; sample_* keep the first few tokens for the per-token picture."""
+
+    tokens: int
+    expert_counts: torch.Tensor  # (L, E) top-k counts
+    coactivation: torch.Tensor  # (L, E, E) N(E_i, E_j) with the top k
+    routed_counts: torch.Tensor  # (L, E) counts with the model's own K, for the load-balancing loss
+    prob_sums: torch.Tensor  # (L, E) float64
+    vocab_in: torch.Tensor  # (V, E) N(x, E_i) for input token x, in `layer`
+    n_in: torch.Tensor  # (V,)
+    vocab_out: torch.Tensor  # (V, E) N(y, E_i) for predicted next token y, in `layer`
+    n_out: torch.Tensor  # (V,)
+    shared: torch.Tensor | None = None  # (L,) sum over tokens of experts shared with the compared checkpoint
+    sample_ids: list = field(default_factory=list)  # the first tokens' ids
+    sample_top1: torch.Tensor | None = None  # (L, S) their top-1 expert in each layer
+
+
+def chunks(ids, chunk_len):
+    """A long token stream as consecutive pieces the model can take (no longer than its context)."""
+    return [ids[i:i + chunk_len] for i in range(0, len(ids), chunk_len)]
+
+
+@torch.no_grad()
+def route(model, ids, chunk_len, progress=None):
+    """Run the token ids through the model chunk by chunk (prefill only: no cache, every chunk a fresh context).
+    Yields, per chunk: the chunk's ids (n,), the router probabilities (L, n, E) in float32 as the router computes
+    them, and the model's predicted next token at each position (n,)."""
+    device = model.model.embed_tokens.weight.device
+    for piece in chunks(ids, chunk_len):
+        x = torch.tensor(piece, device=device)
+        out = model(x[None])  # logits (1, n, V); router_logits: L x (1, n, E)
+        probs = torch.stack([r[0].softmax(-1, dtype=torch.float32) for r in out.router_logits])  # (L, n, E)
+        yield x, probs, out.logits[0].argmax(-1)  # argmax over the padded vocabulary rows too: they are real logits
+        if progress is not None:
+            progress.update(len(piece))
+
+
+def collect(model, ids, k, *, layer=0, chunk_len=1024, compare=None, sample=32, progress=None) -> Stats:
+    """One domain's Stats from its token ids (a list). compare: (L, N, k) choices of another checkpoint on the
+    same ids, for saturation. Memory stays that of one chunk, whatever the number of tokens."""
+    c = model.config
+    L, E, V, K = c.num_hidden_layers, c.num_experts, c.vocab_size, c.num_experts_per_tok
+    def z(*shape):
+        return torch.zeros(*shape, dtype=torch.long)
+
+    s = Stats(len(ids), z(L, E), z(L, E, E), z(L, E), torch.zeros(L, E, dtype=torch.float64),
+              z(V, E), z(V), z(V, E), z(V), shared=None if compare is None else z(L))
+    start = 0
+    for x, probs, predicted in route(model, ids, chunk_len, progress):
+        choices = top_experts(probs, k)  # (L, n, k)
+        s.expert_counts += expert_counts(choices, E).cpu()
+        s.coactivation += coactivation_counts(choices, E).cpu()
+        s.routed_counts += expert_counts(top_experts(probs, K), E).cpu()
+        s.prob_sums += probs.sum(1).double().cpu()
+        for counts, n, key in ((s.vocab_in, s.n_in, x), (s.vocab_out, s.n_out, predicted)):
+            dc, dn = token_expert_counts(key, choices[layer], V, E)
+            counts += dc.cpu()
+            n += dn.cpu()
+        if compare is not None:
+            s.shared += shared_experts(choices.cpu(), compare[:, start:start + len(x)]).sum(-1)
+        if start == 0:
+            s.sample_ids, s.sample_top1 = x[:sample].tolist(), choices[:, :sample, 0].cpu()  # (L, S)
+        start += len(x)
+    return s
+
+
+def choices_only(model, ids, k, *, chunk_len=1024, progress=None):
+    """The (L, N, k) top-k choices of a model over the token ids, kept for comparing with another checkpoint."""
+    return torch.cat([top_experts(probs, k).cpu() for _, probs, _ in route(model, ids, chunk_len, progress)], dim=1)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# report.md and routing.json
+
+
+def summary(stats: dict[str, Stats], k, K):
+    """The ratios of the paper's analyses from the domains' counts: a dict of plain tensors."""
+    total = sum(s.tokens for s in stats.values())
+    counts = sum(s.expert_counts for s in stats.values())  # (L, E)
+    routed = sum(s.routed_counts for s in stats.values())
+    pooled, per_layer = balance_losses(routed.double(), sum(s.prob_sums for s in stats.values()), total, K)
+    co = sum(s.coactivation for s in stats.values())  # (L, E, E)
+    out = dict(tokens=total, load=expert_load(counts), coactivation=coactivation(co),
+               specialization={d: domain_specialization(s.expert_counts, s.tokens) for d, s in stats.items()},
+               balance_loss_transformers=pooled.item(), balance_loss_per_layer=per_layer)
+    if all(s.shared is not None for s in stats.values()):
+        out["saturation"] = sum(s.shared for s in stats.values()) / (total * k)  # (L,) Eq. 5 over all domains
+    return out
+
+
+def token_text(tokenizer, i):
+    """A token id as readable, markdown-safe text: its decoded string in quotes."""
+    text = tokenizer.decode([i]) if i < tokenizer.get_vocab_size() else f"<id {i}>"
+    return "`" + repr(text)[1:-1].replace("`", "'").replace("|", "\\|") + "`"
+
+
+def report(stats, tokenizer, *, label, compare_label, k, K, layer, min_count=10, top=5) -> str:
+    """report.md: the tables, each with the baseline it should be read against."""
+    r = summary(stats, k, K)
+    L, E = r["load"].shape
+    lines = [f"# Routing report: {label}", "",
+             f"{r['tokens']} tokens ({', '.join(f'{d}: {s.tokens}' for d, s in stats.items())}); {L} layers of {E} "
+             f"experts; the model routes each token to K = {K}; these statistics count each token's top k = {k} "
+             f"by router probability.", "",
+             "## Load per layer", "",
+             f"Each expert's share of the layer's token-expert pairs; perfect balance is 1/E = {1 / E:.4f}. The "
+             "load-balancing loss per layer is normalised as MegaBlocks and OLMo-core do (uniform routing gives 1).",
+             "", "| layer | least-used expert | most-used expert | max / min | experts never chosen | balance loss |",
+             "|---|---|---|---|---|---|"]
+    for l in range(L):
+        row = r["load"][l]
+        lo, hi = row.argmin().item(), row.argmax().item()
+        ratio = f"{row[hi] / row[lo]:.2f}" if row[lo] > 0 else "inf"
+        lines.append(f"| {l} | {lo} ({row[lo]:.4f}) | {hi} ({row[hi]:.4f}) | {ratio} | {(row == 0).sum().item()} "
+                     f"| {r['balance_loss_per_layer'][l]:.3f} |")
+    lines += ["", f"Load-balancing loss as transformers computes it (all layers pooled, K = {K}): "
+              f"{r['balance_loss_transformers']:.3f}; uniform routing gives {K}.", "",
+              "## Experts specialised to each domain", "",
+              f"Share of the domain's tokens with the expert in their top {k} (Eq. 7); uniform routing gives "
+              f"k/E = {k / E:.3f}. The last column is the same share on the other domains' tokens.", "",
+              "| domain | layer | expert | share of domain's tokens | x uniform | share of other tokens |",
+              "|---|---|---|---|---|---|"]
+    for d, s in stats.items():
+        spec = r["specialization"][d]  # (L, E)
+        others = [o for o in stats if o != d]
+        rest = None
+        if others:  # (L, E) the same share over the other domains' tokens, for contrast
+            rest = sum(stats[o].expert_counts for o in others) / sum(stats[o].tokens for o in others)
+        for v, flat in zip(*spec.flatten().topk(min(top, L * E))):
+            l, e = divmod(flat.item(), E)
+            other = f"{rest[l, e]:.3f}" if rest is not None else "—"
+            lines.append(f"| {d} | {l} | {e} | {v:.3f} | {v / (k / E):.2f} | {other} |")
+    co = r["coactivation"].clone()
+    co.diagonal(dim1=1, dim2=2).fill_(0)  # an expert always co-occurs with itself
+    n_i = sum(s.coactivation for s in stats.values()).diagonal(dim1=1, dim2=2)  # (L, E)
+    lines += ["", "## Most co-activated experts", "",
+              f"N(E_i, E_j) / N(E_i) (Eq. 6): of the tokens that chose expert i, the share that also chose j, over "
+              f"all pairs of each token's top {k}. Random routing gives (k-1)/(E-1) = {(k - 1) / (E - 1):.3f}.", "",
+              "| layer | expert i | expert j | N(E_i, E_j) / N(E_i) | N(E_i) |", "|---|---|---|---|---|"]
+    for v, flat in zip(*co.flatten().topk(min(2 * top, co.numel()))):
+        l, ij = divmod(flat.item(), E * E)
+        i, j = divmod(ij, E)
+        lines.append(f"| {l} | {i} | {j} | {v:.3f} | {n_i[l, i].item()} |")
+    lines += ["", f"## Tokens each expert of layer {layer} specialises in", "",
+              f"N(x, E_i) / N_x (Eq. 8): the share of token x's occurrences routed to the expert (top {k}), for ids "
+              f"seen at least {min_count} times; input: the token itself, output: the token the model predicts "
+              f"next (its argmax). Uniform routing gives k/E = {k / E:.3f}.", "",
+              "| expert | input tokens (share, count) | output tokens (share, count) |", "|---|---|---|"]
+    tables = []
+    for counts, n in (("vocab_in", "n_in"), ("vocab_out", "n_out")):
+        c, m = sum(getattr(s, counts) for s in stats.values()), sum(getattr(s, n) for s in stats.values())
+        tables.append((vocab_specialization(c, m, min_count), m))
+    for e in range(E):
+        cells = []
+        for share, m in tables:
+            col = share[:, e].nan_to_num(-1.0)
+            best = [(i, v) for v, i in zip(*col.topk(min(top, len(col)))) if v >= 0]
+            cells.append(", ".join(f"{token_text(tokenizer, i.item())} ({v:.2f}, {m[i].item()})" for i, v in best)
+                         or f"— (no id seen {min_count} times)")
+        lines.append(f"| {e} | {cells[0]} | {cells[1]} |")
+    if "saturation" in r:
+        lines += ["", f"## Router saturation against {compare_label}", "",
+                  f"Mean over tokens of |E(x; this) ∩ E(x; compared)| / k with k = {k} (Eq. 5): how much of each "
+                  f"token's top {k} the two checkpoints agree on. Random routing gives k/E = {k / E:.3f}.", "",
+                  "| layer | saturation |", "|---|---|"]
+        lines += [f"| {l} | {v:.3f} |" for l, v in enumerate(r["saturation"].tolist())]
+    return "\n".join(lines) + "\n"
+
+
+def raw_json(stats, *, label, compare_label, k, K, layer):
+    """routing.json: the raw counts, from which every number in the report can be recomputed."""
+    r = summary(stats, k, K)
+    L, E = r["load"].shape
+    out = dict(checkpoint=label, layers=L, experts=E, top_k=k, experts_per_token=K, vocab_layer=layer,
+               tokens={d: s.tokens for d, s in stats.items()},
+               expert_counts={d: s.expert_counts.tolist() for d, s in stats.items()},  # [domain][layer][expert]
+               coactivation=sum(s.coactivation for s in stats.values()).tolist(),  # [layer][i][j] = N(E_i, E_j)
+               balance_loss_transformers=r["balance_loss_transformers"],
+               balance_loss_per_layer=r["balance_loss_per_layer"].tolist())
+    if "saturation" in r:
+        out.update(compare_checkpoint=compare_label, saturation=r["saturation"].tolist())
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Figures (matplotlib, optional)
+
+
+def figures(stats, tokenizer, *, label, k, K, layer):
+    """The pictures, as {file name: matplotlib Figure}. Each says which checkpoint and which tokens it shows."""
+    import matplotlib.pyplot as plt
+
+    r = summary(stats, k, K)
+    L, E = r["load"].shape
+    source = textwrap.fill(f"{label}; {r['tokens']} tokens of {', '.join(stats)}", 80)  # which data, on every figure
+    figs = {}
+
+    fig, ax = plt.subplots(figsize=(min(max(6.5, 3 + E * 0.18), 16), max(3.2, 1.5 + L * 0.3)), layout="constrained")
+    im = ax.imshow((r["load"] * E).numpy(), aspect="auto", cmap="viridis", interpolation="nearest")
+    fig.colorbar(im, ax=ax, label="share of pairs ÷ 1/E\n(1 = balanced)")
+    ax.set(xlabel="expert", ylabel="layer", title=f"Load per expert (top {k})\n{source}")
+    ax.set_yticks(range(0, L, 1 if L <= 24 else 2))
+    figs["load.png"] = fig
+
+    shown = sorted({0, L // 2, L - 1})
+    fig, axes = plt.subplots(len(shown), 1, figsize=(min(4 + E * 0.15, 16), 2.2 * len(shown) + 1),
+                             sharex=True, squeeze=False, layout="constrained")
+    for ax, l in zip(axes[:, 0], shown):
+        for d, spec in r["specialization"].items():
+            ax.plot(range(E), spec[l].numpy(), marker="o", markersize=3, linewidth=0.8, label=d)
+        ax.axhline(k / E, color="gray", linestyle="--", linewidth=1, label=f"uniform k/E = {k / E:.2f}")
+        ax.set(ylabel=f"layer {l}\nshare of tokens", ylim=(0, 1.02))
+    axes[-1, 0].set_xlabel("expert")
+    axes[0, 0].legend(loc="upper right", fontsize=8, ncol=len(stats) + 1)
+    fig.suptitle(f"Domain specialization (Eq. 7): share of each domain's tokens with the expert in their top {k}\n"
+                 f"{source}", fontsize=10)
+    figs["domains.png"] = fig
+
+    co = r["coactivation"][layer].clone()
+    co.fill_diagonal_(float("nan"))  # always 1: hide it so the off-diagonal pairs get the colour range
+    fig, ax = plt.subplots(figsize=(6.5, 5.5), layout="constrained")
+    im = ax.imshow(co.numpy(), cmap="magma", interpolation="nearest")
+    fig.colorbar(im, ax=ax, label="N(E_i, E_j) / N(E_i)")
+    ax.set(xlabel="expert j (also chosen)", ylabel="expert i",
+           title=f"Expert co-activation (Eq. 6), layer {layer}, top {k}\n{source}")
+    ax.title.set_fontsize(9)
+    figs["coactivation.png"] = fig
+
+    d, s = next(iter(stats.items()))
+    S = len(s.sample_ids)
+    top1 = s.sample_top1.T  # (S, L)
+    fig, ax = plt.subplots(figsize=(max(6.5, 3 + 0.28 * L), 1.5 + 0.22 * S), layout="constrained")
+    cmap = plt.get_cmap("tab20" if E <= 20 else "nipy_spectral")
+    ax.imshow(top1.numpy(), aspect="auto", cmap=cmap, vmin=0, vmax=E - 1, interpolation="nearest")
+    for t in range(S):
+        for l in range(L):
+            e = top1[t, l].item()
+            r_, g, b, _ = cmap(e / max(E - 1, 1))
+            dark = 0.299 * r_ + 0.587 * g + 0.114 * b < 0.55  # white text on dark cells, black on light ones
+            ax.text(l, t, str(e), ha="center", va="center", fontsize=6, color="white" if dark else "black")
+    ax.set_yticks(range(S), [token_text(tokenizer, i).strip("`") for i in s.sample_ids], fontsize=7)
+    ax.set_xticks(range(L))
+    ax.set(xlabel="layer", ylabel=f"token (first {S} of {d})",
+           title=f"Top-1 expert of each token in each layer\n{textwrap.fill(label, 80)}")
+    ax.title.set_fontsize(9)
+    figs["tokens.png"] = fig
+    return figs
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Command line
+
+
+def read_texts(specs, tokenizer, max_tokens):
+    """--text NAME=FILE arguments -> {name: token ids}, each cut to max_tokens."""
+    texts = {}
+    for spec in specs:
+        name, eq, file = spec.partition("=")
+        if not eq or not name or not file:
+            raise ValueError(f"--text {spec!r}: expected NAME=FILE, e.g. --text code=olmoe.py")
+        if name in texts:
+            raise ValueError(f"--text {spec!r}: the name {name!r} is given twice")
+        path = Path(file)
+        if not path.is_file():
+            raise ValueError(f"--text {spec!r}: {file}: no such file")
+        ids = tokenizer.encode(path.read_text(encoding="utf-8", errors="replace"), add_special_tokens=False).ids
+        if not ids:
+            raise ValueError(f"--text {spec!r}: {file} is empty (no tokens to route)")
+        texts[name] = ids[:max_tokens] if max_tokens else ids
+    return texts
+
+
+def moe_config(checkpoint):
+    """The checkpoint's directory and config, or a clear error for a model without a router."""
+    path = generate.checkpoint_dir(checkpoint)
+    config = olmoe.read_config(path)
+    if config.model_type != "olmoe":
+        raise ValueError(f"{checkpoint}: a {config.model_type} checkpoint has no router to analyse "
+                         "(expected an OLMoE checkpoint)")
+    return path, config
+
+
+def progress_bar(total, desc):
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc=desc, unit="tok", file=sys.stderr, leave=False)
+
+
+def run(args):
+    mps = getattr(torch.backends, "mps", None)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else
+                                          "mps" if mps and mps.is_available() else "cpu"))
+    if args.dtype is not None and args.dtype not in generate.DTYPES:
+        raise ValueError(f"--dtype {args.dtype!r}: expected one of {', '.join(generate.DTYPES)}")
+    dtype = generate.DTYPES[args.dtype or ("float32" if device.type == "cpu" else "bfloat16")]
+    if args.max_tokens is not None and args.max_tokens < 1:
+        raise ValueError(f"--max-tokens {args.max_tokens}: expected at least 1")
+    path, config = moe_config(args.checkpoint)
+    E, L = config.num_experts, config.num_hidden_layers
+    if not 1 <= args.top_k <= E:
+        raise ValueError(f"--top-k {args.top_k}: expected 1 to {E}, the number of experts per layer")
+    if not 0 <= args.layer < L:
+        raise ValueError(f"--layer {args.layer}: expected 0 to {L - 1}")
+    chunk_len = min(args.chunk_len, config.max_position_embeddings)
+    if chunk_len < 1:
+        raise ValueError(f"--chunk-len {args.chunk_len}: expected at least 1")
+    tokenizer, _, _ = generate.load_tokenizer(path)
+    texts = read_texts(args.text, tokenizer, args.max_tokens)
+    total = sum(map(len, texts.values()))
+
+    compare, compare_label = None, None
+    if args.compare_checkpoint:
+        compare_label = args.compare_checkpoint
+        other_path, other_config = moe_config(args.compare_checkpoint)
+        if (other_config.num_hidden_layers, other_config.num_experts) != (L, E):
+            raise ValueError(f"--compare-checkpoint {args.compare_checkpoint}: has {other_config.num_hidden_layers} "
+                             f"layers of {other_config.num_experts} experts, expected {L} of {E} like --checkpoint")
+        other = olmoe.load_model(other_path, device=device, dtype=dtype, moe_dispatch="batched")
+        bar = progress_bar(total, "compared checkpoint")
+        compare = {d: choices_only(other, ids, args.top_k, chunk_len=chunk_len, progress=bar)
+                   for d, ids in texts.items()}
+        if bar is not None:
+            bar.close()
+        del other  # one model in memory at a time: two OLMoE-1B-7B in bf16 would take 28 GB
+
+    model = olmoe.load_model(path, device=device, dtype=dtype, moe_dispatch="batched")
+    bar = progress_bar(total, "routing")
+    stats = {d: collect(model, ids, args.top_k, layer=args.layer, chunk_len=chunk_len, progress=bar,
+                        compare=None if compare is None else compare[d]) for d, ids in texts.items()}
+    if bar is not None:
+        bar.close()
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    label = args.label or args.checkpoint
+    kw = dict(label=label, k=args.top_k, K=config.num_experts_per_tok, layer=args.layer)
+    (out / "report.md").write_text(report(stats, tokenizer, compare_label=compare_label, **kw))
+    (out / "routing.json").write_text(json.dumps(raw_json(stats, compare_label=compare_label, **kw)))
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")  # files only, no window
+    except ImportError:
+        print("note: matplotlib is not installed, so no figures were drawn (pip install matplotlib)", file=sys.stderr)
+        return
+    for name, fig in figures(stats, tokenizer, **kw).items():
+        fig.savefig(out / name, dpi=110)
+    print(f"wrote {out / 'report.md'}, routing.json and figures for {total} tokens", file=sys.stderr)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--checkpoint", required=True, help="OLMoE checkpoint: local directory or Hub id")
+    p.add_argument("--text", action="append", required=True, metavar="NAME=FILE",
+                   help="a domain's name and a text file of it; repeat for several domains")
+    p.add_argument("--compare-checkpoint", default=None, metavar="ID_OR_DIR",
+                   help="another checkpoint of the same model (e.g. from earlier in training): adds router saturation")
+    p.add_argument("--top-k", type=int, default=8, help="experts counted per token, ranked by router probability")
+    p.add_argument("--max-tokens", type=int, default=None, help="at most this many tokens of each text")
+    p.add_argument("--layer", type=int, default=0, help="layer whose experts' favourite tokens the report lists")
+    p.add_argument("--chunk-len", type=int, default=1024, help="tokens per forward pass (at most the context)")
+    p.add_argument("--label", default=None, help="how the report and figures name the checkpoint")
+    p.add_argument("--device", default=None, help="default: cuda, else mps, else cpu")
+    p.add_argument("--dtype", default=None, help="bfloat16 (default on GPU), float16 or float32 (default on CPU)")
+    p.add_argument("--out", required=True, help="directory for report.md, routing.json and the figures")
+    args = p.parse_args(argv)
+    try:
+        run(args)
+    except (ValueError, OSError, RuntimeError) as e:  # CheckpointError is a ValueError
+        print(f"error: {e}".splitlines()[0], file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
