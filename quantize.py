@@ -1,0 +1,504 @@
+"""Weight-only int8 and int4 quantization of OLMoE and OLMo2, run on PyTorch's packed low-bit kernels.
+
+    model = quantize.load_model("path/to/OLMoE-1B-7B-0924", "int4")   # then generate.generate(model, ...)
+    python quantize.py --bench DIR       # decode speed of bf16 / int8 / int4 on a random OLMoE-shaped checkpoint
+    python quantize.py --accuracy DIR    # weight and logit error of int8 / int4 on a small random OLMoE
+
+Read top to bottom: the two schemes -> which kernel runs where -> the quantized modules -> the loader ->
+the benchmark and the accuracy report. olmoe.py knows nothing of this file: the loader's prepare hook swaps
+modules on the meta device, and each quantized module stores the checkpoint tensors handed to its load().
+
+Shape legend (as in olmoe.py): D hidden size, E experts, I expert width, N tokens, K experts per token,
+G the int4 group size (inputs per scale); out and in are a weight's output and input features.
+"""
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import dataclass
+from itertools import product
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import olmoe
+
+# --------------------------------------------------------------------------------------------------------------
+# The two schemes, both symmetric (absmax) and weight-only: activations stay in the model's dtype.
+#
+# int8: each output row gets one scale, absmax/127, and w ~ q * scale with q in [-127, 127].
+# int4: each group of G consecutive inputs in a row gets its own scale, absmax/7; q in [-8, 7] is stored as
+#       q + 8 in a nibble, two per byte, the even input in the HIGH nibble: the layout tinygemm's packer
+#       (_convert_weight_to_int4pack) reads, so on a GPU the stored bytes go to it as they are.
+# Scales are stored in the model's dtype, which the kernels want (_weight_int8pack_mm checks that scales and
+# activations share a dtype), and weights are rounded against the stored scale: then the error stays within half
+# of the step the kernels use (a bf16 scale that rounded down moves absmax at most to 127 * (1 + 2^-8) < 127.5
+# steps, so rounding never needs to clip).
+
+
+def quantize(w, bits, group_size=128, scale_dtype=torch.float32, clip_search=False):
+    """w (..., out, in) -> (q, scale): int8 q (..., out, in) and scale (..., out); or, for int4, uint8 q
+    (..., out, in/2) and scale (..., out, in/G). Scales in scale_dtype. clip_search (int4): see best_clip."""
+    if bits == 4 and w.shape[-1] % group_size:
+        raise ValueError(f"{w.shape[-1]} inputs are not a multiple of the int4 group size {group_size}")
+    w = w.to(torch.float32, copy=True)  # our own copy, divided in place below (loading is these passes)
+    tiny = torch.finfo(scale_dtype).tiny  # an all-zero row or group gets a scale that still divides
+    if bits == 8:
+        absmax = torch.maximum(w.amax(dim=-1), -w.amin(dim=-1))  # (..., out)
+        scale = (absmax.clamp(min=tiny) / 127).to(scale_dtype)
+        return w.div_(scale.float()[..., None]).round_().clamp_(-127, 127).to(torch.int8), scale
+    groups = w.unflatten(-1, (-1, group_size))  # (..., out, in/G, G)
+    absmax = torch.maximum(groups.amax(dim=-1), -groups.amin(dim=-1))  # (..., out, in/G)
+    if clip_search:
+        absmax = absmax * best_clip(groups, absmax.clamp(min=tiny))
+    scale = (absmax.clamp(min=tiny) / 7).to(scale_dtype)
+    q = groups.div_(scale.float()[..., None]).round_().clamp_(-8, 7).add_(8)  # (..., out, in/G, G) in [0, 15]
+    q = q.to(torch.uint8).flatten(-2)  # (..., out, in)
+    return q[..., 0::2] << 4 | q[..., 1::2], scale  # (..., out, in/2)
+
+
+def best_clip(groups, absmax, ratios=(1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6)):
+    """For each group (..., out, in/G, G), the ratio r whose scale absmax * r / 7 rounds it with the least squared
+    error: clipping the rare largest weights buys a finer step for all the others (AWQ's clipping search, without
+    its activation statistics). Returns (..., out, in/G). Nine trial roundings: loading is that much slower."""
+    best_err, best_r = None, None
+    for r in ratios:
+        s = (absmax * r / 7)[..., None]  # (..., out, in/G, 1)
+        err = ((groups / s).round().clamp(-8, 7) * s - groups).square().sum(dim=-1)  # (..., out, in/G)
+        r = torch.full_like(err, r)
+        best_r = r if best_r is None else torch.where(err < best_err, r, best_r)
+        best_err = err if best_err is None else torch.minimum(err, best_err)
+    return best_r
+
+
+def unpack_int4(q):
+    """(..., out, in/2) bytes -> (..., out, in) nibbles in [0, 15], even inputs from the high nibble."""
+    return torch.stack((q >> 4, q & 15), dim=-1).flatten(-2)
+
+
+def dequantize(q, scale, dtype):
+    """The inverse of quantize, in dtype: (..., out, in)."""
+    if q.dtype == torch.uint8:  # int4: undo the +8 while still one byte per value
+        q = unpack_int4(q).to(torch.int8) - 8  # (..., out, in) in [-8, 7]
+        w = q.unflatten(-1, (scale.shape[-1], -1)).to(dtype) * scale[..., None].to(dtype)  # (..., out, in/G, G)
+        return w.flatten(-2)
+    return q.to(dtype) * scale[..., None].to(dtype)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Which kernel runs where
+#
+# A quantized weight is stored as quantize() leaves it while loading, then repacked, one matrix at a time and
+# in place (the same bytes), into the layout of the kernel chosen for its device. Each kernel is a pack and a
+# matmul; `scale` is (out,) for int8 and scales_and_zeros (in/G, out, 2) for int4, the kernels' own layout.
+
+
+@dataclass(frozen=True)
+class Kernel:
+    pack: Callable | None  # (q (out, in) int8 or (out, in/2) uint8) -> the kernel's layout, same byte count
+    mm: Callable  # (x (n, in), packed weight, scale, G) -> (n, out)
+
+
+def tinygemm_inner_k_tiles(in_features):
+    """tinygemm packs 2, 4 or 8 k-tiles of 16 inputs together; more tiles, wider loads (int4mm.cu)."""
+    return next(t for t in (8, 4, 2) if in_features % (16 * t) == 0)
+
+
+def dequantized(x, w, scale, G):
+    """The portable path: any device, any dtype; it materializes the float weight on every call."""
+    if w.dtype == torch.uint8:
+        return F.linear(x, dequantize(w, scale[..., 0].mT, x.dtype))  # scale (in/G, out, 2) -> (out, in/G)
+    return F.linear(x, dequantize(w, scale, x.dtype))
+
+
+KERNELS = {
+    "int8pack": Kernel(None, lambda x, w, scale, G: torch._weight_int8pack_mm(x, w, scale)),
+    # One scale per output: scale the product instead of the weight. Compiled, inductor fuses the int8->float
+    # conversion into the matmul's load (gpt-fast's int8 path, with coordinate_descent_tuning).
+    "int8-linear": Kernel(None, lambda x, w, scale, G: F.linear(x, w.to(x.dtype)) * scale),
+    "int4pack-cpu": Kernel(lambda q: torch._convert_weight_to_int4pack_for_cpu(unpack_int4(q).int(), 1),
+                           lambda x, w, sz, G: torch._weight_int4pack_mm_for_cpu(x, w, G, sz)),
+    "tinygemm": Kernel(lambda q: torch._convert_weight_to_int4pack(q, tinygemm_inner_k_tiles(2 * q.shape[-1])),
+                       lambda x, w, sz, G: torch._weight_int4pack_mm(x, w, G, sz)),
+    "dequant": Kernel(None, dequantized),
+}
+
+
+def choose_kernel(bits, device_type, capability, dtype, out_features, in_features, group_size):
+    """The fastest kernel PyTorch has for a quantized (out, in) weight on this device, or "dequant".
+
+    int8pack      CPU and MPS: torch._weight_int8pack_mm(x, w int8 (out, in), scales (out,) in x's dtype).
+                  CPU: aten/src/ATen/native/LinearAlgebra.cpp and cpu/int8mm_kernel.cpp; MPS:
+                  aten/src/ATen/native/mps/operations/Quantized.mm, which also wants out and in multiples of 32.
+    int8-linear   CUDA: F.linear(x, w.to(x.dtype)) * scale, whose int8->float cast inductor fuses into the matmul
+                  (gpt-fast's int8 path). CUDA's own _weight_int8pack_mm, where a build has it
+                  (aten/src/ATen/native/cuda/int8mm.cu), is a plain float32 loop, one thread per output.
+    int4pack-cpu  CPU: torch._weight_int4pack_mm_for_cpu, weights packed by _convert_weight_to_int4pack_for_cpu
+                  from int32 nibbles (out, in); it wants out % 16 == 0 and G in {32, 64, 128, 256}
+                  (LinearAlgebra.cpp, cpu/int4mm_kernel.cpp).
+    tinygemm      CUDA sm80+ (it uses Ampere's m16n8k16 bf16 tensor-core MMA) and MPS: torch._weight_int4pack_mm
+                  with _convert_weight_to_int4pack(uint8 (out, in/2), inner_k_tiles) and scales_and_zeros
+                  (in/G, out, 2), dequantizing (q - 8) * scale + zero. CUDA takes bf16 activations only, in a
+                  multiple of 16 * inner_k_tiles, out a multiple of 8 (aten/src/ATen/native/cuda/int4mm.cu);
+                  MPS takes bf16, fp16 or fp32 (mps/operations/Quantized.mm).
+    dequant       everything else (older GPUs, other group sizes, odd shapes): dequantize, then F.linear.
+    A kernel that cannot run here is checked at load time on a probe (check_kernel) before it is trusted."""
+    group_ok = group_size in (32, 64, 128, 256)
+    if bits == 8:
+        if device_type == "cpu" or (device_type == "mps" and out_features % 32 == 0 and in_features % 32 == 0):
+            return "int8pack"
+        return "int8-linear" if device_type == "cuda" else "dequant"
+    if device_type == "cpu" and group_ok and out_features % 16 == 0:
+        return "int4pack-cpu"
+    tinygemm_ok = group_ok and out_features % 8 == 0 and in_features % 32 == 0
+    if device_type == "cuda" and capability >= (8, 0) and dtype == torch.bfloat16 and tinygemm_ok:
+        return "tinygemm"
+    if device_type == "mps" and tinygemm_ok:
+        return "tinygemm"
+    return "dequant"
+
+
+def check_kernel(kernel, bits, group_size, dtype, device):
+    """None if `kernel` multiplies a small random probe as the dequantized weight does, else why not."""
+    g = torch.Generator().manual_seed(0)
+    w, x = torch.randn(64, 256, generator=g), torch.randn(3, 256, generator=g)  # shapes every kernel accepts
+    layer = QuantLinear(64, 256, bits, group_size, dtype, device)
+    layer.load("weight", (), w)
+    x = x.to(device, dtype)
+    with torch.no_grad():
+        ref = layer(x).float()  # still the portable path: nothing is packed yet
+        try:
+            layer.use(kernel)
+            y = layer(x).float()
+        except Exception as e:  # a kernel missing from this build, or refusing this device or shape
+            return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]}"
+    tolerance = 1e-4 if dtype == torch.float32 else 2e-2  # bf16 / fp16 products round to ~3 digits
+    if y.shape != ref.shape or not torch.allclose(y, ref, rtol=tolerance, atol=tolerance * ref.abs().max().item()):
+        return f"its product differs from the dequantized weight's by up to {(y - ref).abs().max().item():.3g}"
+    return None
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Quantized modules. Each holds matrices `name` (quantized) beside `name_scale`; the loader fills them through
+# load(), then use(kernel) repacks each matrix for its kernel. Until then forward runs the portable path.
+
+
+class Quantized(nn.Module):
+    def __init__(self, shapes: dict, bits, group_size, dtype, device, where="", clip_search=False):
+        """shapes: name -> (..., out, in), the float weights these replace. where: the module's name, for errors."""
+        super().__init__()
+        self.bits, self.group_size, self.dtype, self.clip_search = bits, group_size, dtype, clip_search
+        self.kernels = {name: "dequant" for name in shapes}
+        for name, shape in shapes.items():
+            *lead, out_features, in_features = shape
+            if bits == 4 and in_features % group_size:
+                raise ValueError(f"{where}: {in_features} inputs are not a multiple of the int4 group size "
+                                 f"{group_size}")
+            if bits == 8:
+                q = torch.empty(*lead, out_features, in_features, dtype=torch.int8, device=device)
+                scale = torch.empty(*lead, out_features, dtype=dtype, device=device)
+            else:
+                q = torch.empty(*lead, out_features, in_features // 2, dtype=torch.uint8, device=device)
+                scale = torch.empty(*lead, in_features // group_size, out_features, 2, dtype=dtype, device=device)
+            self.register_buffer(name, q)  # (..., out, in) int8 or (..., out, in/2) uint8
+            self.register_buffer(name + "_scale", scale)  # (..., out) or (..., in/G, out, 2)
+
+    def load(self, name, index, w):
+        """Quantize checkpoint tensor w (rows, in) into matrix `name` at index: () for a whole matrix, (e,) for
+        expert e, (e, rows) for a slice of its rows."""
+        q, scale = quantize(w.to(getattr(self, name).device), self.bits, self.group_size, self.dtype,
+                            self.clip_search)
+        getattr(self, name)[index] = q
+        if self.bits == 8:
+            getattr(self, name + "_scale")[index] = scale
+        else:  # int4 scales are (..., in/G, out, 2): the rows index moves one place right; zeros stay 0
+            sz_index = index[:1] + (slice(None),) + index[1:] if len(index) > 1 else index
+            getattr(self, name + "_scale")[sz_index] = torch.stack((scale.mT, torch.zeros_like(scale.mT)), dim=-1)
+
+    def choose(self, device_type, capability):
+        """name -> the kernel choose_kernel picks for each matrix."""
+        return {name: choose_kernel(self.bits, device_type, capability, self.dtype, *self.float_shape(name)[-2:],
+                                    self.group_size) for name in self.kernels}
+
+    def float_shape(self, name):
+        q = getattr(self, name)
+        return (*q.shape[:-1], q.shape[-1] * 2) if self.bits == 4 else tuple(q.shape)
+
+    def use(self, kernel, names=None):
+        """Repack matrices (all, or `names`) for `kernel`, one (out, in) matrix at a time, in place: the packed
+        layout has as many bytes as the stored one, so no second copy of a layer ever exists."""
+        for name in names or list(self.kernels):
+            assert self.kernels[name] == "dequant", "repacking a packed weight"
+            pack, q = KERNELS[kernel].pack, getattr(self, name)
+            self.kernels[name] = kernel
+            if pack is None:
+                continue
+            raw = q.view(torch.uint8)
+            for i in product(*map(range, q.shape[:-2])):  # () for a single matrix, (e,) for each expert
+                p = pack(q[i])
+                raw[i].view(-1).copy_(p.view(torch.uint8).view(-1))
+            setattr(self, name, raw.view(p.dtype).view(*q.shape[:-2], *p.shape))
+
+    def mm(self, name, x, i=()):
+        """x (n, in) times matrix `name` (expert i, if stacked), transposed: (n, out)."""
+        return KERNELS[self.kernels[name]].mm(x, getattr(self, name)[i], getattr(self, name + "_scale")[i],
+                                              self.group_size)
+
+
+class QuantLinear(Quantized):
+    """nn.Linear(in, out, bias=False) with a quantized weight."""
+
+    def __init__(self, out_features, in_features, bits, group_size, dtype, device="meta", **kw):
+        super().__init__({"weight": (out_features, in_features)}, bits, group_size, dtype, device, **kw)
+
+    def forward(self, x):
+        y = self.mm("weight", x.reshape(-1, x.shape[-1]).contiguous())  # (N, out); the kernels need rows packed
+        return y.view(*x.shape[:-1], -1)
+
+
+class QuantExperts(Quantized):
+    """olmoe.Experts with quantized stacked weights, gate_up_proj (E, 2I, D) and down_proj (E, D, I). Its forward
+    loops over the experts that have tokens and runs each one's own packed weights: no expert is ever
+    dequantized (olmoe's grouped and gathered dispatches need float weights for all E experts or a gathered copy)."""
+
+    def __init__(self, E, D, I, bits, group_size, dtype, device="meta", **kw):
+        super().__init__({"gate_up_proj": (E, 2 * I, D), "down_proj": (E, D, I)}, bits, group_size, dtype, device,
+                         **kw)
+        self.num_experts = E
+
+    # A host sync and a loop whose trip count depends on the routing: under torch.compile, run it eagerly between
+    # the graphs, as olmoe's loop_mm does, instead of re-tracing it for every pattern of counts.
+    @torch.compiler.disable
+    def forward(self, x, top_w, top_i):
+        """x (N, D); top_w, top_i (N, K): router weights and expert ids. Returns (N, D), as olmoe.moe_naive does."""
+        N, K = top_i.shape
+        flat = top_i.flatten()  # (P,) expert of each pair, pair p = token p // K, slot p % K
+        order = flat.argsort(stable=True)  # pairs sorted by expert: each expert's pairs are one slice
+        counts = torch.bincount(flat, minlength=self.num_experts).tolist()  # the one host sync
+        w = top_w.flatten()  # (P,)
+        y = torch.zeros_like(x)
+        start = 0
+        for e, n in enumerate(counts):
+            if n == 0:
+                continue
+            pairs = order[start:start + n]  # (n,)
+            start += n
+            tok = pairs // K
+            h = self.mm("gate_up_proj", x[tok], e)  # (n, 2I)
+            gate, up = h.chunk(2, dim=-1)
+            h = self.mm("down_proj", F.silu(gate) * up, e)  # (n, D)
+            y.index_add_(0, tok, h * w[pairs, None])
+        return y
+
+
+def swap_in_quantized(model, bits, group_size, clip_search=False):
+    """The prepare hook: on the meta device, replace every nn.Linear and every olmoe.Experts by a quantized one,
+    except the router (mlp.gate: E x D, tiny, and it picks the experts) and a tied lm_head (it is the embedding)."""
+    dtype = model.model.embed_tokens.weight.dtype  # the model's dtype (prepare runs after model.to(dtype))
+    for parent_name, parent in list(model.named_modules()):
+        for name, child in list(parent.named_children()):
+            where = f"{parent_name}.{name}".lstrip(".")
+            if isinstance(child, olmoe.Experts):
+                E, I2, D = child.gate_up_proj.shape
+                setattr(parent, name, QuantExperts(E, D, I2 // 2, bits, group_size, dtype, where=where,
+                                                   clip_search=clip_search))
+            elif isinstance(child, nn.Linear) and not (isinstance(parent, olmoe.SparseMoE) and name == "gate") \
+                    and child.weight is not model.model.embed_tokens.weight:
+                setattr(parent, name, QuantLinear(child.out_features, child.in_features, bits, group_size, dtype,
+                                                  where=where, clip_search=clip_search))
+
+
+def use_kernels(model):
+    """Give each quantized matrix its device's kernel, checking each kernel once on a probe first; a kernel
+    that fails its check is replaced by the portable path, with one line on stderr."""
+    modules = [m for m in model.modules() if isinstance(m, Quantized)]
+    if not modules:
+        return
+    device = next(modules[0].buffers()).device
+    facts, verdicts = olmoe.device_facts(device), {"dequant": "dequant"}
+    for m in modules:
+        for name, kernel in m.choose(*facts).items():
+            if kernel not in verdicts:
+                why = check_kernel(kernel, m.bits, m.group_size, m.dtype, device)
+                if why is not None:
+                    print(f"quantize: kernel {kernel} failed its check on {device} ({why}); using the portable "
+                          "path (dequantize, then F.linear)", file=sys.stderr)
+                verdicts[kernel] = kernel if why is None else "dequant"
+            m.use(verdicts[kernel], [name])
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Loader
+
+
+def load_model(path, kind, *, device=None, dtype=None, group_size=128, moe_dispatch="batched", clip_search=False):
+    """olmoe.load_model, with every linear layer and expert quantized to `kind` ("int8" or "int4", group_size
+    inputs per int4 scale) as its tensors are read: the float model is never allocated. Then the weights are
+    repacked for the device's kernels, one matrix at a time. clip_search (int4): choose each group's scale by
+    best_clip, a lower error for a slower load. moe_dispatch matters only to an unquantized model's experts."""
+    bits = {"int8": 8, "int4": 4}.get(kind)
+    if bits is None:
+        raise ValueError(f"quantize {kind!r}: expected 'int8' or 'int4'")
+    model = olmoe.load_model(path, device=device, dtype=dtype, moe_dispatch=moe_dispatch,
+                             prepare=lambda m: swap_in_quantized(m, bits, group_size, clip_search))
+    with torch.no_grad():
+        use_kernels(model)
+    return model
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Benchmark: decode speed of bf16 / int8 / int4 in one run, on a random checkpoint of OLMoE's layer shape
+
+
+def write_random_checkpoint(config, path, dtype=torch.bfloat16):
+    """A Hub-layout checkpoint of random weights, one safetensors shard per layer, never all in memory.
+    (test_olmoe.py's, copied so that this file stands alone.)"""
+    from safetensors.torch import save_file
+
+    with torch.device("meta"):
+        layout = olmoe.hub_layout(olmoe.Transformer(config))  # checkpoint name -> (parameter, index, shape)
+    shards = {}
+    for name, (_, _, shape) in layout.items():
+        shards.setdefault(name.split(".")[2] if name.startswith("model.layers.") else "other", {})[name] = shape
+    weight_map = {}
+    for shard, shapes in shards.items():
+        tensors = {n: (torch.randn(s) * 0.02 + (len(s) == 1)).to(dtype) for n, s in shapes.items()}  # norms near 1
+        save_file(tensors, path / f"{shard}.safetensors")
+        weight_map.update(dict.fromkeys(shapes, f"{shard}.safetensors"))
+    (path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    fields = {k: v for k, v in vars(config).items() if not k.startswith("rope")}
+    (path / "config.json").write_text(json.dumps(dict(fields, model_type=config.model_type)))
+
+
+def bench(path: Path, batches=(1, 8), steps=48, repeat=3, group_size=128):
+    """Decode tokens/s of the same random bf16 checkpoint loaded as bf16, int8 and int4, eager, through
+    generate.generate. All three models stay loaded and take turns, so slow moments of a shared machine fall
+    on all of them alike; each figure is the median of `repeat` runs after one warm-up."""
+    import generate as gen
+
+    load_before = os.getloadavg()[0]
+    if not (path / "config.json").is_file():
+        path.mkdir(parents=True, exist_ok=True)
+        config = olmoe.PRESETS["OLMoE-1B-7B-0924"]()
+        config.num_hidden_layers = 2
+        print(f"writing a random bf16 checkpoint to {path}", file=sys.stderr)
+        write_random_checkpoint(config, path)
+    models = {"bf16": olmoe.load_model(path, dtype=torch.bfloat16)}
+    for kind in ("int8", "int4"):
+        models[kind] = load_model(path, kind, dtype=torch.bfloat16, group_size=group_size)
+    c = models["bf16"].config
+    rates = {}
+    for B in batches:
+        prompts = torch.randint(0, c.vocab_size, (B, 16), generator=torch.Generator().manual_seed(B)).tolist()
+        runs = {kind: [] for kind in models}
+        for r in range(repeat + 1):
+            for kind, model in models.items():
+                stats = {}
+                gen.generate(model, prompts, steps, stats=stats)
+                if r:  # the first round warms up
+                    runs[kind].append(stats["decode_tokens"] / stats["decode_s"])
+                    print(f"batch {B}, {kind}: {runs[kind][-1]:.1f} tok/s", file=sys.stderr)
+        for kind in models:
+            rates[kind, B] = sorted(runs[kind])[repeat // 2]
+    print(f"{path}: OLMoE layer shape (D={c.hidden_size}, E={c.num_experts} x I={c.intermediate_size}, "
+          f"K={c.num_experts_per_tok}, V={c.vocab_size}), {c.num_hidden_layers} layers, random bf16 weights; "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads, eager; {steps} new tokens after a "
+          f"16-token prompt, median of {repeat}; int4 group size {group_size}; load average before / after: "
+          f"{load_before:.2f} / {os.getloadavg()[0]:.2f}")
+    print("| weights | " + " | ".join(f"batch {B} tok/s | vs bf16" for B in batches) + " |")
+    print("|---|" + "---|---|" * len(batches))
+    for kind in models:
+        cells = [f"{rates[kind, B]:.1f} | {rates[kind, B] / rates['bf16', B]:.2f}x" for B in batches]
+        print(f"| {kind} | " + " | ".join(cells) + " |")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Accuracy: per-layer weight error and logit error, on a small OLMoE initialised as transformers does
+
+
+def weight_errors(model_path, group_size=128):
+    """Relative Frobenius error |w - dequantize(quantize(w))| / |w| of each quantized weight, for int8 and int4,
+    summarised per kind of layer as (mean, max) over layers and experts."""
+    from safetensors.torch import load_file
+
+    errors = {}
+    for file in sorted(model_path.glob("*.safetensors")):
+        for name, w in load_file(file).items():
+            if w.dim() != 2 or "embed_tokens" in name or name.endswith("mlp.gate.weight"):
+                continue  # norms, the embedding and the router stay in float
+            kind = name.split(".")[-2]  # q_proj, ..., gate_proj / up_proj / down_proj (experts), lm_head
+            for bits in (8, 4, "4-clip"):
+                back = dequantize(*quantize(w, 4 if bits == "4-clip" else bits, group_size,
+                                            clip_search=bits == "4-clip"), torch.float32)
+                err = (back - w.float()).norm() / w.float().norm()
+                errors.setdefault((kind, bits), []).append(err.item())
+    return {k: (sum(v) / len(v), max(v)) for k, v in errors.items()}
+
+
+def accuracy(workdir: Path, steps=64, group_size=128):
+    import generate as gen
+
+    path = workdir / "small-OLMoE"
+    if not (path / "config.json").is_file():
+        import transformers
+
+        torch.manual_seed(0)
+        hf_config = transformers.OlmoeConfig(vocab_size=50304, hidden_size=512, intermediate_size=256,
+                                             num_hidden_layers=4, num_attention_heads=8, num_experts=64,
+                                             num_experts_per_tok=8)
+        transformers.OlmoeForCausalLM(hf_config).save_pretrained(path)
+    print(f"{path}: small OLMoE (D=512, 4 layers, 64 experts of width 256, top-8, V=50304), transformers' random "
+          f"init (weights ~ N(0, 0.02)); int4 group size {group_size}")
+    print("\nWeight reconstruction, relative Frobenius error |w - w_q| / |w|, mean / max over layers (and experts)")
+    print("| layer | int8 | int4 | int4, clip_search=True |\n|---|---|---|---|")
+    errors = weight_errors(path, group_size)
+    for kind in dict.fromkeys(k for k, _ in errors):
+        print(f"| {kind} | " + " | ".join(f"{errors[kind, b][0]:.4f} / {errors[kind, b][1]:.4f}"
+                                         for b in (8, 4, "4-clip")) + " |")
+
+    prompt = torch.randint(0, 50000, (16,), generator=torch.Generator().manual_seed(0)).tolist()
+    f32 = olmoe.load_model(path, dtype=torch.float32)
+    greedy = gen.generate(f32, [prompt], steps)[0]
+    ids = torch.tensor([prompt + greedy])
+    models = {"bf16": olmoe.load_model(path, dtype=torch.bfloat16)}
+    for kind in ("int8", "int4"):
+        models[kind] = load_model(path, kind, dtype=torch.bfloat16, group_size=group_size)
+    models["int4, clip_search"] = load_model(path, "int4", dtype=torch.bfloat16, group_size=group_size,
+                                             clip_search=True)
+    with torch.no_grad():
+        logits = {k: m(ids).logits[0, len(prompt) - 1:-1].float() for k, m in {"float32": f32, **models}.items()}
+    print(f"\nLogits over {steps} greedy (float32) tokens after a 16-token prompt, teacher-forced; bf16 activations")
+    print("| weights | relative logit error vs bf16, mean / max over positions | vs float32 | "
+          "same argmax as bf16 |\n|---|---|---|---|")
+    for kind in models:
+        row = []
+        for ref in ("bf16", "float32"):
+            rel = (logits[kind] - logits[ref]).norm(dim=-1) / logits[ref].norm(dim=-1)  # (steps,)
+            row.append(f"{rel.mean():.4f} / {rel.max():.4f}")
+        agree = (logits[kind].argmax(-1) == logits["bf16"].argmax(-1)).float().mean()
+        print(f"| {kind} | {row[0]} | {row[1]} | {agree:.1%} |")
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description="Measure quantized decoding: speed (--bench) or accuracy (--accuracy).")
+    p.add_argument("--bench", metavar="DIR", type=Path,
+                   help="decode speed of bf16 / int8 / int4 on a random 2-layer OLMoE-shaped checkpoint in DIR "
+                        "(written if absent)")
+    p.add_argument("--accuracy", metavar="DIR", type=Path,
+                   help="weight and logit error of int8 / int4 on a small random OLMoE written to DIR")
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--steps", type=int, default=48, help="new tokens per decode measurement")
+    p.add_argument("--group-size", type=int, default=128, help="inputs per int4 scale")
+    p.add_argument("--threads", type=int, default=2)
+    a = p.parse_args()
+    if not (a.bench or a.accuracy):
+        p.error("nothing to do: give --bench DIR or --accuracy DIR")
+    torch.set_num_threads(a.threads)
+    if a.bench:
+        bench(a.bench, a.batch, a.steps, group_size=a.group_size)
+    if a.accuracy:
+        accuracy(a.accuracy, group_size=a.group_size)
