@@ -3,6 +3,7 @@
     model = quantize.load_model("path/to/OLMoE-1B-7B-0924", "int4")   # then generate.generate(model, ...)
     python quantize.py --bench DIR       # decode speed of bf16 / int8 / int4 on a random OLMoE-shaped checkpoint
     python quantize.py --accuracy DIR    # weight and logit error of int8 / int4 on a small random OLMoE
+    python quantize.py --memory DIR      # weight bytes, peak memory and speed of the full OLMoE-1B-7B shape
 
 Read top to bottom: the two schemes -> which kernel runs where -> the quantized modules -> the loader ->
 the benchmark and the accuracy report. olmoe.py knows nothing of this file: the loader's prepare hook swaps
@@ -16,6 +17,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from dataclasses import dataclass
 from itertools import product
 from pathlib import Path
@@ -364,19 +366,21 @@ def write_random_checkpoint(config, path, dtype=torch.bfloat16):
     shards = {}
     for name, (_, _, shape) in layout.items():
         shards.setdefault(name.split(".")[2] if name.startswith("model.layers.") else "other", {})[name] = shape
-    weight_map = {}
+    weight_map, total = {}, 0
     for shard, shapes in shards.items():
         tensors = {n: (torch.randn(s) * 0.02 + (len(s) == 1)).to(dtype) for n, s in shapes.items()}  # norms near 1
         save_file(tensors, path / f"{shard}.safetensors")
         weight_map.update(dict.fromkeys(shapes, f"{shard}.safetensors"))
-    (path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+        total += sum(t.nbytes for t in tensors.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}  # transformers wants the metadata too
+    (path / "model.safetensors.index.json").write_text(json.dumps(index))
     fields = {k: v for k, v in vars(config).items() if not k.startswith("rope")}
     (path / "config.json").write_text(json.dumps(dict(fields, model_type=config.model_type)))
 
 
 def bench(path: Path, batches=(1, 8), steps=48, repeat=3, group_size=128):
     """Decode tokens/s of the same random bf16 checkpoint loaded as bf16, int8 and int4, eager, through
-    generate.generate. All three models stay loaded and take turns, so slow moments of a shared machine fall
+    generate.generate, and by transformers in bf16 when it is installed. All models stay loaded and take turns, so slow moments of a shared machine fall
     on all of them alike; each figure is the median of `repeat` runs after one warm-up."""
     import generate as gen
 
@@ -391,18 +395,45 @@ def bench(path: Path, batches=(1, 8), steps=48, repeat=3, group_size=128):
     for kind in ("int8", "int4"):
         models[kind] = load_model(path, kind, dtype=torch.bfloat16, group_size=group_size)
     c = models["bf16"].config
+
+    def ours(model):
+        def rate(prompts):
+            stats = {}
+            gen.generate(model, prompts, steps, stats=stats)
+            return stats["decode_tokens"] / stats["decode_s"]
+        return rate
+
+    rates_of = {kind: ours(model) for kind, model in models.items()}
+    try:  # the reference, when installed: transformers' own model of the same checkpoint, eager, bf16
+        import transformers
+    except ImportError:
+        transformers = None
+    if transformers is not None:
+        hf = transformers.OlmoeForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
+
+        def hf_rate(prompts):  # new tokens after the first, over the time they took: as generate's stats count
+            ids = torch.tensor(prompts)
+            seconds = []
+            for n in (steps, 1):
+                t = time.perf_counter()
+                hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                            do_sample=False, pad_token_id=0)
+                seconds.append(time.perf_counter() - t)
+            return len(prompts) * (steps - 1) / (seconds[0] - seconds[1])
+
+        rates_of["transformers bf16"] = hf_rate
     rates = {}
     for B in batches:
         prompts = torch.randint(0, c.vocab_size, (B, 16), generator=torch.Generator().manual_seed(B)).tolist()
-        runs = {kind: [] for kind in models}
+        runs = {kind: [] for kind in rates_of}
         for r in range(repeat + 1):
-            for kind, model in models.items():
-                stats = {}
-                gen.generate(model, prompts, steps, stats=stats)
+            for kind, rate in rates_of.items():
                 if r:  # the first round warms up
-                    runs[kind].append(stats["decode_tokens"] / stats["decode_s"])
+                    runs[kind].append(rate(prompts))
                     print(f"batch {B}, {kind}: {runs[kind][-1]:.1f} tok/s", file=sys.stderr)
-        for kind in models:
+                else:
+                    rate(prompts)
+        for kind in rates_of:
             rates[kind, B] = sorted(runs[kind])[repeat // 2]
     print(f"{path}: OLMoE layer shape (D={c.hidden_size}, E={c.num_experts} x I={c.intermediate_size}, "
           f"K={c.num_experts_per_tok}, V={c.vocab_size}), {c.num_hidden_layers} layers, random bf16 weights; "
@@ -411,9 +442,50 @@ def bench(path: Path, batches=(1, 8), steps=48, repeat=3, group_size=128):
           f"{load_before:.2f} / {os.getloadavg()[0]:.2f}")
     print("| weights | " + " | ".join(f"batch {B} tok/s | vs bf16" for B in batches) + " |")
     print("|---|" + "---|---|" * len(batches))
-    for kind in models:
+    for kind in rates_of:
         cells = [f"{rates[kind, B]:.1f} | {rates[kind, B] / rates['bf16', B]:.2f}x" for B in batches]
         print(f"| {kind} | " + " | ".join(cells) + " |")
+
+
+def peak_rss():
+    """This process's peak resident memory so far, in bytes (Linux: VmHWM, which a fresh process starts anew)."""
+    status = Path("/proc/self/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:"))) * 1024
+
+
+def measure_one(path, kind, steps):
+    """Load `path` as kind ("bf16", "int8" or "int4"), decode `steps` tokens, print weight bytes, peak RSS before
+    loading and after decoding, and decode tok/s: the body of a fresh process of memory()."""
+    import generate as gen
+
+    before = peak_rss()
+    model = olmoe.load_model(path) if kind == "bf16" else load_model(path, kind)
+    weights = sum(t.nbytes for t in model.state_dict().values())
+    stats = {}
+    gen.generate(model, [[1] * 16], steps, stats=stats)
+    print(weights, before, peak_rss(), stats["decode_tokens"] / stats["decode_s"])
+
+
+def memory(path: Path, steps=32):
+    """Weight bytes, peak RSS and batch-1 decode speed of the full OLMoE-1B-7B shape (random bf16 weights, one
+    safetensors file per layer) at each precision, each loaded in a fresh process so each peak is its own."""
+    import subprocess
+
+    if not (path / "config.json").is_file():
+        path.mkdir(parents=True, exist_ok=True)
+        print(f"writing a random bf16 checkpoint of OLMoE-1B-7B's shape to {path}", file=sys.stderr)
+        write_random_checkpoint(olmoe.PRESETS["OLMoE-1B-7B-0924"](), path)
+    print(f"{path}: OLMoE-1B-7B shape, random bf16 weights, loaded on the CPU in a fresh process each; "
+          f"eager batch-1 decoding of {steps} tokens, {torch.get_num_threads()} threads")
+    print("| weights | weight bytes | peak RSS | peak RSS less PyTorch's own | ratio to weight bytes | decode tok/s |")
+    print("|---|---|---|---|---|---|")
+    for kind in ("bf16", "int8", "int4"):
+        code = f"import sys, torch, quantize; torch.set_num_threads({torch.get_num_threads()}); " \
+               f"quantize.measure_one(sys.argv[1], sys.argv[2], {steps})"
+        r = subprocess.run([sys.executable, "-c", code, str(path), kind], capture_output=True, text=True, check=True)
+        weights, before, peak, rate = map(float, r.stdout.split())
+        print(f"| {kind} | {weights / 1e9:.2f} GB | {peak / 1e9:.2f} GB | {(peak - before) / 1e9:.2f} GB | "
+              f"{(peak - before) / weights:.2f} | {rate:.1f} |")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -484,21 +556,27 @@ def accuracy(workdir: Path, steps=64, group_size=128):
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(description="Measure quantized decoding: speed (--bench) or accuracy (--accuracy).")
+    p = argparse.ArgumentParser(description="Measure quantized decoding: speed (--bench), accuracy (--accuracy), "
+                                            "memory at full scale (--memory).")
     p.add_argument("--bench", metavar="DIR", type=Path,
                    help="decode speed of bf16 / int8 / int4 on a random 2-layer OLMoE-shaped checkpoint in DIR "
                         "(written if absent)")
     p.add_argument("--accuracy", metavar="DIR", type=Path,
                    help="weight and logit error of int8 / int4 on a small random OLMoE written to DIR")
+    p.add_argument("--memory", metavar="DIR", type=Path,
+                   help="weight bytes, peak RSS and decode speed of the full OLMoE-1B-7B shape at each precision, "
+                        "with a random checkpoint in DIR (written if absent: 14 GB)")
     p.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     p.add_argument("--steps", type=int, default=48, help="new tokens per decode measurement")
     p.add_argument("--group-size", type=int, default=128, help="inputs per int4 scale")
     p.add_argument("--threads", type=int, default=2)
     a = p.parse_args()
-    if not (a.bench or a.accuracy):
-        p.error("nothing to do: give --bench DIR or --accuracy DIR")
+    if not (a.bench or a.accuracy or a.memory):
+        p.error("nothing to do: give --bench DIR, --accuracy DIR or --memory DIR")
     torch.set_num_threads(a.threads)
     if a.bench:
         bench(a.bench, a.batch, a.steps, group_size=a.group_size)
     if a.accuracy:
         accuracy(a.accuracy, group_size=a.group_size)
+    if a.memory:
+        memory(a.memory)
