@@ -268,21 +268,33 @@ def main(argv=None):
         sys.exit(1)
 
 
-def run(args):
+def pick_device(name):
+    """The device named, or by default cuda, else mps, else cpu."""
     mps = getattr(torch.backends, "mps", None)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else
-                                          "mps" if mps and mps.is_available() else "cpu"))
+    device = torch.device(name or ("cuda" if torch.cuda.is_available() else
+                                   "mps" if mps and mps.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA GPU is available")
-    if args.dtype not in (None, *DTYPES):
-        raise ValueError(f"--dtype {args.dtype!r}: expected one of {', '.join(DTYPES)}")
-    path = checkpoint_dir(args.checkpoint)
-    config = olmoe.read_config(path)  # a bad checkpoint path or config fails here, before the tokenizer is read
-    dtype, note = DTYPES.get(args.dtype), None
-    if args.dtype is None:
-        dtype, note = native_dtype(device, getattr(torch, config.dtype))
+    return device
+
+
+def pick_dtype(name, device, config):
+    """The dtype named, or by default the checkpoint's own, unless the device only emulates it (then one note)."""
+    if name is not None:
+        if name not in DTYPES:
+            raise ValueError(f"--dtype {name!r}: expected one of {', '.join(DTYPES)}")
+        return DTYPES[name]
+    dtype, note = native_dtype(device, getattr(torch, config.dtype))
     if note:
         print(note, file=sys.stderr)
+    return dtype
+
+
+def run(args):
+    device = pick_device(args.device)
+    path = checkpoint_dir(args.checkpoint)
+    config = olmoe.read_config(path)  # a bad checkpoint path or config fails here, before the tokenizer is read
+    dtype = pick_dtype(args.dtype, device, config)
     tokenizer, eos, tokenizer_config = load_tokenizer(path)
     texts = [render_chat(tokenizer_config, t) if args.chat else t for t in args.prompt]
     prompts = [tokenizer.encode(t, add_special_tokens=not args.chat).ids for t in texts]

@@ -439,15 +439,11 @@ def progress_bar(total, desc):
 
 
 def run(args):
-    mps = getattr(torch.backends, "mps", None)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else
-                                          "mps" if mps and mps.is_available() else "cpu"))
-    if args.dtype is not None and args.dtype not in generate.DTYPES:
-        raise ValueError(f"--dtype {args.dtype!r}: expected one of {', '.join(generate.DTYPES)}")
-    dtype = generate.DTYPES[args.dtype or ("float32" if device.type == "cpu" else "bfloat16")]
+    device = generate.pick_device(args.device)
     if args.max_tokens is not None and args.max_tokens < 1:
         raise ValueError(f"--max-tokens {args.max_tokens}: expected at least 1")
     path, config = moe_config(args.checkpoint)
+    dtype = generate.pick_dtype(args.dtype, device, config)
     E, L = config.num_experts, config.num_hidden_layers
     if not 1 <= args.top_k <= E:
         raise ValueError(f"--top-k {args.top_k}: expected 1 to {E}, the number of experts per layer")
@@ -513,7 +509,8 @@ def main(argv=None):
     p.add_argument("--chunk-len", type=int, default=1024, help="tokens per forward pass (at most the context)")
     p.add_argument("--label", default=None, help="how the report and figures name the checkpoint")
     p.add_argument("--device", default=None, help="default: cuda, else mps, else cpu")
-    p.add_argument("--dtype", default=None, help="bfloat16 (default on GPU), float16 or float32 (default on CPU)")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16; default: the checkpoint's own, as "
+                   "generate.py")
     p.add_argument("--out", required=True, help="directory for report.md, routing.json and the figures")
     args = p.parse_args(argv)
     try:
