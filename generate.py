@@ -78,21 +78,24 @@ def decode_step(model, cache, mask, tokens, pos, slot):
 
 
 def compiled_decoding(model, B, S):
-    """The model's compiled decode step and the KV cache it writes, for B rows of S slots. Both are built once and
-    kept beside the model (model.compiled_decoding), so later generate() calls of the same B and cache bucket
-    compile nothing new; a new shape replaces the cache (and compiles once for it)."""
+    """The model's compiled decode step and the KV cache it writes, for B rows of S slots, and whether they are
+    new. Both are built once and kept beside the model (model.compiled_decoding), so later generate() calls of the
+    same B and cache bucket compile nothing new; a new shape, dtype or device replaces the cache (and compiles
+    once for it)."""
+    p = model.model.embed_tokens.weight
+    key = (B, S, p.dtype, p.device)
     kept = getattr(model, "compiled_decoding", None)
-    if kept is None or kept[0] != (B, S):
-        device = model.model.embed_tokens.weight.device
-        cache = model.new_cache(B, S)
-        for kv in cache:  # CUDA graphs read and write the cache in place, never through a copy
-            torch._dynamo.mark_static_address(kv.k), torch._dynamo.mark_static_address(kv.v)
-        # On a GPU: replay the step as a CUDA graph, and let inductor tune its kernels' tiling, which is what fuses
-        # the MoE expert gather (and the int8 dequantization) into the matmuls, as gpt-fast's mixtral-moe does.
-        options = {"triton.cudagraphs": True, "coordinate_descent_tuning": True} if device.type == "cuda" else None
-        step = kept[2] if kept else torch.compile(decode_step, dynamic=False, options=options)
-        kept = model.compiled_decoding = ((B, S), cache, step)
-    return kept[1], kept[2]
+    if kept is not None and kept[0] == key:
+        return kept[1], kept[2], False
+    cache = model.new_cache(B, S)
+    for kv in cache:  # CUDA graphs read and write the cache in place, never through a copy
+        torch._dynamo.mark_static_address(kv.k), torch._dynamo.mark_static_address(kv.v)
+    # On a GPU: replay the step as a CUDA graph, and let inductor tune its kernels' tiling, which is what fuses the
+    # MoE expert gather (and the int8 dequantization) into the matmuls, as gpt-fast's mixtral-moe does.
+    options = {"triton.cudagraphs": True, "coordinate_descent_tuning": True} if p.device.type == "cuda" else None
+    step = kept[2] if kept else torch.compile(decode_step, dynamic=False, options=options)
+    model.compiled_decoding = (key, cache, step)
+    return cache, step, True
 
 
 def cache_slots(n, limit):
@@ -126,9 +129,9 @@ def generate(model, prompts, max_new_tokens, *, eos_ids=(), vocab_size=None, tem
                          f"of {c.max_position_embeddings}")
     S = cache_slots(T + max_new_tokens, c.max_position_embeddings) if compile else T + max_new_tokens
     if compile:
-        cache, decode = compiled_decoding(model, B, S)
+        cache, decode, new = compiled_decoding(model, B, S)
     else:
-        cache, decode = model.new_cache(B, S), decode_step
+        cache, decode, new = model.new_cache(B, S), decode_step, False
 
     # Left padding lines up every row's last prompt token at slot T-1. The mask hides the padding slots, and
     # positions count only real tokens, so each row sees exactly what it would see alone.
@@ -137,7 +140,7 @@ def generate(model, prompts, max_new_tokens, *, eos_ids=(), vocab_size=None, tem
     mask = torch.ones(B, S, dtype=torch.bool, device=device)
     mask[:, :T] = ids.new_tensor([[0] * (T - len(p)) + [1] * len(p) for p in prompts]).bool()  # (B, S)
     pos = mask[:, :T].long().cumsum(-1) - 1  # (B, T)
-    if compile:  # compile and record outside the timings, with inputs like the real ones, in the last slot:
+    if new:  # compile and record outside the timings, with inputs like the real ones, in the last slot:
         for _ in range(3):  # no query ever attends it
             decode(model, cache, mask, ids.new_zeros(B)[:, None], pos[:, -1:] + 1, torch.tensor([S - 1], device=device))
 
@@ -169,7 +172,7 @@ def generate(model, prompts, max_new_tokens, *, eos_ids=(), vocab_size=None, tem
         logits, route = decode(model, cache, mask, token[:, None], pos, slot)
         if route is not None:
             routes.append(route.clone())  # a CUDA graph's outputs are overwritten by its next replay
-        finite = finite & logits.isfinite().all()
+        finite = finite & (logits.isfinite().all(dim=-1) | done).all()  # rows past their eos do not count
         token = pick(logits)
         out.append(token)
         done = done | torch.isin(token, eos)

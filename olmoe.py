@@ -59,8 +59,8 @@ class Config:
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(f"num_attention_heads={self.num_attention_heads} is not a multiple of "
                              f"num_key_value_heads={self.num_key_value_heads}")
-        if self.dtype not in ("float32", "bfloat16", "float16"):
-            raise ValueError(f"dtype {self.dtype!r} is not supported (expected float32, bfloat16 or float16)")
+        if not isinstance(getattr(torch, self.dtype, None), torch.dtype):
+            raise ValueError(f"dtype {self.dtype!r} is not a torch dtype (expected e.g. bfloat16 or float32)")
         if self.rope_type not in ("default", "linear", "dynamic"):
             raise ValueError(f"rope type {self.rope_type!r} is not supported (expected default, linear or dynamic)")
 
@@ -321,7 +321,10 @@ def moe_batched(x, top_w, top_i, experts: Experts):
 def device_facts(device):
     """(device type, CUDA compute capability or None): all moe_path needs to know of the hardware. Under
     torch.compile, get_device_properties is folded to a constant (constant_fold_functions in
-    torch/_dynamo/variables/torch.py), so asking costs nothing inside a compiled step."""
+    torch/_dynamo/variables/torch.py), so asking costs nothing inside a compiled step. AMD GPUs (ROCm) also
+    call themselves "cuda"; they are "rocm" here, since their capability numbers mean other hardware."""
+    if device.type == "cuda" and torch.version.hip:
+        return "rocm", None
     if device.type != "cuda":
         return device.type, None
     p = torch.cuda.get_device_properties(device)
@@ -700,6 +703,8 @@ def load_model(path, *, device=None, dtype=None, moe_dispatch="batched", prepare
     bar = progress_bar(sum(f.stat().st_size for f in files if f.is_file()))
     remaining = set(layout)
     for file in files:
+        if bar is not None:
+            bar.update(file.stat().st_size if file.is_file() else 0)
         for name, t in _read_tensors(file):
             if name not in layout:
                 if name == "lm_head.weight" and config.tie_word_embeddings:
@@ -716,8 +721,6 @@ def load_model(path, *, device=None, dtype=None, moe_dispatch="batched", prepare
                 else:
                     getattr(module, attr)[index].copy_(t)
             remaining.discard(name)
-            if bar is not None:
-                bar.update(t.nbytes)
     if bar is not None:
         bar.close()
     if remaining:

@@ -237,6 +237,7 @@ EXPECTED_MOE_PATH = [
     (("cuda", (12, 0), BF16, False, 8), "loop"),  # RTX 50: not a device the fused kernel is built for
     (("mps", None, BF16, False, 8), "loop"),
     (("mps", None, F16, True, 64), "dense"),
+    (("rocm", None, BF16, False, 8), "loop"),  # AMD: grouped_mm is not fused in ROCm builds
 ]
 
 
@@ -244,6 +245,12 @@ EXPECTED_MOE_PATH = [
 def test_moe_path_is_the_right_kernel_for_each_device(facts, path):
     device_type, capability, dtype, compiled, N = facts
     assert olmoe.moe_path(device_type, capability, dtype, compiled, N, 8, 64) == path
+
+
+def test_amd_gpus_are_not_taken_for_nvidia_ones(monkeypatch):
+    """ROCm calls its devices "cuda", and an MI300 reports capability 9.4: the probe must not read that as an H100."""
+    monkeypatch.setattr(torch.version, "hip", "6.2")
+    assert olmoe.device_facts(torch.device("cuda")) == ("rocm", None)
 
 
 @pytest.mark.parametrize("device", [("cpu", None), ("cuda", (9, 0)), ("cuda", (8, 0)), ("cuda", (7, 5)), ("mps", None)])
