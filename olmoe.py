@@ -336,9 +336,10 @@ def moe_path(device_type, capability, dtype, compiling, N, K, E):
 
     grouped   one fused grouped matmul over the pairs sorted by expert (torch.nn.functional.grouped_mm). It is
               one kernel only on a CPU and on CUDA capability 9.x/10.x in bf16 (_grouped_mm_cuda in
-              aten/src/ATen/native/cuda/Blas.cpp); on sm80/sm89/sm75 and MPS it falls back to offs.cpu() and a matmul per group:
-              a host sync, which crashes CUDA graph capture (pytorch#169970). Its compile-time shape function
-              takes bf16 only (meta_grouped_mm in torch/_meta_registrations.py), so float32 is eager-only.
+              aten/src/ATen/native/cuda/Blas.cpp); on sm80/sm89/sm75 and MPS it falls back to offs.cpu() and a
+              matmul per group: a host sync, which crashes CUDA graph capture (pytorch#169970). Its compile-time
+              shape function takes bf16 only (meta_grouped_mm in torch/_meta_registrations.py), so float32 is
+              eager-only. AMD GPUs (ROCm) do not fuse it either.
     gathered  few pairs (N*K < E), compiled: each pair's expert weights are gathered and multiplied
               in one fused kernel, so only the chosen experts are read and nothing leaves the device.
     dense     a GPU's many pairs, compiled, with no fused grouped kernel: every expert for every token, the
@@ -364,20 +365,14 @@ def moe_path(device_type, capability, dtype, compiling, N, K, E):
 DENSE_MAX_TOKENS = 256
 
 
-def sort_pairs(top_i, E):
-    """The N*K pairs sorted by expert: order (P,) of pair indices (pair p = token p // K, slot p % K), and the
-    end of each expert's group in that order (E,)."""
-    flat = top_i.flatten()  # (P,) expert of each pair
-    order = flat.argsort(stable=True)
-    return order, torch.searchsorted(flat[order], torch.arange(1, E + 1, device=top_i.device))
-
-
 def moe_grouped(x, top_w, top_i, experts: Experts, matmul=None):
     """Sort the pairs by expert, so each expert's tokens are one contiguous slice, and multiply all slices by
     their experts in one grouped matmul (no Python per expert, no host sync)."""
     N, K = top_i.shape
     matmul = matmul or grouped_mm
-    order, ends = sort_pairs(top_i, experts.num_experts)
+    flat = top_i.flatten()  # (P,) expert of each pair, pair p = token p // K, slot p % K
+    order = flat.argsort(stable=True)  # pairs sorted by expert
+    ends = torch.searchsorted(flat[order], torch.arange(1, experts.num_experts + 1, device=x.device))  # (E,)
     h = matmul(x[order // K], experts.gate_up_proj, ends)  # (P, 2I), in sorted order
     gate, up = h.chunk(2, dim=-1)
     h = matmul(F.silu(gate) * up, experts.down_proj, ends)  # (P, D)

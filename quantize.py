@@ -380,8 +380,9 @@ def write_random_checkpoint(config, path, dtype=torch.bfloat16):
 
 def bench(path: Path, batches=(1, 8), steps=48, repeat=3, group_size=128):
     """Decode tokens/s of the same random bf16 checkpoint loaded as bf16, int8 and int4, eager, through
-    generate.generate, and by transformers in bf16 when it is installed. All models stay loaded and take turns, so slow moments of a shared machine fall
-    on all of them alike; each figure is the median of `repeat` runs after one warm-up."""
+    generate.generate, and by transformers in bf16 when it is installed. All models stay loaded and take turns,
+    so slow moments of a shared machine fall on all of them alike; each figure is the median of `repeat` runs
+    after one warm-up."""
     import generate as gen
 
     load_before = os.getloadavg()[0]

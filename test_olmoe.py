@@ -414,7 +414,8 @@ def test_loading_peaks_near_the_weights_bytes(tmp_path):
     save_file(tensors, tmp_path / "model.safetensors")
     del tensors
     (tmp_path / "config.json").write_text(json.dumps({**vars(config), "model_type": "olmoe"}))
-    probe = ("import re, sys, torch, olmoe; status = lambda: open('/proc/self/status').read();"  # Linux: VmHWM, peak RSS
+    # Linux's VmHWM: the peak RSS of a fresh process
+    probe = ("import re, sys, torch, olmoe; status = lambda: open('/proc/self/status').read();"
              "hwm = lambda: int(re.search(r'VmHWM:\\s+(\\d+) kB', status()).group(1)) * 1024;"
              "before = hwm(); olmoe.load_model(sys.argv[1]); print(before, hwm())")
     r = subprocess.run([sys.executable, "-c", probe, str(tmp_path)], capture_output=True, text=True, check=True)
@@ -941,7 +942,8 @@ def test_quant_experts_equal_the_dense_oracle_over_dequantized_experts(bits, ker
     experts.use(kernel)
     x = torch.randn(N, D)
     top_w, top_i = torch.randn(N, E).softmax(-1).topk(K, dim=-1)  # (N, K): 5 tokens over some of the 8 experts
-    expected = dequantized_experts_oracle(x, top_w, top_i, reference_dequantized(gate_up, bits), reference_dequantized(down, bits))
+    expected = dequantized_experts_oracle(x, top_w, top_i, reference_dequantized(gate_up, bits),
+                                          reference_dequantized(down, bits))
     torch.testing.assert_close(experts(x, top_w, top_i), expected, rtol=1e-4, atol=1e-5 * expected.abs().max().item())
 
 
