@@ -167,24 +167,21 @@ def moe_layer(dtype=torch.float64, **overrides):
     return moe
 
 
-def dense_oracle(moe, x):
-    """Every expert on every token, weighted by the router probability where the expert is in the top k, else 0."""
-    probs = (x @ moe.gate.weight.T).softmax(-1, dtype=torch.float32)  # (N, E), float32 as the router specifies
-    top_w, top_i = probs.topk(moe.K, dim=-1)
-    if moe.norm_topk_prob:
-        top_w = top_w / top_w.sum(-1, keepdim=True)
-    probs, top_w = probs.to(x.dtype), top_w.to(x.dtype)
-    weight = torch.zeros_like(probs).scatter(1, top_i, top_w)  # (N, E)
-    gate, up = torch.einsum("nd,eid->nei", x, moe.experts.gate_up_proj).chunk(2, dim=-1)
-    out = torch.einsum("nei,edi->ned", torch.nn.functional.silu(gate) * up, moe.experts.down_proj)  # (N, E, D)
-    return torch.einsum("ned,ne->nd", out, weight)
-
-
 def route(moe, x):
+    """The router as SparseMoE specifies it: float32 softmax, top K, optionally renormalised. (N, K) each."""
     top_w, top_i = (x @ moe.gate.weight.T).softmax(-1, dtype=torch.float32).topk(moe.K, dim=-1)
     if moe.norm_topk_prob:
         top_w = top_w / top_w.sum(-1, keepdim=True)
     return top_w.to(x.dtype), top_i
+
+
+def dense_oracle(moe, x):
+    """Every expert on every token, weighted by the router probability where the expert is in the top k, else 0."""
+    top_w, top_i = route(moe, x)
+    weight = torch.zeros(x.shape[0], moe.experts.num_experts, dtype=x.dtype).scatter(1, top_i, top_w)  # (N, E)
+    gate, up = torch.einsum("nd,eid->nei", x, moe.experts.gate_up_proj).chunk(2, dim=-1)
+    out = torch.einsum("nei,edi->ned", torch.nn.functional.silu(gate) * up, moe.experts.down_proj)  # (N, E, D)
+    return torch.einsum("ned,ne->nd", out, weight)
 
 
 @pytest.mark.parametrize("N", [1, 3, 50])
