@@ -52,7 +52,6 @@ class Config:
     pad_token_id: int | None = 1
     dtype: str = "float32"  # the dtype the checkpoint's weights are stored in: load_model's default
 
-
     def __post_init__(self):
         self.num_key_value_heads = self.num_key_value_heads or self.num_attention_heads
         self.head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
@@ -661,17 +660,6 @@ def _read_tensors(file: Path, reopen_bytes=2**28):
         raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
 
 
-def progress_bar(total_bytes):
-    """A progress bar on stderr for a load of a gigabyte or more (tqdm comes with huggingface_hub), else none."""
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        tqdm = None
-    if tqdm is None or total_bytes < 2**30:
-        return None
-    return tqdm(total=total_bytes, unit="B", unit_scale=True, desc="loading", file=sys.stderr, leave=False)
-
-
 def load_model(path, *, device=None, dtype=None, moe_dispatch="batched", prepare=None) -> Transformer:
     """Load a Hub-layout checkpoint directory (one model.safetensors, or shards named by
     model.safetensors.index.json). The model is built on the meta device (no memory), allocated once on
@@ -694,12 +682,14 @@ def load_model(path, *, device=None, dtype=None, moe_dispatch="batched", prepare
     if config.tie_word_embeddings:  # to_empty gives each module its own new tensor: tie them again
         model.lm_head.weight = model.model.embed_tokens.weight
 
+    from tqdm import tqdm
+
     files = _shard_files(path)
-    bar = progress_bar(sum(f.stat().st_size for f in files if f.is_file()))
+    size = {f: f.stat().st_size if f.is_file() else 0 for f in files}
+    bar = tqdm(total=sum(size.values()), unit="B", unit_scale=True, desc="loading", file=sys.stderr, leave=False,
+               disable=sum(size.values()) < 2**30)  # a bar for loads of a gigabyte or more
     remaining = set(layout)
     for file in files:
-        if bar is not None:
-            bar.update(file.stat().st_size if file.is_file() else 0)
         for name, t in _read_tensors(file):
             if name not in layout:
                 if name == "lm_head.weight" and config.tie_word_embeddings:
@@ -716,8 +706,8 @@ def load_model(path, *, device=None, dtype=None, moe_dispatch="batched", prepare
                 else:
                     getattr(module, attr)[index].copy_(t)
             remaining.discard(name)
-    if bar is not None:
-        bar.close()
+        bar.update(size[file])
+    bar.close()
     if remaining:
         missing = sorted(remaining)
         raise CheckpointError(f"{path}: {len(missing)} tensor(s) missing, e.g. {missing[0]} "

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 import generate
 import olmoe
@@ -430,14 +431,6 @@ def moe_config(checkpoint):
     return path, config
 
 
-def progress_bar(total, desc):
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return None
-    return tqdm(total=total, desc=desc, unit="tok", file=sys.stderr, leave=False)
-
-
 def run(args):
     device = generate.pick_device(args.device)
     if args.max_tokens is not None and args.max_tokens < 1:
@@ -464,19 +457,17 @@ def run(args):
             raise ValueError(f"--compare-checkpoint {args.compare_checkpoint}: has {other_config.num_hidden_layers} "
                              f"layers of {other_config.num_experts} experts, expected {L} of {E} like --checkpoint")
         other = olmoe.load_model(other_path, device=device, dtype=dtype, moe_dispatch="batched")
-        bar = progress_bar(total, "compared checkpoint")
+        bar = tqdm(total=total, desc="compared checkpoint", unit="tok", file=sys.stderr, leave=False)
         compare = {d: choices_only(other, ids, args.top_k, chunk_len=chunk_len, progress=bar)
                    for d, ids in texts.items()}
-        if bar is not None:
-            bar.close()
+        bar.close()
         del other  # one model in memory at a time: two OLMoE-1B-7B in bf16 would take 28 GB
 
     model = olmoe.load_model(path, device=device, dtype=dtype, moe_dispatch="batched")
-    bar = progress_bar(total, "routing")
+    bar = tqdm(total=total, desc="routing", unit="tok", file=sys.stderr, leave=False)
     stats = {d: collect(model, ids, args.top_k, layer=args.layer, chunk_len=chunk_len, progress=bar,
                         compare=None if compare is None else compare[d]) for d, ids in texts.items()}
-    if bar is not None:
-        bar.close()
+    bar.close()
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
