@@ -27,15 +27,6 @@ SHAPES = {  # the released shapes, and small ones of the same kind for a CPU
 }
 
 
-def synchronizer(device):
-    """A function that waits for the device's queued work: timings need it on CUDA and MPS."""
-    if device.type == "cuda":
-        return torch.cuda.synchronize
-    if device.type == "mps":
-        return torch.mps.synchronize
-    return lambda: None
-
-
 def timed(fn, sync, repeat=3):
     """Median wall time of fn() over repeat runs, after one warm-up run."""
     fn()
@@ -175,7 +166,7 @@ def check_paths(device, models=("OLMoE", "OLMo2 GQA"), batches=(1, 8)):
 
 def check(device, steps=32):
     device = torch.device(device)
-    dtype, sync = native_dtype_of(device), synchronizer(device)
+    dtype, sync = native_dtype_of(device), gen.synchronizer(device)
     print(f"# self-check on {device_name(device)}, torch {torch.__version__}")
     results = check_paths(device)
     for what, ok, detail in results:
@@ -220,7 +211,7 @@ def benchmark(shape, device, batches, steps, prompt_len):
 
     device = torch.device(device)
     dtype = native_dtype_of(device) if device.type != "cpu" else torch.float32
-    sync = synchronizer(device)
+    sync = gen.synchronizer(device)
     bandwidth, flops = device_ceilings(device, dtype, sync)
     config = SHAPES[shape]()
     hf, ours = twin_models(config, device, dtype)
@@ -256,18 +247,18 @@ def benchmark(shape, device, batches, steps, prompt_len):
 
 
 def main():
-    default = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--check", action="store_true", help="self-check this device (about a minute on a GPU)")
     p.add_argument("--shape", choices=SHAPES, default="OLMoE-1B-7B")
-    p.add_argument("--device", default=default)
+    p.add_argument("--device", default=None, help="default: cuda, else mps, else cpu")
     p.add_argument("--batch", type=int, nargs="+", default=[1, 8, 64])
     p.add_argument("--steps", type=int, default=64, help="tokens generated per decode measurement")
     p.add_argument("--prompt-len", type=int, default=2048, help="tokens in the prefill measurement")
     a = p.parse_args()
+    device = gen.pick_device(a.device)
     if a.check:
-        raise SystemExit(0 if check(a.device) else 1)
-    benchmark(a.shape, a.device, a.batch, a.steps, a.prompt_len)
+        raise SystemExit(0 if check(device) else 1)
+    benchmark(a.shape, device, a.batch, a.steps, a.prompt_len)
 
 
 if __name__ == "__main__":

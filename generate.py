@@ -104,6 +104,15 @@ def cache_slots(n, limit):
     return min(max(64, 1 << (n - 1).bit_length()), max(n, limit))
 
 
+def synchronizer(device):
+    """A function that waits for the device's queued work: timings need it on CUDA and MPS."""
+    if device.type == "cuda":
+        return torch.cuda.synchronize
+    if device.type == "mps":
+        return torch.mps.synchronize
+    return lambda: None
+
+
 CHECK_EVERY = 16  # decode steps between looks at eos and overflow, each look a host sync
 
 
@@ -153,7 +162,7 @@ def generate(model, prompts, max_new_tokens, *, eos_ids=(), vocab_size=None, tem
             raise NonFiniteLogits(f"the logits overflowed to inf/NaN in {dtype} "
                                   f"at step {step}: run in bfloat16 (--dtype bfloat16) or float32")
 
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync = synchronizer(device)
     t0 = time.perf_counter()
     # The prefill: no padding, no mask (attention takes its fastest kernel); padding needs the (B, S) mask.
     out = model(ids, attention_mask=mask if padded else None, position_ids=pos, cache=cache, last_only=True)
