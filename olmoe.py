@@ -686,8 +686,9 @@ def load_model(path, *, device=None, dtype=None, moe_dispatch="batched", prepare
 
     files = _shard_files(path)
     size = {f: f.stat().st_size if f.is_file() else 0 for f in files}
-    bar = tqdm(total=sum(size.values()), unit="B", unit_scale=True, desc="loading", file=sys.stderr, leave=False,
-               disable=sum(size.values()) < 2**30)  # a bar for loads of a gigabyte or more
+    total = sum(size.values())
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc="loading", file=sys.stderr, leave=False,
+               disable=total < 2**30)  # a bar for loads of a gigabyte or more
     remaining = set(layout)
     for file in files:
         for name, t in _read_tensors(file):
