@@ -104,6 +104,21 @@ def cache_slots(n, limit):
     return min(max(64, 1 << (n - 1).bit_length()), max(n, limit))
 
 
+def peak_memory(device):
+    """Peak bytes so far: allocated GPU memory on CUDA, else this process's peak resident memory. On Linux that is
+    VmHWM of /proc/self/status, which starts anew in every exec'd process; ru_maxrss would also count the
+    high-water mark of the process that started this one (the kernel keeps it across exec)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    status = Path("/proc/self/status")
+    if status.is_file():
+        hwm = next(line for line in status.read_text().splitlines() if line.startswith("VmHWM:"))
+        return int(hwm.split()[1]) * 1024  # "VmHWM:   123456 kB"
+    import resource  # macOS (not on Windows)
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+
+
 def synchronizer(device):
     """A function that waits for the device's queued work: timings need it on CUDA and MPS."""
     if device.type == "cuda":
@@ -350,12 +365,7 @@ def run(args):
         else:
             print(prompt + text, end="\n\n")
 
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated(device)
-    else:
-        import resource  # not on Windows
-
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    peak = peak_memory(device)
     rate = stats["decode_tokens"] / stats["decode_s"] if stats["decode_tokens"] else 0.0
     steps_per_s = rate / len(prompts)
     print(f"prefill {stats['prefill_tokens']} tokens in {stats['prefill_s'] * 1e3:.0f} ms | "

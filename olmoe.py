@@ -714,3 +714,43 @@ def load_model(path, *, device=None, dtype=None, moe_dispatch="batched", prepare
         raise CheckpointError(f"{path}: {len(missing)} tensor(s) missing, e.g. {missing[0]} "
                               f"{layout[missing[0]][2]}" + (f" and {missing[1]}" if len(missing) > 1 else ""))
     return model.eval()
+
+
+ARCHITECTURES = {"olmoe": "OlmoeForCausalLM", "olmo2": "Olmo2ForCausalLM"}  # transformers' class of each
+
+
+def save_model(model: Transformer, path, *, shard_bytes=2**31):
+    """Write a model as a Hub-layout checkpoint directory that load_model and transformers' from_pretrained both
+    read: config.json, and the weights in the model's dtype with the experts unstacked (hub_layout read
+    backwards), in one model.safetensors or, past shard_bytes, in shards named by model.safetensors.index.json.
+    Each file's tensors are copied out only while it is written, so saving costs at most one shard of memory."""
+    from safetensors.torch import save_file
+
+    path, c = Path(path), model.config
+    path.mkdir(parents=True, exist_ok=True)
+    layout, shards, size = hub_layout(model), [[]], 0
+    for name, (param, index, shape) in layout.items():
+        nbytes = model.get_parameter(param)[index].nbytes
+        if shards[-1] and size + nbytes > shard_bytes:
+            shards, size = shards + [[]], 0
+        shards[-1].append(name)
+        size += nbytes
+    files = ["model.safetensors"] if len(shards) == 1 else \
+        [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    for file, names in zip(files, shards):  # clone: safetensors refuses tensors that share storage
+        save_file({n: model.get_parameter(layout[n][0])[layout[n][1]].detach().cpu().clone() for n in names},
+                  path / file, metadata={"format": "pt"})
+    if len(shards) > 1:
+        total = sum(model.get_parameter(p)[i].nbytes for p, i, _ in layout.values())
+        weight_map = {n: file for file, names in zip(files, shards) for n in names}
+        (path / "model.safetensors.index.json").write_text(json.dumps(
+            {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    d = {k: v for k, v in vars(c).items() if not k.startswith("rope")}
+    rope = dict(rope_type=c.rope_type, rope_theta=c.rope_theta)
+    if c.rope_type != "default":
+        rope["factor"] = c.rope_factor
+    d.update(model_type=c.model_type, architectures=[ARCHITECTURES[c.model_type]], hidden_act="silu",
+             dtype=str(model.model.embed_tokens.weight.dtype).removeprefix("torch."), rope_parameters=rope,
+             rope_theta=c.rope_theta, rope_scaling=rope if c.rope_type != "default" else None)  # transformers < 5
+    (path / "config.json").write_text(json.dumps(d, indent=2) + "\n")
+    return path
