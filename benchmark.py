@@ -1,21 +1,30 @@
-"""Speed against transformers, and a one-minute self-check of your own GPU.
+"""Every measurement of this project, each a subcommand, on models of random weights (no download).
 
-    python benchmark.py --check                  # any device: is every path right here, and how fast?
-    python benchmark.py --shape OLMoE-1B-7B      # this project against transformers, same random weights
+    python benchmark.py check                   # any device: is every path right here, and how fast?
+    python benchmark.py speed --shape OLMoE-1B-7B   # decoding and prefill against transformers, same weights
+    python benchmark.py quantized DIR           # decode speed of bf16 / int8 / int4 on an OLMoE-shaped checkpoint
+    python benchmark.py memory DIR              # weight bytes, peak memory and speed of the full OLMoE-1B-7B shape
+    python benchmark.py accuracy DIR            # weight and logit error of int8 / int4 on a small OLMoE
 
-Both build models of random weights (no download). --check compares this device with the CPU on small models
-(float32 logits, the native dtype's logits, compiled against eager tokens, every MoE path against the naive
-dispatch), then times the OLMoE-1B-7B layer shape and prints each figure as a fraction of its bound: the bytes a
-decode step must read over the measured copy bandwidth, or a prefill's FLOPs over the measured matmul rate.
+check compares this device with the CPU on small models (float32 logits, the native dtype's logits, compiled
+against eager tokens, every MoE path against the naive dispatch), then times the OLMoE-1B-7B layer shape and prints
+each figure as a fraction of its bound: the bytes a decode step must read over the measured copy bandwidth, or a
+prefill's FLOPs over the measured matmul rate. Checkpoints these commands need are written once into DIR by
+write_random_checkpoint, with olmoe.save_model, the writer train.py and the tests use too.
 """
 
 import argparse
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import torch
 
 import generate as gen
 import olmoe
+import quantize
 
 SHAPES = {  # the released shapes, and small ones of the same kind for a CPU
     "OLMoE-1B-7B": lambda: olmoe.PRESETS["OLMoE-1B-7B-0924"](),
@@ -74,6 +83,12 @@ def random_model(config, device, dtype, seed=0):
             if hasattr(layer.mlp, "gate"):
                 layer.mlp.gate.weight.mul_(20)
     return model.eval()
+
+
+def write_random_checkpoint(config, path, dtype=torch.bfloat16, seed=0):
+    """random_model's weights as a Hub-layout checkpoint in path (olmoe.save_model), built on the CPU in dtype."""
+    print(f"writing a random {dtype_name(dtype)} checkpoint to {path}", file=sys.stderr)
+    return olmoe.save_model(random_model(config, torch.device("cpu"), dtype, seed), path)
 
 
 def twin_models(config, device, dtype):
@@ -246,19 +261,210 @@ def benchmark(shape, device, batches, steps, prompt_len):
           f"{hf_s / ours_s:.2f}x | {prefill_flops(ours, prompt_len) / ours_s / flops:.0%} of matmul peak |")
 
 
-def main():
+# --------------------------------------------------------------------------------------------------------------
+# Quantized decoding: speed of bf16 / int8 / int4 in one run, on a random checkpoint of OLMoE's layer shape
+
+
+def quantized(path: Path, batches=(1, 8), steps=48, repeat=3, group_size=128):
+    """Decode tokens/s of the same random bf16 checkpoint loaded as bf16, int8 and int4, eager, through
+    generate.generate, and by transformers in bf16 when it is installed. All models stay loaded and take turns,
+    so slow moments of a shared machine fall on all of them alike; each figure is the median of `repeat` runs
+    after one warm-up."""
+    load_before = os.getloadavg()[0]
+    if not (path / "config.json").is_file():
+        path.mkdir(parents=True, exist_ok=True)
+        config = olmoe.PRESETS["OLMoE-1B-7B-0924"]()
+        config.num_hidden_layers = 2
+        write_random_checkpoint(config, path)
+    models = {"bf16": olmoe.load_model(path, dtype=torch.bfloat16)}
+    for kind in ("int8", "int4"):
+        models[kind] = quantize.load_model(path, kind, dtype=torch.bfloat16, group_size=group_size)
+    c = models["bf16"].config
+
+    def ours(model):
+        def rate(prompts):
+            stats = {}
+            gen.generate(model, prompts, steps, stats=stats)
+            return stats["decode_tokens"] / stats["decode_s"]
+        return rate
+
+    rates_of = {kind: ours(model) for kind, model in models.items()}
+    try:  # the reference, when installed: transformers' own model of the same checkpoint, eager, bf16
+        import transformers
+    except ImportError:
+        transformers = None
+    if transformers is not None:
+        hf = transformers.OlmoeForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
+
+        def hf_rate(prompts):  # new tokens after the first, over the time they took: as generate's stats count
+            ids = torch.tensor(prompts)
+            seconds = []
+            for n in (steps, 1):
+                t = time.perf_counter()
+                hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                            do_sample=False, pad_token_id=0)
+                seconds.append(time.perf_counter() - t)
+            return len(prompts) * (steps - 1) / (seconds[0] - seconds[1])
+
+        rates_of["transformers bf16"] = hf_rate
+    rates = {}
+    for B in batches:
+        prompts = torch.randint(0, c.vocab_size, (B, 16), generator=torch.Generator().manual_seed(B)).tolist()
+        runs = {kind: [] for kind in rates_of}
+        for r in range(repeat + 1):
+            for kind, rate in rates_of.items():
+                if r:  # the first round warms up
+                    runs[kind].append(rate(prompts))
+                    print(f"batch {B}, {kind}: {runs[kind][-1]:.1f} tok/s", file=sys.stderr)
+                else:
+                    rate(prompts)
+        for kind in rates_of:
+            rates[kind, B] = sorted(runs[kind])[repeat // 2]
+    print(f"{path}: OLMoE layer shape (D={c.hidden_size}, E={c.num_experts} x I={c.intermediate_size}, "
+          f"K={c.num_experts_per_tok}, V={c.vocab_size}), {c.num_hidden_layers} layers, random bf16 weights; "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads, eager; {steps} new tokens after a "
+          f"16-token prompt, median of {repeat}; int4 group size {group_size}; load average before / after: "
+          f"{load_before:.2f} / {os.getloadavg()[0]:.2f}")
+    print("| weights | " + " | ".join(f"batch {B} tok/s | vs bf16" for B in batches) + " |")
+    print("|---|" + "---|---|" * len(batches))
+    for kind in rates_of:
+        cells = [f"{rates[kind, B]:.1f} | {rates[kind, B] / rates['bf16', B]:.2f}x" for B in batches]
+        print(f"| {kind} | " + " | ".join(cells) + " |")
+
+
+def measure_one(path, kind, steps):
+    """Load `path` as kind ("bf16", "int8" or "int4"), decode `steps` tokens, print weight bytes, peak RSS before
+    loading and after decoding, and decode tok/s: the body of a fresh process of memory()."""
+    cpu = torch.device("cpu")
+    before = gen.peak_memory(cpu)
+    model = olmoe.load_model(path) if kind == "bf16" else quantize.load_model(path, kind)
+    weights = sum(t.nbytes for t in model.state_dict().values())
+    stats = {}
+    gen.generate(model, [[1] * 16], steps, stats=stats)
+    print(weights, before, gen.peak_memory(cpu), stats["decode_tokens"] / stats["decode_s"])
+
+
+def memory(path: Path, steps=32):
+    """Weight bytes, peak RSS and batch-1 decode speed of the full OLMoE-1B-7B shape (random bf16 weights in
+    2 GiB safetensors shards) at each precision, each loaded in a fresh process so each peak is its own."""
+    if not (path / "config.json").is_file():
+        path.mkdir(parents=True, exist_ok=True)
+        write_random_checkpoint(olmoe.PRESETS["OLMoE-1B-7B-0924"](), path)
+    print(f"{path}: OLMoE-1B-7B shape, random bf16 weights, loaded on the CPU in a fresh process each; "
+          f"eager batch-1 decoding of {steps} tokens, {torch.get_num_threads()} threads")
+    print("| weights | weight bytes | peak RSS | peak RSS less PyTorch's own | ratio to weight bytes | decode tok/s |")
+    print("|---|---|---|---|---|---|")
+    for kind in ("bf16", "int8", "int4"):
+        code = f"import sys, torch, benchmark; torch.set_num_threads({torch.get_num_threads()}); " \
+               f"benchmark.measure_one(sys.argv[1], sys.argv[2], {steps})"
+        r = subprocess.run([sys.executable, "-c", code, str(path), kind], capture_output=True, text=True, check=True)
+        weights, before, peak, rate = map(float, r.stdout.split())
+        print(f"| {kind} | {weights / 1e9:.2f} GB | {peak / 1e9:.2f} GB | {(peak - before) / 1e9:.2f} GB | "
+              f"{(peak - before) / weights:.2f} | {rate:.1f} |")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Accuracy: per-layer weight error and logit error, on a small OLMoE initialised as transformers does
+
+
+def weight_errors(model_path, group_size=128):
+    """Relative Frobenius error |w - dequantize(quantize(w))| / |w| of each quantized weight, for int8 and int4,
+    summarised per kind of layer as (mean, max) over layers and experts."""
+    from safetensors.torch import load_file
+
+    errors = {}
+    for file in sorted(model_path.glob("*.safetensors")):
+        for name, w in load_file(file).items():
+            if w.dim() != 2 or "embed_tokens" in name or name.endswith("mlp.gate.weight"):
+                continue  # norms, the embedding and the router stay in float
+            kind = name.split(".")[-2]  # q_proj, ..., gate_proj / up_proj / down_proj (experts), lm_head
+            for bits in (8, 4, "4-clip"):
+                back = quantize.dequantize(*quantize.quantize(w, 4 if bits == "4-clip" else bits, group_size,
+                                            clip_search=bits == "4-clip"), torch.float32)
+                err = (back - w.float()).norm() / w.float().norm()
+                errors.setdefault((kind, bits), []).append(err.item())
+    return {k: (sum(v) / len(v), max(v)) for k, v in errors.items()}
+
+
+def accuracy(workdir: Path, steps=64, group_size=128):
+    path = workdir / "small-OLMoE"
+    if not (path / "config.json").is_file():
+        import transformers
+
+        torch.manual_seed(0)
+        hf_config = transformers.OlmoeConfig(vocab_size=50304, hidden_size=512, intermediate_size=256,
+                                             num_hidden_layers=4, num_attention_heads=8, num_experts=64,
+                                             num_experts_per_tok=8)
+        transformers.OlmoeForCausalLM(hf_config).save_pretrained(path)
+    print(f"{path}: small OLMoE (D=512, 4 layers, 64 experts of width 256, top-8, V=50304), transformers' random "
+          f"init (weights ~ N(0, 0.02)); int4 group size {group_size}")
+    print("\nWeight reconstruction, relative Frobenius error |w - w_q| / |w|, mean / max over layers (and experts)")
+    print("| layer | int8 | int4 | int4, clip_search=True |\n|---|---|---|---|")
+    errors = weight_errors(path, group_size)
+    for kind in dict.fromkeys(k for k, _ in errors):
+        print(f"| {kind} | " + " | ".join(f"{errors[kind, b][0]:.4f} / {errors[kind, b][1]:.4f}"
+                                         for b in (8, 4, "4-clip")) + " |")
+
+    prompt = torch.randint(0, 50000, (16,), generator=torch.Generator().manual_seed(0)).tolist()
+    f32 = olmoe.load_model(path, dtype=torch.float32)
+    greedy = gen.generate(f32, [prompt], steps)[0]
+    ids = torch.tensor([prompt + greedy])
+    models = {"bf16": olmoe.load_model(path, dtype=torch.bfloat16)}
+    for kind in ("int8", "int4"):
+        models[kind] = quantize.load_model(path, kind, dtype=torch.bfloat16, group_size=group_size)
+    models["int4, clip_search"] = quantize.load_model(path, "int4", dtype=torch.bfloat16, group_size=group_size,
+                                             clip_search=True)
+    with torch.no_grad():
+        logits = {k: m(ids).logits[0, len(prompt) - 1:-1].float() for k, m in {"float32": f32, **models}.items()}
+    print(f"\nLogits over {steps} greedy (float32) tokens after a 16-token prompt, teacher-forced; bf16 activations")
+    print("| weights | relative logit error vs bf16, mean / max over positions | vs float32 | "
+          "same argmax as bf16 |\n|---|---|---|---|")
+    for kind in models:
+        row = []
+        for ref in ("bf16", "float32"):
+            rel = (logits[kind] - logits[ref]).norm(dim=-1) / logits[ref].norm(dim=-1)  # (steps,)
+            row.append(f"{rel.mean():.4f} / {rel.max():.4f}")
+        agree = (logits[kind].argmax(-1) == logits["bf16"].argmax(-1)).float().mean()
+        print(f"| {kind} | {row[0]} | {row[1]} | {agree:.1%} |")
+
+
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--check", action="store_true", help="self-check this device (about a minute on a GPU)")
-    p.add_argument("--shape", choices=SHAPES, default="OLMoE-1B-7B")
-    p.add_argument("--device", default=None, help="default: cuda, else mps, else cpu")
-    p.add_argument("--batch", type=int, nargs="+", default=[1, 8, 64])
-    p.add_argument("--steps", type=int, default=64, help="tokens generated per decode measurement")
-    p.add_argument("--prompt-len", type=int, default=2048, help="tokens in the prefill measurement")
-    a = p.parse_args()
-    device = gen.pick_device(a.device)
-    if a.check:
-        raise SystemExit(0 if check(device) else 1)
-    benchmark(a.shape, device, a.batch, a.steps, a.prompt_len)
+    sub = p.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("check", help="self-check this device (about a minute on a GPU)")
+    c.add_argument("--device", default=None, help="default: cuda, else mps, else cpu")
+    s = sub.add_parser("speed", help="decoding and prefill against transformers, the same random weights")
+    s.add_argument("--shape", choices=SHAPES, default="OLMoE-1B-7B")
+    s.add_argument("--device", default=None, help="default: cuda, else mps, else cpu")
+    s.add_argument("--batch", type=int, nargs="+", default=[1, 8, 64])
+    s.add_argument("--steps", type=int, default=64, help="tokens generated per decode measurement")
+    s.add_argument("--prompt-len", type=int, default=2048, help="tokens in the prefill measurement")
+    q = sub.add_parser("quantized", help="decode speed of bf16 / int8 / int4 on a random 2-layer checkpoint of "
+                                         "OLMoE-1B-7B's layer shape in DIR (written if absent)")
+    q.add_argument("dir", type=Path)
+    q.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    q.add_argument("--steps", type=int, default=48, help="new tokens per decode measurement")
+    m = sub.add_parser("memory", help="weight bytes, peak RSS and decode speed of the full OLMoE-1B-7B shape at "
+                                      "each precision, with a random checkpoint in DIR (written if absent: 14 GB)")
+    m.add_argument("dir", type=Path)
+    a = sub.add_parser("accuracy", help="weight and logit error of int8 / int4 on a small random OLMoE in DIR")
+    a.add_argument("dir", type=Path)
+    for parser in (q, m, a):
+        parser.add_argument("--threads", type=int, default=2)
+    for parser in (q, a):
+        parser.add_argument("--group-size", type=int, default=128, help="inputs per int4 scale")
+    args = p.parse_args(argv)
+    if args.command == "check":
+        raise SystemExit(0 if check(gen.pick_device(args.device)) else 1)
+    if args.command == "speed":
+        return benchmark(args.shape, gen.pick_device(args.device), args.batch, args.steps, args.prompt_len)
+    torch.set_num_threads(args.threads)
+    if args.command == "quantized":
+        quantized(args.dir, args.batch, args.steps, group_size=args.group_size)
+    elif args.command == "memory":
+        memory(args.dir)
+    else:
+        accuracy(args.dir, group_size=args.group_size)
 
 
 if __name__ == "__main__":

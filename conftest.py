@@ -1,0 +1,75 @@
+"""Shared fixtures for the tests: tiny configs, random transformers models saved in the Hub's layout (transformers is
+the reference the tests compare against), and a byte-level BPE tokenizer trained here. Nothing is downloaded."""
+
+import json
+
+import pytest
+import torch
+import transformers
+from safetensors.torch import load_file, save_file
+
+TINY = dict(vocab_size=96, hidden_size=32, intermediate_size=16, num_hidden_layers=2, num_attention_heads=4,
+            max_position_embeddings=64, eos_token_id=None, bos_token_id=None, pad_token_id=None)
+TINY_MOE = dict(TINY, num_experts=8, num_experts_per_tok=2)
+
+
+HF_CLASSES = {"olmoe": (transformers.OlmoeConfig, transformers.OlmoeForCausalLM),
+              "olmo2": (transformers.Olmo2Config, transformers.Olmo2ForCausalLM)}
+
+
+def hf_model(model_type, seed=0, **overrides):
+    """A random transformers model of a tiny config, its norms perturbed so that their weights matter."""
+    cls = HF_CLASSES[model_type]
+    torch.manual_seed(seed)
+    model = cls[1](cls[0](**{**(TINY_MOE if model_type == "olmoe" else TINY), **overrides})).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+            elif "mlp.gate" in name:
+                p.mul_(20)  # sharper routing, so the top-k choice is far from ties
+    return model
+
+
+def save(model, path, **kwargs):
+    model.save_pretrained(path, **kwargs)
+    return path
+
+
+def tokens(B=2, T=12, seed=1):
+    return torch.randint(0, TINY["vocab_size"], (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+def copy_checkpoint(src, dst, edit_tensors=None, edit_config=None):
+    cfg = json.loads((src / "config.json").read_text())
+    (dst / "config.json").write_text(json.dumps(edit_config(cfg) if edit_config else cfg))
+    tensors = load_file(src / "model.safetensors")
+    save_file(edit_tensors(tensors) if edit_tensors else tensors, dst / "model.safetensors")
+    return dst
+
+
+TOKENIZER_VOCAB, MODEL_VOCAB = 300, 320  # the model's vocabulary is padded, as the released ones are
+
+
+@pytest.fixture(scope="session")
+def tokenizer_json(tmp_path_factory):
+    """A byte-level BPE tokenizer trained here, so multi-byte characters span several tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=TOKENIZER_VOCAB, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(["the quick brown fox jumps over the lazy dog; café, naïve, 日本語"] * 20, trainer)
+    assert tok.get_vocab_size() == TOKENIZER_VOCAB
+    path = tmp_path_factory.mktemp("tokenizer") / "tokenizer.json"
+    tok.save(str(path))
+    return path
+
+
+def gen_checkpoint(path, tokenizer_json, model_type="olmoe", **overrides):
+    ref = hf_model(model_type, vocab_size=MODEL_VOCAB, max_position_embeddings=128, **overrides)
+    save(ref, path)
+    (path / "tokenizer.json").write_text(tokenizer_json.read_text())
+    return ref, path

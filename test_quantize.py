@@ -1,0 +1,305 @@
+"""Tests for quantize.py: weight-only int8 and int4. References come from the schemes' definitions, never
+from quantize.py; GPU kernels that cannot run here are simulated (olmoe.device_facts, and a plain model of
+tinygemm's contract)."""
+
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import olmoe
+import quantize
+from conftest import hf_model, save, tokens
+
+QUANT_WIDTHS = dict(hidden_size=256, intermediate_size=128)  # multiples of the int4 group size, 128
+
+
+def save_hf(path, model_type="olmoe", seed=0, **overrides):
+    return save(hf_model(model_type, seed, **{**QUANT_WIDTHS, **overrides}), path)
+
+
+@pytest.fixture(scope="module")
+def moe_checkpoint(tmp_path_factory):
+    return save_hf(tmp_path_factory.mktemp("moe"))
+
+
+def rel_error(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The scheme, from its definition
+
+
+def reference_dequantized(w, bits, G=128):
+    """The float32 weight the scheme represents: absmax/127 per row (int8) or absmax/7 per group of G (int4)."""
+    w = w.float()
+    if bits == 8:
+        s = w.abs().amax(-1, keepdim=True) / 127
+        return (w / s).round().clamp(-127, 127) * s
+    g = w.unflatten(-1, (-1, G))
+    s = g.abs().amax(-1, keepdim=True) / 7
+    return ((g / s).round().clamp(-8, 7) * s).flatten(-2)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("scale_dtype", [torch.float32, torch.bfloat16])
+def test_round_trip_error_is_at_most_half_a_step(bits, scale_dtype):
+    w = torch.randn(3, 40, 256) * torch.rand(3, 40, 1)  # rows of different magnitudes
+    q, scale = quantize.quantize(w, bits, group_size=64, scale_dtype=scale_dtype)
+    back = quantize.dequantize(q, scale, torch.float32)
+    step = scale.float()[..., None] if bits == 8 else scale.float().repeat_interleave(64, dim=-1)  # per element
+    assert q.shape[-1] == (256 if bits == 8 else 128) and scale.dtype == scale_dtype
+    assert ((back - w).abs() <= step / 2 * (1 + 1e-6)).all()  # half a step of the scale as stored
+    assert (back - w).abs().max() > 0  # it did round: the bound above is not vacuous
+
+
+def test_int4_packs_two_inputs_a_byte_the_even_one_high():
+    w = torch.zeros(1, 32)
+    w[0, 0], w[0, 1], w[0, 3] = 7.0, -7.0, 3.0  # absmax 7: scale 1, so q = w, stored as q + 8
+    q, scale = quantize.quantize(w, 4, group_size=32)
+    assert scale.item() == 1.0
+    assert q[0, :2].tolist() == [(7 + 8) << 4 | (-7 + 8), 8 << 4 | (3 + 8)]
+
+
+def test_clip_search_never_rounds_a_group_worse_than_absmax():
+    w = torch.randn(16, 512) * torch.rand(16, 512).pow(4) * 3  # heavy-tailed rows: clipping should pay somewhere
+    err = [(quantize.dequantize(*quantize.quantize(w, 4, 128, clip_search=c), torch.float32) - w)
+           .unflatten(-1, (-1, 128)).square().sum(-1) for c in (False, True)]  # (16, 4) squared error per group
+    assert (err[1] <= err[0] * (1 + 1e-6)).all()  # r = 1 (plain absmax) is one of the candidates
+    assert err[1].sum() < 0.95 * err[0].sum()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Kernels: which runs where, and each one equals the dequantized weight
+
+
+@pytest.mark.parametrize("facts, dtype, int8, int4", [
+    (("cpu", None), torch.bfloat16, "int8pack", "int4pack-cpu"),
+    (("cpu", None), torch.float32, "int8pack", "int4pack-cpu"),
+    (("cuda", (7, 5)), torch.bfloat16, "int8-linear", "dequant"),  # tinygemm needs Ampere's bf16 MMA
+    (("cuda", (8, 0)), torch.bfloat16, "int8-linear", "tinygemm"),
+    (("cuda", (9, 0)), torch.bfloat16, "int8-linear", "tinygemm"),
+    (("cuda", (9, 0)), torch.float16, "int8-linear", "dequant"),  # CUDA tinygemm takes bf16 only
+    (("mps", None), torch.float16, "int8pack", "tinygemm"),
+    (("xpu", None), torch.bfloat16, "dequant", "dequant"),  # a device no rule names takes the portable path
+])
+def test_kernel_choice_per_device(facts, dtype, int8, int4):
+    assert quantize.choose_kernel(8, *facts, dtype, 2048, 2048, 128) == int8
+    assert quantize.choose_kernel(4, *facts, dtype, 2048, 2048, 128) == int4
+
+
+@pytest.mark.parametrize("facts", [("cpu", None), ("cuda", (8, 0)), ("mps", None)])
+def test_kernel_choice_respects_the_kernels_shape_limits(facts):
+    dtype = torch.bfloat16
+    assert quantize.choose_kernel(4, *facts, dtype, 2048, 2048, 48) == "dequant"  # group size not in {32..256}
+    assert quantize.choose_kernel(4, *facts, dtype, 36, 2048, 128) == "dequant"  # out not a multiple of 8 / 16
+    if facts[0] == "mps":
+        assert quantize.choose_kernel(8, *facts, dtype, 48, 2048, 128) == "dequant"  # MPS int8: out % 32
+
+
+def fake_tinygemm(monkeypatch):
+    """Stand-ins for CUDA/MPS tinygemm on a CPU, written from its contract: the packer takes uint8 (N, K/2), even k
+    in the high nibble, and returns int32 [N/8, K/(16*inner_k_tiles), 32, inner_k_tiles/2] (here the same bytes in
+    plain order); the matmul takes scales_and_zeros [K/G, N, 2] and dequantizes (q - 8) * scale + zero."""
+    def convert(w, inner_k_tiles):
+        assert w.dtype == torch.uint8 and inner_k_tiles in (2, 4, 8) and w.shape[1] * 2 % (16 * inner_k_tiles) == 0
+        N, K = w.shape[0], w.shape[1] * 2
+        return w.contiguous().view(torch.int32).reshape(N // 8, K // (16 * inner_k_tiles), 32, inner_k_tiles // 2)
+
+    def mm(x, packed, G, sz):
+        N = sz.shape[1]
+        b = packed.reshape(-1).view(torch.uint8).view(N, -1)  # (N, K/2)
+        q = torch.stack((b >> 4, b & 15), dim=-1).flatten(-2).float()  # (N, K)
+        scale, zero = (sz[..., j].T.float().repeat_interleave(G, dim=1) for j in (0, 1))  # (N, K) each
+        return x @ ((q - 8) * scale + zero).to(x.dtype).T
+
+    monkeypatch.setattr(torch, "_convert_weight_to_int4pack", convert)
+    monkeypatch.setattr(torch, "_weight_int4pack_mm", mm)
+
+
+KERNEL_PATHS = [(8, "int8pack"), (8, "int8-linear"), (8, "dequant"),
+                (4, "int4pack-cpu"), (4, "tinygemm"), (4, "dequant")]
+
+
+@pytest.mark.parametrize("bits, kernel", KERNEL_PATHS)
+def test_quant_linear_equals_a_matmul_with_the_dequantized_weight(bits, kernel, monkeypatch):
+    fake_tinygemm(monkeypatch)
+    w, x = torch.randn(64, 256), torch.randn(2, 5, 256)
+    layer = quantize.QuantLinear(64, 256, bits, 128, torch.float32, "cpu")
+    layer.load("weight", (), w)
+    layer.use(kernel)
+    torch.testing.assert_close(layer(x), x @ reference_dequantized(w, bits).T, rtol=1e-4, atol=1e-4)
+    last = x[:, -1:]  # what lm_head gets in generation: rows that are not contiguous in memory
+    torch.testing.assert_close(layer(last), last @ reference_dequantized(w, bits).T, rtol=1e-4, atol=1e-4)
+
+
+def dequantized_experts_oracle(x, top_w, top_i, gate_up, down):
+    """Every token through each of its K experts, one at a time: y_n = sum_k w_nk * down_e(silu(gate_e x) * up_e x)."""
+    y = torch.zeros_like(x)
+    for n in range(x.shape[0]):
+        for w, e in zip(top_w[n], top_i[n]):
+            gate, up = (gate_up[e] @ x[n]).chunk(2)
+            y[n] += w * (down[e] @ (F.silu(gate) * up))
+    return y
+
+
+@pytest.mark.parametrize("bits, kernel", KERNEL_PATHS)
+def test_quant_experts_equal_the_dense_oracle_over_dequantized_experts(bits, kernel, monkeypatch):
+    fake_tinygemm(monkeypatch)
+    E, D, I, N, K = 8, 256, 128, 5, 3
+    gate_up, down = torch.randn(E, 2 * I, D), torch.randn(E, D, I)
+    experts = quantize.QuantExperts(E, D, I, bits, 128, torch.float32, "cpu")
+    for e in range(E):  # as the loader hands them over: gate and up rows separately, down whole
+        experts.load("gate_up_proj", (e, slice(0, I)), gate_up[e, :I])
+        experts.load("gate_up_proj", (e, slice(I, 2 * I)), gate_up[e, I:])
+        experts.load("down_proj", (e,), down[e])
+    experts.use(kernel)
+    x = torch.randn(N, D)
+    top_w, top_i = torch.randn(N, E).softmax(-1).topk(K, dim=-1)  # (N, K): 5 tokens over some of the 8 experts
+    expected = dequantized_experts_oracle(x, top_w, top_i, reference_dequantized(gate_up, bits),
+                                          reference_dequantized(down, bits))
+    torch.testing.assert_close(experts(x, top_w, top_i), expected, rtol=1e-4, atol=1e-5 * expected.abs().max().item())
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Loading: what is swapped, what is allocated, what each device gets
+
+
+def portable_model(path, kind, **kw):
+    """The same model with every kernel choice forced to the portable path (dequantize, then F.linear)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(quantize, "choose_kernel", lambda *a: "dequant")
+        return quantize.load_model(path, kind, **kw)
+
+
+@pytest.mark.parametrize("kind, tolerance", [("int8", 0.05), ("int4", 0.5)])
+def test_quantized_model_stays_close_to_the_float_model(moe_checkpoint, kind, tolerance):
+    ids = tokens(T=16)
+    with torch.no_grad():
+        ref = olmoe.load_model(moe_checkpoint)(ids).logits
+        packed = quantize.load_model(moe_checkpoint, kind)
+        out = packed(ids).logits
+        portable = portable_model(moe_checkpoint, kind)(ids).logits
+    assert {k for m in packed.modules() if isinstance(m, quantize.Quantized) for k in m.kernels.values()} == \
+        {"int8pack" if kind == "int8" else "int4pack-cpu"}  # on this CPU, every layer takes the packed kernel
+    torch.testing.assert_close(out, portable, rtol=1e-4, atol=1e-4)
+    assert 0 < rel_error(out, ref) < tolerance
+
+
+def test_compiled_decoding_gives_the_same_tokens(moe_checkpoint):
+    import generate
+
+    model = quantize.load_model(moe_checkpoint, "int8")
+    prompts = [[1, 2, 3], [4, 5]]  # padded: the mask path too
+    assert generate.generate(model, prompts, 6, compile=True) == generate.generate(model, prompts, 6)
+
+
+def test_what_is_quantized_and_what_is_not(tmp_path):
+    path = save_hf(tmp_path, tie_word_embeddings=True)
+    model = quantize.load_model(path, "int8")
+    layer = model.model.layers[0]
+    assert isinstance(layer.self_attn.q_proj, quantize.QuantLinear)
+    assert isinstance(layer.mlp.experts, quantize.QuantExperts)
+    assert type(layer.mlp.gate) is torch.nn.Linear  # the router picks the experts: it stays in float
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # tied: it is the embedding
+
+
+def test_olmo2_mlps_are_quantized_and_stay_close(tmp_path):
+    path = save_hf(tmp_path, "olmo2")
+    ids = tokens()
+    model = quantize.load_model(path, "int8")
+    assert isinstance(model.model.layers[0].mlp.gate_proj, quantize.QuantLinear)
+    with torch.no_grad():
+        assert 0 < rel_error(model(ids).logits, olmoe.load_model(path)(ids).logits) < 0.05
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_quantized_loading_never_allocates_the_float_model(moe_checkpoint, monkeypatch, kind):
+    float_bytes = sum(t.nbytes for t in olmoe.load_model(moe_checkpoint).state_dict().values())
+    allocated = []
+    to_empty = torch.nn.Module.to_empty
+
+    def recording_to_empty(self, **kw):  # the loader's one allocation of the model's storage
+        out = to_empty(self, **kw)
+        allocated.append(sum(t.nbytes for t in self.state_dict().values()))
+        return out
+
+    monkeypatch.setattr(torch.nn.Module, "to_empty", recording_to_empty)
+    model = quantize.load_model(moe_checkpoint, kind)
+    assert allocated == [sum(t.nbytes for t in model.state_dict().values())]  # repacking allocated nothing more
+    assert allocated[0] < (0.35 if kind == "int8" else 0.25) * float_bytes
+    experts = model.model.layers[0].mlp.experts
+    assert experts.gate_up_proj.dtype == (torch.int8 if kind == "int8" else torch.uint8)
+    assert model.model.layers[0].mlp.gate.weight.dtype == torch.float32  # the router stays in float
+
+
+def test_int4_group_size_must_divide_the_inputs(tmp_path):
+    path = save_hf(tmp_path, hidden_size=32, intermediate_size=16)
+    with pytest.raises(ValueError, match="lm_head: 32 inputs are not a multiple of the int4 group size 128"):
+        quantize.load_model(path, "int4")
+    assert quantize.load_model(path, "int4", group_size=16)(tokens()).logits.isfinite().all()
+
+
+@pytest.mark.parametrize("facts, dtype, int8, int4", [
+    (("cuda", (8, 0)), torch.bfloat16, "int8-linear", "tinygemm"),
+    (("mps", None), torch.float32, "int8pack", "tinygemm"),
+])
+def test_a_simulated_gpu_loads_its_kernels_and_gives_the_portable_answer(moe_checkpoint, monkeypatch, facts, dtype,
+                                                                          int8, int4, capsys):
+    ids = tokens()
+    expected = {k: portable_model(moe_checkpoint, k, dtype=dtype)(ids).logits for k in ("int8", "int4")}
+    fake_tinygemm(monkeypatch)
+    monkeypatch.setattr(olmoe, "device_facts", lambda device: facts)
+    for kind, kernel in (("int8", int8), ("int4", int4)):
+        model = quantize.load_model(moe_checkpoint, kind, dtype=dtype)
+        experts = model.model.layers[0].mlp.experts
+        assert experts.kernels == {"gate_up_proj": kernel, "down_proj": kernel}
+        if kernel == "tinygemm":  # repacked expert by expert into int32 tiles, in the bytes it had
+            assert experts.gate_up_proj.dtype == torch.int32 and experts.gate_up_proj.shape[0] == 8
+        with torch.no_grad():
+            # bf16 rounds differently when int8-linear scales the product and the portable path the weight: a
+            # percent or so on these small logits; a wrong product would be off by order 1
+            assert rel_error(model(ids).logits, expected[kind]) < 3e-2
+    assert capsys.readouterr().err == ""  # every kernel passed its check
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The probe: a kernel that raises or is wrong is replaced by the portable path, with one line on stderr
+
+
+def wrong_by_half(kernel):
+    return lambda *args: kernel(*args) * 1.5
+
+
+@pytest.mark.parametrize("kind, sabotage", [
+    ("int8", lambda mp: mp.setattr(torch, "_weight_int8pack_mm", lambda *a: (_ for _ in ()).throw(RuntimeError("no")))),
+    ("int8", lambda mp: mp.setattr(torch, "_weight_int8pack_mm", wrong_by_half(torch._weight_int8pack_mm))),
+    ("int4", lambda mp: mp.setattr(torch, "_weight_int4pack_mm_for_cpu",
+                                   wrong_by_half(torch._weight_int4pack_mm_for_cpu))),
+    # CUDA's tinygemm simulated on a CPU, for real: its packer has no CPU kernel and raises
+    ("int4", lambda mp: mp.setattr(olmoe, "device_facts", lambda device: ("cuda", (8, 0)))),
+])
+def test_a_kernel_that_fails_its_check_falls_back_with_one_stderr_line(moe_checkpoint, monkeypatch, capsys, kind,
+                                                                        sabotage):
+    ids = tokens()
+    dtype = torch.bfloat16
+    with torch.no_grad():
+        expected = portable_model(moe_checkpoint, kind, dtype=dtype)(ids).logits
+        sabotage(monkeypatch)
+        model = quantize.load_model(moe_checkpoint, kind, dtype=dtype)
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("quantize: kernel ") and "portable path" in err, err
+        assert {k for m in model.modules() if isinstance(m, quantize.Quantized) for k in m.kernels.values()} == \
+            {"dequant"}
+        assert rel_error(model(ids).logits, expected) < 1e-3  # the same path: equal up to bf16 rounding order
+
+
+def test_unknown_kind_is_a_clear_error(moe_checkpoint):
+    with pytest.raises(ValueError, match="quantize 'int3': expected 'int8' or 'int4'"):
+        quantize.load_model(moe_checkpoint, "int3")
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q"]))
