@@ -728,23 +728,20 @@ def save_model(model: Transformer, path, *, shard_bytes=2**31):
 
     path, c = Path(path), model.config
     path.mkdir(parents=True, exist_ok=True)
-    layout, shards, size = hub_layout(model), [[]], 0
-    for name, (param, index, shape) in layout.items():
-        nbytes = model.get_parameter(param)[index].nbytes
-        if shards[-1] and size + nbytes > shard_bytes:
-            shards, size = shards + [[]], 0
-        shards[-1].append(name)
-        size += nbytes
-    files = ["model.safetensors"] if len(shards) == 1 else \
-        [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    for file, names in zip(files, shards):  # clone: safetensors refuses tensors that share storage
-        save_file({n: model.get_parameter(layout[n][0])[layout[n][1]].detach().cpu().clone() for n in names},
-                  path / file, metadata={"format": "pt"})
-    if len(shards) > 1:
-        total = sum(model.get_parameter(p)[i].nbytes for p, i, _ in layout.values())
-        weight_map = {n: file for file, names in zip(files, shards) for n in names}
-        (path / "model.safetensors.index.json").write_text(json.dumps(
-            {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    tensors = {name: model.get_parameter(p)[i] for name, (p, i, _) in hub_layout(model).items()}  # views
+    shards, size = [{}], 0
+    for name, t in tensors.items():
+        if shards[-1] and size + t.nbytes > shard_bytes:
+            shards, size = shards + [{}], 0
+        shards[-1][name], size = t, size + t.nbytes
+    n = len(shards)
+    files = [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)] if n > 1 else ["model.safetensors"]
+    for file, shard in zip(files, shards):  # clone: safetensors refuses tensors that share storage
+        save_file({k: t.detach().cpu().clone() for k, t in shard.items()}, path / file, metadata={"format": "pt"})
+    if n > 1:
+        index = {"metadata": {"total_size": sum(t.nbytes for t in tensors.values())},
+                 "weight_map": {k: file for file, shard in zip(files, shards) for k in shard}}
+        (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     d = {k: v for k, v in vars(c).items() if not k.startswith("rope")}
     rope = dict(rope_type=c.rope_type, rope_theta=c.rope_theta)
     if c.rope_type != "default":
