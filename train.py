@@ -1,0 +1,713 @@
+"""Train OLMoE or OLMo2 with the OLMoE paper's recipe: from scratch, or from a checkpoint; on a CPU or many GPUs.
+
+    python train.py --text code='py/*.py' --text prose=docs.txt --out runs/small --model olmoe-cpu --lr 3e-3
+    python train.py --text chat=sft.txt --out runs/ft --init allenai/OLMoE-1B-7B-0924 --lr 1e-5
+    torchrun --nproc_per_node 8 train.py ... --fsdp          # data parallel; --fsdp also shards the model
+    python train.py ... --resume runs/small                  # continue from the run's last checkpoint, exactly
+
+Like nanoGPT's train.py, the whole run is one function read top to bottom (`train`), after the pieces it uses:
+presets -> text and tokens (tokenizer, token file, get_batch) -> the router losses -> learning rate ->
+evaluation -> checkpoints -> the training loop -> the command line.
+
+The recipe (allenai/OLMoE, configs/OLMoE-1B-7B-0924.yml) is the default: AdamW lr 4e-4, betas (0.9, 0.95), eps 1e-8,
+weight decay 0.1 on every parameter, linear warmup then cosine to 0.1x the peak, gradient clipping at 1.0,
+load-balancing coefficient 0.01 and router z-loss coefficient 0.001, normal(0, 0.02) initialisation cut at 3
+standard deviations, bf16 mixed precision (float32 master weights and optimizer state) where the device has it.
+"""
+
+import argparse
+import glob
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import generate
+import olmoe
+
+# --------------------------------------------------------------------------------------------------------------
+# Presets for training from scratch. The vocabulary size comes from the tokenizer trained on the text.
+#
+# olmoe-cpu keeps OLMoE's design (64 experts, 8 per token, QK-norm, SwiGLU experts, both router losses) at a
+# size a 2-core CPU trains in about 10 minutes; the README gives the measured time and loss. olmo2-cpu is its
+# dense sibling with the same attention. The released shapes (olmoe.PRESETS) can be trained from scratch too.
+
+PRESETS = {
+    "olmoe-cpu": lambda: olmoe.OlmoeConfig(hidden_size=128, intermediate_size=64, num_hidden_layers=4,
+                                           num_attention_heads=4, num_experts=64, num_experts_per_tok=8,
+                                           max_position_embeddings=4096),
+    "olmo2-cpu": lambda: olmoe.Olmo2Config(hidden_size=128, intermediate_size=512, num_hidden_layers=4,
+                                           num_attention_heads=4, max_position_embeddings=4096),
+    **olmoe.PRESETS,
+}
+
+EOS, PAD = "<|endoftext|>", "<|padding|>"  # the special tokens of a tokenizer trained here: ids 0 and 1
+
+
+class TrainError(Exception):
+    """Something the user can fix: the message names it and says what was expected."""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Text and tokens
+
+
+def read_domains(specs) -> dict:
+    """--text NAME=FILE_OR_GLOB, repeated -> {name: [each file's text, in sorted order]}."""
+    domains = {}
+    for spec in specs:
+        name, sep, pattern = spec.partition("=")
+        if not sep or not name or not pattern:
+            raise TrainError(f"--text {spec!r}: expected NAME=FILE_OR_GLOB, e.g. code='src/*.py'")
+        files = sorted(glob.glob(os.path.expanduser(pattern), recursive=True)) or [pattern]
+        files = [f for f in files if not os.path.isdir(f)]
+        if not files or not os.path.isfile(files[0]):
+            raise TrainError(f"--text {spec}: no such file")
+        texts = [Path(f).read_text(encoding="utf-8", errors="replace") for f in files]
+        if not any(t.strip() for t in texts):
+            raise TrainError(f"--text {spec}: empty (no text in {len(files)} file(s))")
+        domains.setdefault(name, []).extend(t for t in texts if t.strip())
+    return domains
+
+
+def split_domain(docs, val_fraction):
+    """A domain's documents -> (train docs, validation docs). Whole files are held out from the end until they
+    make up val_fraction of the bytes; a single file is cut at the line nearest that point."""
+    if len(docs) == 1:
+        text = docs[0]
+        cut = text.rfind("\n", 0, int(len(text) * (1 - val_fraction))) + 1 or int(len(text) * (1 - val_fraction))
+        return [text[:cut]], [text[cut:]]
+    total, held = sum(len(d) for d in docs), 0
+    k = len(docs)
+    while k > 1 and held < val_fraction * total:
+        k, held = k - 1, held + len(docs[k - 1])
+    return docs[:k], docs[k:]
+
+
+def train_tokenizer(docs, vocab_size):
+    """A byte-level BPE tokenizer (GPT-2's kind, as OLMoE's) trained on the training text: every byte sequence
+    has a tokenization, and multi-byte characters may span several tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS, PAD], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(docs, trainer)
+    return tokenizer
+
+
+def build_token_file(out, tokenizer, eos, splits):
+    """Tokenize every document once into out/tokens.bin, a flat array of token ids with eos after each document:
+    all domains' training tokens first (so one range holds them all), then each domain's validation tokens.
+    Returns the index, also written to out/tokens.json; a token file of the same tokenizer and text is reused."""
+    key = hashlib.sha256(tokenizer.to_str().encode())
+    for name, (tr, va) in splits.items():
+        for d in [name, *tr, "\0", *va]:
+            key.update(d.encode("utf-8", errors="replace") + b"\0")
+    index_file = out / "tokens.json"
+    if index_file.is_file() and (index := json.loads(index_file.read_text())).get("key") == key.hexdigest():
+        return index
+
+    def encode(docs):
+        ids = []
+        for enc in tokenizer.encode_batch(docs, add_special_tokens=False):
+            ids.extend(enc.ids + [eos])
+        return ids
+
+    train_ids = [encode(tr) for tr, _ in splits.values()]
+    val_ids = [encode(va) for _, va in splits.values()]
+    dtype = np.uint16 if tokenizer.get_vocab_size() <= 2**16 else np.uint32
+    n_train = sum(map(len, train_ids))
+    index = dict(key=key.hexdigest(), dtype=np.dtype(dtype).name, train=[0, n_train], val={})
+    tokens = np.memmap(out / "tokens.bin.tmp", dtype=dtype, mode="w+", shape=(n_train + sum(map(len, val_ids)),))
+    pos = 0
+    for ids in train_ids:
+        tokens[pos:pos + len(ids)] = ids
+        pos += len(ids)
+    for (name, (_, va)), ids in zip(splits.items(), val_ids):
+        tokens[pos:pos + len(ids)] = ids
+        index["val"][name] = dict(range=[pos, pos + len(ids)], bytes=sum(len(d.encode()) for d in va))
+        pos += len(ids)
+    tokens.flush()
+    del tokens
+    os.replace(out / "tokens.bin.tmp", out / "tokens.bin")  # the index names a complete token file only
+    index_file.write_text(json.dumps(index, indent=1))
+    return index
+
+
+def get_batch(tokens, n_train, seq_len, batch_size, seed, step):
+    """The step's batch_size random windows of the training tokens, as nanoGPT samples them: inputs x and next-token
+    targets y, (B, T) each. The windows depend only on (seed, step), so a resumed run reads what it would have."""
+    starts = np.random.default_rng([seed, step]).integers(0, n_train - seq_len, size=batch_size)
+    w = torch.from_numpy(np.stack([tokens[s:s + seq_len + 1].astype(np.int64) for s in starts]))  # (B, T+1)
+    return w[:, :-1], w[:, 1:]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The router losses
+#
+# The load-balancing loss is E * sum_e f_e * p_e (Switch Transformer): f_e the share of token-expert pairs routed to
+# expert e, p_e its mean router probability. Two conventions scale it differently:
+#   paper         OLMoE's training code (megablocks' batched_load_balancing_loss, E / (L * T * K) * counts . probs):
+#                 each layer's loss is 1 at perfect balance, and the layers are averaged. 1 when balanced.
+#   transformers  olmoe.Output.aux_loss, as transformers computes it: all layers' tokens pooled into one f and p,
+#                 and f sums to K rather than 1. K (8 for OLMoE) when balanced.
+# So a coefficient of 0.01 on transformers' value is about K times as strong as the paper's 0.01.
+
+
+def balance_loss_paper(router_logits, K):
+    """The paper's load-balancing loss from each layer's router logits (B, T, E): 1 at perfect balance."""
+    per_layer = []
+    for logits in router_logits:
+        probs = logits.flatten(0, 1).float().softmax(dim=-1)  # (N, E)
+        N, E = probs.shape
+        counts = torch.bincount(probs.topk(K, dim=-1).indices.flatten(), minlength=E)  # (E,) pairs per expert
+        per_layer.append(E / (N * K) * (counts * probs.mean(dim=0)).sum())
+    return torch.stack(per_layer).mean()
+
+
+def routing_load(router_logits, K):
+    """Each layer's expert counts (L, E): how many token-expert pairs went to each expert."""
+    return torch.stack([torch.bincount(r.flatten(0, 1).topk(K, dim=-1).indices.flatten(), minlength=r.shape[-1])
+                        for r in router_logits])
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Learning rate: linear warmup, then cosine down to final_ratio x the peak (OLMoE's schedule)
+
+
+def get_lr(step, peak, warmup, steps, final_ratio=0.1):
+    """The learning rate of optimizer step `step` (1 .. steps)."""
+    if step <= warmup:
+        return peak * step / warmup
+    progress = (step - warmup) / max(1, steps - warmup)  # 0 -> 1
+    return peak * (final_ratio + (1 - final_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Evaluation
+
+
+@torch.no_grad()
+def evaluate(model, tokens, index, seq_len, batch_size, max_tokens, autocast, K):
+    """Validation loss (nats per token) and bits per byte of each domain, over the first max_tokens of its held-out
+    split cut into consecutive windows; and each layer's expert counts (L, E) over all of them (OLMoE only).
+    Bits per byte = nats / ln 2 over the bytes those tokens stand for, at the split's bytes per token."""
+    device = next(model.parameters()).device
+    result, counts = {}, None
+    for name, v in index["val"].items():
+        a, b = v["range"]
+        ids = torch.from_numpy(tokens[a:min(b, a + max_tokens + 1)].astype(np.int64))
+        T = min(seq_len, len(ids) - 1)
+        n = (len(ids) - 1) // T
+        x = ids[:n * T].view(n, T)  # (n, T)
+        y = ids[1:n * T + 1].view(n, T)  # (n, T)
+        nats = 0.0
+        for i in range(0, n, batch_size):
+            with autocast():
+                out = model(x[i:i + batch_size].to(device))
+            nats += F.cross_entropy(out.logits.flatten(0, 1).float(), y[i:i + batch_size].flatten().to(device),
+                                    reduction="sum").item()
+            if out.router_logits:
+                c = routing_load(out.router_logits, K).cpu()
+                counts = c if counts is None else counts + c
+        loss = nats / (n * T)
+        result[name] = dict(loss=loss, bpb=loss / math.log(2) * (b - a) / v["bytes"])
+    return result, counts
+
+
+def load_summary(counts, K):
+    """Per layer: the largest expert's share of the token-expert pairs (1/E when balanced, 1/K when every token
+    takes the same K experts) and the entropy of the experts' shares in bits (log2 E when balanced)."""
+    share = counts.double() / counts.sum(dim=-1, keepdim=True)  # (L, E)
+    entropy = -(share * share.clamp(min=1e-30).log2()).sum(dim=-1)  # (L,)
+    return share.max(dim=-1).values.tolist(), entropy.tolist()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Checkpoints: DIR/step-NNNNNN/ in the Hub's layout, with the training state beside it
+
+
+def full_state(model, optimizer, fsdp):
+    """The model's and the optimizer's whole state on the CPU, keyed by parameter name (every process takes part;
+    with FSDP this gathers the shards). The same format whatever the run's parallelism, so any can resume any."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    if not fsdp and not isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        return model.state_dict(), _named_optimizer_state(model, optimizer)
+    return get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def _named_optimizer_state(model, optimizer):
+    """optimizer.state_dict() with parameter names for its integer ids, the format get_state_dict writes."""
+    sd = optimizer.state_dict()
+    names = [n for n, _ in model.named_parameters()]
+    return dict(state={names[i]: s for i, s in sd["state"].items()},
+                param_groups=[{**g, "params": [names[i] for i in g["params"]]} for g in sd["param_groups"]])
+
+
+def load_optimizer_state(model, optimizer, state, fsdp):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    if not fsdp and not isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        ids = {n: i for i, (n, _) in enumerate(model.named_parameters())}
+        optimizer.load_state_dict(dict(state={ids[n]: s for n, s in state["state"].items()},
+                                       param_groups=[{**g, "params": [ids[n] for n in g["params"]]}
+                                                     for g in state["param_groups"]]))
+    else:
+        set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+
+def save_checkpoint(out, step, config, weights, optimizer_state, tokenizer, train_state):
+    """Write DIR/step-NNNNNN/ into a temporary folder, then rename it into place: a crash leaves either the whole
+    checkpoint or none. The weights are float32, the master weights, so a resumed run continues exactly."""
+    final = out / f"step-{step:06d}"
+    tmp = out / f".{final.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    with torch.device("meta"):
+        model = olmoe.Transformer(config)
+    model.load_state_dict(weights, assign=True)
+    olmoe.save_model(model, tmp)
+    tokenizer.save(str(tmp / "tokenizer.json"))
+    eos, pad = config.eos_token_id, config.pad_token_id
+    (tmp / "generation_config.json").write_text(json.dumps(dict(eos_token_id=eos, pad_token_id=pad), indent=2))
+    torch.save(dict(train_state, optimizer=optimizer_state), tmp / "train_state.pt")
+    if final.exists():  # the same step saved again (a resumed run): replace it only once the new one is whole
+        old = out / f".{final.name}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, final)
+    return final
+
+
+def find_checkpoint(path):
+    """--resume PATH: a step-NNNNNN checkpoint, or a run's directory (its latest checkpoint)."""
+    path = Path(path)
+    if (path / "train_state.pt").is_file():
+        return path
+    steps = sorted(p for p in path.glob("step-*") if (p / "train_state.pt").is_file())
+    if not steps:
+        raise TrainError(f"--resume {path}: no checkpoint with a train_state.pt there (expected DIR/step-NNNNNN "
+                         "or the run's DIR)")
+    return steps[-1]
+
+
+def config_difference(a, b):
+    """The first field in which two model configs differ, as text; None if they are the same model."""
+    for field in sorted(set(vars(a)) | set(vars(b)) | {"model_type"}):
+        if field != "dtype" and getattr(a, field, None) != getattr(b, field, None):
+            return f"{field} {getattr(a, field, None)} here, {getattr(b, field, None)} in the checkpoint"
+    return None
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Speed
+
+
+def matmul_peak(device, dtype):
+    """The device's measured matmul rate in dtype (FLOP/s): the denominator of MFU."""
+    n = 1024 if device.type == "cpu" else 8192
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    sync, times = generate.synchronizer(device), []
+    for _ in range(5):
+        sync()
+        t = time.perf_counter()
+        a @ b
+        sync()
+        times.append(time.perf_counter() - t)
+    return 2 * n**3 / sorted(times)[2]
+
+
+def active_params(config):
+    """Parameters each training token multiplies: every block's, with K of the E experts, and lm_head (the
+    embedding is a lookup). Training does about 6 FLOPs per active parameter per token (forward 2, backward 4)."""
+    with torch.device("meta"):
+        model = olmoe.Transformer(config)
+    n = 0
+    for name, p in model.named_parameters():
+        if name.startswith("model.layers") or name.startswith("lm_head"):
+            n += p.numel() * (config.num_experts_per_tok / config.num_experts if "experts" in name else 1)
+    return n
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The training run
+
+
+def init_weights(model, seed):
+    """OLMoE's initialisation: norms 1, every other weight normal(0, 0.02) cut at 3 standard deviations."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.fill_(1.0)
+            else:
+                torch.nn.init.trunc_normal_(p, std=0.02, a=-0.06, b=0.06)
+
+
+def train(args):
+    # Processes: one, or as many as torchrun started (RANK, WORLD_SIZE set), each on its own device.
+    distributed = "RANK" in os.environ
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    is_main = rank == 0
+    if args.batch_size % world:
+        raise TrainError(f"--batch-size {args.batch_size} does not divide over {world} processes")
+    micro = args.micro_batch_size or args.batch_size // world
+    if (args.batch_size // world) % micro:
+        raise TrainError(f"--micro-batch-size {micro} does not divide the {args.batch_size // world} sequences "
+                         f"each of the {world} processes takes per step")
+    device = generate.pick_device(args.device)
+    if distributed:
+        import torch.distributed as dist
+
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                device_id=device if device.type == "cuda" else None)
+    accumulate = args.batch_size // world // micro  # micro-batches per process per optimizer step
+    if args.model and args.init:
+        raise TrainError("--model and --init exclude each other: --model trains a preset from scratch, --init "
+                         "continues from a checkpoint")
+    if args.model and args.model not in PRESETS and not (args.model.endswith(".json") and Path(args.model).is_file()):
+        raise TrainError(f"--model {args.model!r}: unknown preset (expected one of {', '.join(PRESETS)}, "
+                         "or a config.json file of your own)")
+    if args.fsdp and not distributed:
+        raise TrainError("--fsdp shards over processes: start it with torchrun --nproc_per_node N")
+    # bf16 autocast where the device has native bf16 (CUDA from Ampere on), float32 otherwise unless asked.
+    native_bf16 = device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
+    dtype_name = args.dtype or ("bfloat16" if native_bf16 else "float32")
+    if dtype_name not in ("float32", "bfloat16"):
+        raise TrainError(f"--dtype {dtype_name!r}: expected float32 or bfloat16")
+    compute_dtype = getattr(torch, dtype_name)
+
+    def autocast():
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=compute_dtype == torch.bfloat16)
+
+    out = Path(args.out)
+    resume = find_checkpoint(args.resume) if args.resume else None
+    if not resume and any(out.glob("step-*")):
+        raise TrainError(f"--out {out} already holds checkpoints ({sorted(out.glob('step-*'))[-1].name}): pass "
+                         f"--resume {out} to continue that run, or choose another --out")
+
+    # The text, split per domain into training and held-out documents.
+    domains = read_domains(args.text)
+    splits = {name: split_domain(docs, args.val_fraction) for name, docs in domains.items()}
+
+    # The tokenizer (the checkpoint's, or one trained on the training text) and the model's config.
+    init = generate.checkpoint_dir(args.init) if args.init else None
+    if init:
+        tokenizer = generate.load_tokenizer(init)[0]
+        config = olmoe.read_config(init)
+    else:
+        # Trained on the first process and read by the others. The training is deterministic, so a resumed run
+        # trains the very tokenizer its checkpoint holds (checked below).
+        if is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            train_tokenizer([d for tr, _ in splits.values() for d in tr], args.vocab_size).save(
+                str(out / "tokenizer.json"))
+        if distributed:
+            dist.barrier()
+        from tokenizers import Tokenizer
+
+        tokenizer = Tokenizer.from_file(str(out / "tokenizer.json"))
+        if args.model and args.model.endswith(".json"):
+            config = olmoe.config_from_dict(json.loads(Path(args.model).read_text()))
+        else:
+            config = PRESETS[args.model or "olmoe-cpu"]()
+        V = tokenizer.get_vocab_size()
+        config.vocab_size = -(-V // 64) * 64  # padded to a multiple of 64, as the released models are
+        config.eos_token_id, config.pad_token_id = tokenizer.token_to_id(EOS), tokenizer.token_to_id(PAD)
+        config.dtype = "float32"
+    eos = config.eos_token_id[0] if isinstance(config.eos_token_id, list) else config.eos_token_id
+    if eos is None:
+        raise TrainError(f"{init}: the config has no eos_token_id to separate documents with")
+    if args.seq_len > config.max_position_embeddings:
+        raise TrainError(f"--seq-len {args.seq_len} is beyond the model's context of "
+                         f"{config.max_position_embeddings} tokens")
+    if resume:
+        ckpt_config = olmoe.read_config(resume)
+        if diff := config_difference(config, ckpt_config):
+            raise TrainError(f"--resume {resume}: another model config ({diff})")
+        if generate.load_tokenizer(resume)[0].to_str() != tokenizer.to_str():
+            raise TrainError(f"--resume {resume}: another tokenizer than this run's (the checkpoint's "
+                             "tokenizer.json differs: same --text, --vocab-size and --init?)")
+
+    # The token file, made once by the first process.
+    out.mkdir(parents=True, exist_ok=True)
+    if is_main:
+        index = build_token_file(out, tokenizer, eos, splits)
+    if distributed:
+        dist.barrier()
+        index = json.loads((out / "tokens.json").read_text())
+    tokens = np.memmap(out / "tokens.bin", dtype=index["dtype"], mode="r")
+    n_train = index["train"][1]
+    if n_train <= args.seq_len:
+        raise TrainError(f"only {n_train} training tokens: too few for one window of --seq-len {args.seq_len}")
+
+    # The model in float32 (the master weights), and AdamW on every parameter.
+    if resume or init:
+        model = olmoe.load_model(resume or init, device="cpu", dtype=torch.float32).train()
+    else:
+        model = olmoe.Transformer(config)
+        init_weights(model, args.seed)
+    model.to(device)
+    if args.fsdp:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        mesh = init_device_mesh(device.type, (world,))
+        # Our blocks return router logits as a view; nothing modifies a block's outputs in place, as it warns of.
+        warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+        # bf16 compute, float32 gradient reduction and master weights; each block is one all-gather.
+        policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+        for layer in model.model.layers:
+            fully_shard(layer, mesh=mesh, mp_policy=policy)
+        fully_shard(model, mesh=mesh, mp_policy=policy)
+    elif distributed:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    raw = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+    eval_model = model if args.fsdp else raw  # FSDP needs every process in the forward; DDP's wrapper is for training
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), eps=1e-8,
+                                  weight_decay=args.weight_decay)
+    step = 0
+    if resume:
+        state = torch.load(resume / "train_state.pt", map_location="cpu", weights_only=True)
+        load_optimizer_state(model, optimizer, state["optimizer"], args.fsdp)
+        step = state["step"]
+        torch.set_rng_state(state["rng"])
+        changed = {k: (v, getattr(args, k, None)) for k, v in state["args"].items()
+                   if k not in ("resume", "out", "steps", "save_every", "eval_every", "device")
+                   and v != getattr(args, k, None)}
+        if changed and is_main:
+            print(f"note: resuming with other flags than the run had: {changed}", file=sys.stderr)
+
+    K = getattr(config, "num_experts_per_tok", 0)
+    moe = config.model_type == "olmoe"
+    warmup = args.warmup_steps if args.warmup_steps is not None else min(2000, args.steps // 10)
+    tokens_per_step = args.batch_size * args.seq_len
+    flops_per_step = 6 * active_params(config) * tokens_per_step
+    peak = matmul_peak(device, compute_dtype) * world
+    log_file = out / "log.jsonl"
+    if is_main:
+        print(f"{config.model_type} {sum(p.numel() for p in raw.parameters()) / 1e6:.2f}M parameters "
+              f"({active_params(config) / 1e6:.2f}M active), {n_train} training tokens, {world} process(es) on "
+              f"{device.type}, {dtype_name}; {args.batch_size} x {args.seq_len} tokens per step "
+              f"({accumulate} micro-batch(es) of {micro} per process)", file=sys.stderr)
+
+    def checkpoint(step):
+        weights, opt_state = full_state(model, optimizer, args.fsdp)
+        if is_main:
+            train_state = dict(step=step, rng=torch.get_rng_state(), args=vars(args), world_size=world)
+            save_checkpoint(out, step, config, weights, opt_state, tokenizer, train_state)
+        if distributed:
+            dist.barrier()
+        return out / f"step-{step:06d}"
+
+    def log(step, train_loss, extra):
+        model.eval()
+        val, counts = evaluate(eval_model, tokens, index, args.seq_len, micro, args.eval_tokens, autocast, K)
+        model.train()
+        record = dict(step=step, tokens=step * tokens_per_step, train_loss=train_loss, **extra,
+                      lr=get_lr(max(step, 1), args.lr, warmup, args.steps),
+                      val={d: v["loss"] for d, v in val.items()}, val_bpb={d: v["bpb"] for d, v in val.items()})
+        if counts is not None:
+            record["max_share"], record["entropy_bits"] = load_summary(counts, K)
+        if is_main:
+            with open(log_file, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            trained = f"train {train_loss:.3f} | " if train_loss is not None else ""
+            line = (f"step {step} | {record['tokens']} tokens | {trained}val "
+                    + ", ".join(f"{d} {v['loss']:.3f} ({v['bpb']:.3f} bpb)" for d, v in val.items()))
+            if counts is not None:
+                line += " | largest expert share per layer " + " ".join(f"{s:.3f}" for s in record["max_share"])
+            from tqdm import tqdm
+
+            tqdm.write(line, file=sys.stdout)
+
+    from tqdm import tqdm
+
+    bar = tqdm(total=args.steps, initial=step, desc="training", unit="step", file=sys.stderr, disable=not is_main,
+               dynamic_ncols=True)
+    if step == 0 and args.eval_every:
+        log(0, None, {})
+    last_saved, done = resume, step  # done: the last step whose update the weights hold
+    sync = generate.synchronizer(device)
+    per_process = args.batch_size // world
+    try:
+        while step < args.steps:
+            step += 1
+            t0 = time.perf_counter()
+            lr = get_lr(step, args.lr, warmup, args.steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            # The step's windows, the same in every process; each process takes its own share of them.
+            x, y = get_batch(tokens, n_train, args.seq_len, args.batch_size, args.seed, step)  # (B, T) each
+            x, y = x[rank * per_process:(rank + 1) * per_process], y[rank * per_process:(rank + 1) * per_process]
+            sums = torch.zeros(3, device=device)  # cross-entropy, load balancing, z-loss: means over micro-batches
+            for i in range(accumulate):
+                last = i == accumulate - 1  # gradients are reduced over the processes once, after the last one
+                if args.fsdp:
+                    model.set_requires_gradient_sync(last)
+                elif distributed:
+                    model.require_backward_grad_sync = last
+                xb, yb = x[i * micro:(i + 1) * micro].to(device), y[i * micro:(i + 1) * micro].to(device)
+                with autocast():
+                    output = model(xb)
+                ce = F.cross_entropy(output.logits.flatten(0, 1).float(), yb.flatten())
+                lb = z = torch.zeros((), device=device)
+                if moe:
+                    lb = balance_loss_paper(output.router_logits, K) if args.lb_convention == "paper" \
+                        else output.aux_loss
+                    z = output.z_loss
+                loss = ce + args.lb_coef * lb + args.z_coef * z
+                (loss / accumulate).backward()
+                sums += torch.stack([ce.detach(), lb.detach(), z.detach()]) / accumulate
+            if distributed:
+                dist.all_reduce(sums)
+                sums /= world
+            ce_, lb_, z_ = sums.tolist()
+            if not math.isfinite(ce_ + lb_ + z_):
+                bar.close()
+                kept = f"the last good checkpoint is {last_saved}" if last_saved else "no checkpoint was saved yet"
+                raise TrainError(f"the loss became {ce_ + lb_ + z_} at step {step}; stopped before updating the "
+                                 f"weights, and {kept}. Lower --lr or raise --warmup-steps (in bfloat16, try float32)")
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            done = step
+            sync()
+            dt = time.perf_counter() - t0
+            bar.update(1)
+            bar.set_postfix(loss=f"{ce_:.3f}", tok_s=f"{tokens_per_step / dt:.0f}",
+                            mfu=f"{flops_per_step / dt / peak:.1%}")
+            if args.eval_every and (step % args.eval_every == 0 or step == args.steps):
+                if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
+                    grad_norm = grad_norm.full_tensor()
+                log(step, ce_, dict(lb_loss=lb_, z_loss=z_, grad_norm=grad_norm.item(),
+                                    tokens_per_s=tokens_per_step / dt, mfu=flops_per_step / dt / peak))
+            if step % args.save_every == 0 or step == args.steps:
+                last_saved = checkpoint(step)
+    except KeyboardInterrupt:
+        # Ctrl-C: keep what was trained. A step interrupted before optimizer.step() left the weights as the step
+        # before it had them; its half-taken gradients are dropped.
+        bar.close()
+        if done and last_saved != out / f"step-{done:06d}":
+            if is_main:
+                print(f"\ninterrupted: saving step {done}", file=sys.stderr)
+            optimizer.zero_grad(set_to_none=True)
+            checkpoint(done)
+        raise
+    bar.close()
+    if is_main and log_file.is_file():
+        what = f"{config.model_type}, {sum(p.numel() for p in raw.parameters()) / 1e6:.1f}M parameters" + (
+            f" ({config.num_experts} experts, {K} per token)" if moe else "")
+        origin = f"fine-tuned from {args.init}" if init else "from scratch"
+        plot(log_file, out / "curves.png", f"run {out.name}: {what}, {origin}, on {' and '.join(domains)}",
+             balanced=1 / config.num_experts if moe else None)
+    if distributed:
+        dist.destroy_process_group()
+    return last_saved
+
+
+def plot(log_file, png, title, balanced=None):
+    """The run's curves from log.jsonl: losses over tokens, and (OLMoE) each layer's largest expert share."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    records = [json.loads(line) for line in log_file.read_text().splitlines()]
+    moe = "max_share" in records[-1]
+    fig, axes = plt.subplots(1, 2 if moe else 1, figsize=(12 if moe else 6, 4.5), squeeze=False)
+    ax = axes[0, 0]
+    trained = [r for r in records if r["train_loss"] is not None]
+    ax.plot([r["tokens"] for r in trained], [r["train_loss"] for r in trained], label="train (one batch)")
+    for d in records[-1]["val"]:
+        ax.plot([r["tokens"] for r in records], [r["val"][d] for r in records], marker=".", label=f"validation: {d}")
+    ax.set(xlabel="tokens trained", ylabel="cross-entropy (nats per token)", title="loss")
+    ax.legend()
+    if moe:
+        ax = axes[0, 1]
+        for layer in range(len(records[-1]["max_share"])):
+            ax.plot([r["tokens"] for r in records], [r["max_share"][layer] for r in records], label=f"layer {layer}")
+        ax.axhline(balanced, color="gray", linestyle="--", label="perfect balance (1/E)")
+        ax.set(xlabel="tokens trained", ylabel="largest expert's share of token-expert pairs",
+               title="expert load on the validation text")
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Command line
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--text", action="append", required=True, metavar="NAME=FILE_OR_GLOB",
+                   help="a domain's name and its text files; repeat for several domains")
+    p.add_argument("--out", required=True, help="directory for the token file, checkpoints, log.jsonl and curves.png")
+    p.add_argument("--model", default=None, help=f"preset to train from scratch: {', '.join(PRESETS)} "
+                   "(default olmoe-cpu), or a config.json file of your own")
+    p.add_argument("--init", default=None, metavar="ID_OR_DIR", help="checkpoint to continue from or fine-tune")
+    p.add_argument("--resume", default=None, metavar="DIR", help="continue a run exactly from a checkpoint, or "
+                   "from the latest one in a run's directory")
+    p.add_argument("--steps", type=int, default=1000, help="optimizer steps in all")
+    p.add_argument("--batch-size", type=int, default=16, help="sequences per optimizer step, over all processes")
+    p.add_argument("--micro-batch-size", type=int, default=None, help="sequences per forward pass in each process "
+                   "(default: all of its share; fewer accumulates gradients)")
+    p.add_argument("--seq-len", type=int, default=128, help="tokens per sequence")
+    p.add_argument("--lr", type=float, default=4e-4, help="peak learning rate")
+    p.add_argument("--warmup-steps", type=int, default=None, help="default: 2000 as OLMoE, at most a tenth of --steps")
+    p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--lb-coef", type=float, default=0.01, help="load-balancing loss coefficient")
+    p.add_argument("--lb-convention", choices=["paper", "transformers"], default="paper",
+                   help="paper: per layer, averaged, 1 when balanced; transformers: pooled, K when balanced")
+    p.add_argument("--z-coef", type=float, default=0.001, help="router z-loss coefficient")
+    p.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary trained from scratch")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="share of each domain held out for validation")
+    p.add_argument("--eval-every", type=int, default=100, help="steps between evaluations (0: never)")
+    p.add_argument("--eval-tokens", type=int, default=16384, help="validation tokens per domain per evaluation")
+    p.add_argument("--save-every", type=int, default=500, help="steps between checkpoints (and at the end)")
+    p.add_argument("--seed", type=int, default=0, help="initialisation and the batches' windows")
+    p.add_argument("--device", default=None, help="default: cuda, else mps, else cpu")
+    p.add_argument("--dtype", default=None, help="float32 or bfloat16 (autocast); default bfloat16 where the device "
+                   "has it natively (CUDA from Ampere on), else float32")
+    p.add_argument("--fsdp", action="store_true", help="shard parameters, gradients and optimizer state (FSDP2)")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        train(args)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except (TrainError, ValueError, OSError) as e:  # olmoe.CheckpointError is a ValueError
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {e}".splitlines()[0], file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
