@@ -5,6 +5,7 @@
     python benchmark.py quantized DIR           # decode speed of bf16 / int8 / int4 on an OLMoE-shaped checkpoint
     python benchmark.py memory DIR              # weight bytes, peak memory and speed of the full OLMoE-1B-7B shape
     python benchmark.py accuracy DIR            # weight and logit error of int8 / int4 on a small OLMoE
+    python benchmark.py train                   # one training step against transformers, the same weights
 
 check compares this device with the CPU on small models (float32 logits, the native dtype's logits, compiled
 against eager tokens, every MoE path against the naive dispatch), then times the OLMoE-1B-7B layer shape and prints
@@ -33,6 +34,10 @@ SHAPES = {  # the released shapes, and small ones of the same kind for a CPU
                                              num_attention_heads=8, num_experts=64, num_experts_per_tok=8),
     "small-OLMo-2": lambda: olmoe.Olmo2Config(vocab_size=100352, hidden_size=512, intermediate_size=2048,
                                               num_hidden_layers=4, num_attention_heads=8),
+    # train.py's olmoe-cpu preset with the vocabulary its default BPE gets: OLMoE's 64 experts, top-8, made small
+    "olmoe-cpu": lambda: olmoe.OlmoeConfig(vocab_size=4096, hidden_size=128, intermediate_size=64, num_hidden_layers=4,
+                                           num_attention_heads=4, num_experts=64, num_experts_per_tok=8,
+                                           eos_token_id=0, pad_token_id=1),
 }
 
 
@@ -262,6 +267,52 @@ def benchmark(shape, device, batches, steps, prompt_len):
 
 
 # --------------------------------------------------------------------------------------------------------------
+# Training: one optimizer step against transformers'
+
+
+def training_step(config, device, dtype, batch=16, seq_len=128, repeat=7):
+    """One forward + backward + AdamW step of the same model on the same batch, as train.py takes it (float32 master
+    weights, bf16 autocast when dtype is bf16): this project (cross-entropy plus 0.01 x transformers' load-balancing
+    loss, its .loss) against transformers' OlmoeForCausalLM with output_router_logits=True (the same loss). The two
+    take turns, so a slow moment of a shared machine falls on both; each figure is the median of `repeat` steps
+    after a warm-up one. Prints one markdown row."""
+    device = torch.device(device)
+    sync = gen.synchronizer(device)
+    flops_peak = device_ceilings(device, dtype, sync)[1]
+    hf, ours = twin_models(config, device, torch.float32)
+    ids = torch.randint(0, config.vocab_size, (batch, seq_len), generator=torch.Generator().manual_seed(0))
+    ids = ids.to(device)
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    losses = {"this project": lambda: ours(ids, ids).loss,
+              "transformers": lambda: hf(ids, labels=ids, output_router_logits=True).loss}
+    with torch.no_grad():  # the same weights give the same loss: the two steps do the same work
+        a, b = (f().item() for f in losses.values())
+    assert abs(a - b) < 1e-3 * abs(b), (a, b)
+    steps, times = {}, {name: [] for name in losses}
+    for (name, loss), model in zip(losses.items(), (ours, hf)):
+        model.train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.95), weight_decay=0.1)
+        steps[name] = lambda loss=loss, opt=opt: (loss().backward(), opt.step(), opt.zero_grad(set_to_none=True))
+    for r in range(repeat + 1):  # the first round warms up
+        for name, step in steps.items():
+            sync()
+            t = time.perf_counter()
+            with autocast:
+                step()
+            sync()
+            if r:
+                times[name].append(time.perf_counter() - t)
+    seconds = {name: sorted(ts)[repeat // 2] for name, ts in times.items()}
+    tokens = batch * seq_len
+    # 6 FLOPs per active parameter per token: the blocks' (with K of E experts) and lm_head's (every position).
+    flops = 6 * (active_params(ours) + ours.lm_head.weight.numel()) * tokens
+    ours_s, hf_s = seconds["this project"], seconds["transformers"]
+    print(f"| training step (forward + backward + AdamW), {batch} x {seq_len} tokens, {dtype_name(dtype)} | "
+          f"{tokens / ours_s:.0f} tok/s | {tokens / hf_s:.0f} tok/s | {hf_s / ours_s:.2f}x | "
+          f"{flops / ours_s / flops_peak:.0%} of matmul peak (MFU) |")
+
+
+# --------------------------------------------------------------------------------------------------------------
 # Quantized decoding: speed of bf16 / int8 / int4 in one run, on a random checkpoint of OLMoE's layer shape
 
 
@@ -439,6 +490,13 @@ def main(argv=None):
     s.add_argument("--batch", type=int, nargs="+", default=[1, 8, 64])
     s.add_argument("--steps", type=int, default=64, help="tokens generated per decode measurement")
     s.add_argument("--prompt-len", type=int, default=2048, help="tokens in the prefill measurement")
+    t = sub.add_parser("train", help="one forward + backward + AdamW step against transformers, the same weights")
+    t.add_argument("--shape", choices=SHAPES, default="olmoe-cpu")
+    t.add_argument("--device", default=None, help="default: cuda, else mps, else cpu")
+    t.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                   help="default: bfloat16 where native (CUDA sm80+), else float32, as train.py")
+    t.add_argument("--batch", type=int, default=16, help="sequences per step")
+    t.add_argument("--seq-len", type=int, default=128)
     q = sub.add_parser("quantized", help="decode speed of bf16 / int8 / int4 on a random 2-layer checkpoint of "
                                          "OLMoE-1B-7B's layer shape in DIR (written if absent)")
     q.add_argument("dir", type=Path)
@@ -458,6 +516,13 @@ def main(argv=None):
         raise SystemExit(0 if check(gen.pick_device(args.device)) else 1)
     if args.command == "speed":
         return benchmark(args.shape, gen.pick_device(args.device), args.batch, args.steps, args.prompt_len)
+    if args.command == "train":
+        device = gen.pick_device(args.device)
+        native = native_dtype_of(device) if device.type == "cuda" else torch.float32
+        dtype = getattr(torch, args.dtype) if args.dtype else native
+        print(f"# {args.shape} on {device_name(device)}, torch {torch.__version__}")
+        print("| what | this project | transformers | ratio | this project, MFU |\n|---|---|---|---|---|")
+        return training_step(SHAPES[args.shape](), device, dtype, args.batch, args.seq_len)
     torch.set_num_threads(args.threads)
     if args.command == "quantized":
         quantized(args.dir, args.batch, args.steps, group_size=args.group_size)

@@ -313,8 +313,15 @@ def moe_naive(x, top_w, top_i, experts: Experts):
 def moe_batched(x, top_w, top_i, experts: Experts):
     """Same inputs and result as moe_naive, by the path moe_path picks for this device and this many tokens."""
     N, K = top_i.shape
-    path = moe_path(*device_facts(x.device), x.dtype, torch.compiler.is_compiling(), N, K, experts.num_experts)
+    path = moe_path(*device_facts(x.device), compute_dtype(x), torch.compiler.is_compiling(), N, K, experts.num_experts)
     return MOE_PATHS[path](x, top_w, top_i, experts)
+
+
+def compute_dtype(x):
+    """The dtype x's matmuls run in: under autocast (mixed-precision training) its dtype, though x itself arrives in
+    float32 from the norm before the experts. F.grouped_mm is not autocast-aware (pytorch#174763), so grouped_mm
+    casts to it itself."""
+    return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
 
 
 def device_facts(device):
@@ -375,8 +382,8 @@ def moe_grouped(x, top_w, top_i, experts: Experts, matmul=None):
     h = matmul(x[order // K], experts.gate_up_proj, ends)  # (P, 2I), in sorted order
     gate, up = h.chunk(2, dim=-1)
     h = matmul(F.silu(gate) * up, experts.down_proj, ends)  # (P, D)
-    h = torch.empty_like(h).index_copy_(0, order, h)  # back to pair order
-    return torch.einsum("nkd,nk->nd", h.view(N, K, -1), top_w)
+    h = h * top_w.flatten()[order, None].to(h.dtype)  # each pair weighted by its router weight
+    return torch.zeros(x.shape, dtype=h.dtype, device=x.device).index_add_(0, order // K, h)  # summed per token
 
 
 def grouped_mm(x, w, ends):
@@ -384,7 +391,8 @@ def grouped_mm(x, w, ends):
     The kernel wants each row's bytes a multiple of 16; a shape that is not takes the loop."""
     if any(s * x.element_size() % 16 for s in (x.shape[1], w.shape[1])):
         return loop_mm(x, w, ends)
-    return F.grouped_mm(x, w.transpose(-2, -1), offs=ends.int())
+    dtype = compute_dtype(x)
+    return F.grouped_mm(x.to(dtype), w.to(dtype).transpose(-2, -1), offs=ends.int())
 
 
 @torch.compiler.disable  # a host sync: under torch.compile, run it eagerly between graphs

@@ -253,6 +253,31 @@ def test_simulated_devices_run_their_path_and_agree(device, monkeypatch):
     assert (y.double() - ref).norm() / ref.norm() < 1e-2  # bf16 rounding only
 
 
+@pytest.mark.parametrize("device", [("cpu", None), ("cuda", (9, 0))])
+def test_mixed_precision_training_takes_the_autocast_dtypes_path(device, monkeypatch):
+    """Under bf16 autocast the experts' inputs and weights are float32 (master weights, a float32 norm before
+    them), but their matmuls run in bf16: the path is the one for bf16 (grouped on an H100, not float32's loop),
+    and it gives the naive dispatch's output and gradients to bf16 rounding."""
+    monkeypatch.setattr(olmoe, "device_facts", lambda _: device)
+    taken = []
+    for name, fn in list(olmoe.MOE_PATHS.items()):
+        monkeypatch.setitem(olmoe.MOE_PATHS, name, lambda *a, _n=name, _f=fn: taken.append(_n) or _f(*a))
+    moe = moe_layer(torch.float32, hidden_size=64, intermediate_size=32, num_experts=64, num_experts_per_tok=8)
+    x = torch.randn(40, 64)
+    top_w, top_i = (t.detach() for t in route(moe, x))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = olmoe.moe_batched(x, top_w, top_i, moe.experts)
+    assert taken == ["grouped"] and y.dtype == torch.bfloat16
+    y.float().square().sum().backward()
+    grads = [p.grad.clone() for p in moe.experts.parameters()]
+    ref = olmoe.moe_naive(x.double(), top_w.double(), top_i, copy.deepcopy(moe.experts).double())
+    assert (y.double() - ref).norm() / ref.norm() < 1e-2
+    moe.experts.zero_grad()
+    olmoe.moe_naive(x, top_w, top_i, moe.experts).square().sum().backward()
+    for g, p in zip(grads, moe.experts.parameters()):
+        assert p.grad.dtype == torch.float32 and (g - p.grad).norm() / p.grad.norm() < 3e-2
+
+
 def test_gradients_equal_across_dispatches(tmp_path):
     path = save(hf_model("olmoe"), tmp_path)
     ids = tokens()
