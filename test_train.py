@@ -81,9 +81,17 @@ def test_validation_loss_falls_on_a_short_run(short_run):
     assert all(1 / 8 <= s <= 1 / 2 and 0 < h <= 3 for s, h in zip(log[-1]["max_share"], log[-1]["entropy_bits"]))
     assert (short_run / "curves.png").stat().st_size > 0
 
+def test_held_out_text_is_written_for_the_router_lab(data, short_run):
+    """The end of each domain, never trained on: whole files of a glob, the tail of a single file."""
+    code = sorted((data / "code").glob("*.py"))
+    assert (short_run / "heldout" / "code.txt").read_text() == code[-1].read_text()
+    prose, held = (data / "prose.txt").read_text(), (short_run / "heldout" / "prose.txt").read_text()
+    assert held and prose.endswith(held) and len(held) < len(prose) / 5
+
 
 def test_checkpoints_are_whole_hub_layout_folders(short_run):
-    assert sorted(p.name for p in short_run.iterdir() if "step" in p.name) == ["step-000015", "step-000030"]
+    steps = sorted(p.name for p in short_run.iterdir() if "step" in p.name)
+    assert steps == ["step-000000", "step-000015", "step-000030"]  # the untrained model, then every 15 steps
     step = short_run / "step-000030"
     assert {p.name for p in step.iterdir()} == {"config.json", "model.safetensors", "tokenizer.json",
                                                 "generation_config.json", "train_state.pt"}
@@ -132,7 +140,7 @@ def test_interrupted_and_resumed_run_equals_the_uninterrupted_one(data, tmp_path
     with pytest.raises(SystemExit) as e:
         train.main(args(data, stopped, *flags, "--save-every", "100"))
     assert e.value.code == 130 and "interrupted: saving step 6" in capsys.readouterr().err
-    assert sorted(p.name for p in stopped.glob("step-*")) == ["step-000006"]
+    assert sorted(p.name for p in stopped.glob("step-*")) == ["step-000000", "step-000006"]
     monkeypatch.setattr(train, "get_batch", get_batch)
 
     train.main(args(data, stopped, *flags, "--resume", str(stopped)))
@@ -357,5 +365,5 @@ def test_nan_loss_stops_at_that_step_and_keeps_the_last_good_checkpoint(data, tm
     assert 2 <= step < 8 and f"the last good checkpoint is {out / f'step-{step - 1:06d}'}" in line
     assert err.splitlines()[-1] == line
     # every step before it saved, whole; nothing of the failed step, and no temporary folder left
-    assert sorted(p.name for p in out.iterdir() if "step" in p.name) == [f"step-{s:06d}" for s in range(1, step)]
+    assert sorted(p.name for p in out.iterdir() if "step" in p.name) == [f"step-{s:06d}" for s in range(step)]
     assert olmoe.load_model(out / f"step-{step - 1:06d}") is not None

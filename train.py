@@ -242,11 +242,15 @@ def load_summary(counts, K):
 def full_state(model, optimizer, fsdp):
     """The model's and the optimizer's whole state on the CPU, keyed by parameter name (every process takes part;
     with FSDP this gathers the shards). The same format whatever the run's parallelism, so any can resume any."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
 
-    if not fsdp and not isinstance(model, torch.nn.parallel.DistributedDataParallel):
+    wrapped = fsdp or isinstance(model, torch.nn.parallel.DistributedDataParallel)
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    if not optimizer.state:  # before the first step there is none; get_state_dict would take a step to make one
+        return (get_model_state_dict(model, options=options) if wrapped else model.state_dict()), None
+    if not wrapped:
         return model.state_dict(), _named_optimizer_state(model, optimizer)
-    return get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return get_state_dict(model, optimizer, options=options)
 
 
 def _named_optimizer_state(model, optimizer):
@@ -404,9 +408,14 @@ def train(args):
         raise TrainError(f"--out {out} already holds checkpoints ({sorted(out.glob('step-*'))[-1].name}): pass "
                          f"--resume {out} to continue that run, or choose another --out")
 
-    # The text, split per domain into training and held-out documents.
+    # The text, split per domain into training and held-out documents; the held-out ones are also written to
+    # DIR/heldout/NAME.txt, for routing.py or evaluate.py to read text the model never trained on.
     domains = read_domains(args.text)
     splits = {name: split_domain(docs, args.val_fraction) for name, docs in domains.items()}
+    if is_main:
+        (out / "heldout").mkdir(parents=True, exist_ok=True)
+        for name, (_, held) in splits.items():
+            (out / "heldout" / f"{name}.txt").write_text("\n".join(held), encoding="utf-8")
 
     # The tokenizer (the checkpoint's, or one trained on the training text) and the model's config.
     init = generate.checkpoint_dir(args.init) if args.init else None
@@ -487,7 +496,8 @@ def train(args):
     step = 0
     if resume:
         state = torch.load(resume / "train_state.pt", map_location="cpu", weights_only=True)
-        load_optimizer_state(model, optimizer, state["optimizer"], args.fsdp)
+        if state["optimizer"] is not None:  # None: the untrained model's checkpoint, step 0
+            load_optimizer_state(model, optimizer, state["optimizer"], args.fsdp)
         step = state["step"]
         torch.set_rng_state(state["rng"])
         changed = {k: (v, getattr(args, k, None)) for k, v in state["args"].items()
@@ -546,6 +556,8 @@ def train(args):
     if step == 0 and args.eval_every:
         log(0, None, {})
     last_saved, done = resume, step  # done: the last step whose update the weights hold
+    if step == 0 and not init:  # the untrained model, to compare the trained one's routing with
+        last_saved = checkpoint(0)
     sync = generate.synchronizer(device)
     per_process = args.batch_size // world
     try:
