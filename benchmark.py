@@ -5,6 +5,7 @@
     python benchmark.py quantized DIR           # decode speed of bf16 / int8 / int4 on an OLMoE-shaped checkpoint
     python benchmark.py memory DIR              # weight bytes, peak memory and speed of the full OLMoE-1B-7B shape
     python benchmark.py accuracy DIR            # weight and logit error of int8 / int4 on a small OLMoE
+    python benchmark.py bpb CHECKPOINT --text prose=FILE   # bits per byte of a trained model at each precision
     python benchmark.py train                   # one training step against transformers, the same weights
 
 check compares this device with the CPU on small models (float32 logits, the native dtype's logits, compiled
@@ -437,6 +438,38 @@ def weight_errors(model_path, group_size=128):
     return {k: (sum(v) / len(v), max(v)) for k, v in errors.items()}
 
 
+def bits_per_byte(checkpoint: Path, texts: dict, context, group_size=128):
+    """What quantizing costs a trained model: each text's bits per byte (evaluate.py's engine, in windows of
+    `context` tokens, each later one predicted from at least context/2 before it) under the checkpoint's weights in
+    float32, bf16, int8, int4, and int4 with clip_search. Prints one markdown table."""
+    import evaluate
+
+    tokenizer, eos, _ = gen.load_tokenizer(checkpoint)
+    load = {"float32": lambda: olmoe.load_model(checkpoint, dtype=torch.float32),
+            "bf16": lambda: olmoe.load_model(checkpoint, dtype=torch.bfloat16),
+            "int8": lambda: quantize.load_model(checkpoint, "int8", dtype=torch.bfloat16),
+            "int4": lambda: quantize.load_model(checkpoint, "int4", dtype=torch.bfloat16, group_size=group_size),
+            "int4, clip_search": lambda: quantize.load_model(checkpoint, "int4", dtype=torch.bfloat16,
+                                                             group_size=group_size, clip_search=True)}
+    windows = {name: evaluate.text_windows(tokenizer.encode(text, add_special_tokens=False).ids, context, min(eos))
+               for name, text in texts.items()}
+    sizes = ", ".join(f"{n} ({len(t.encode()) / 1e3:.0f} kB)" for n, t in texts.items())
+    print(f"{checkpoint}: bits per byte of {sizes}, windows of {context} tokens; int4 group size {group_size}; "
+          "activations in bf16 but for float32")
+    print("| weights | " + " | ".join(texts) + " | mean | vs bf16 |\n|---|" + "---|" * (len(texts) + 2))
+    base = None
+    for kind, make in load.items():
+        model = make()
+        bpb = []
+        for name, pairs in windows.items():
+            scored, _ = evaluate.score(model, pairs)
+            bpb.append(evaluate.text_scores(texts[name], [scored[i] for i in range(len(pairs))])["bits_per_byte"])
+        mean = sum(bpb) / len(bpb)
+        base = mean if kind == "bf16" else base
+        change = f"{(mean - base) / base:+.2%}" if base else "—"
+        print(f"| {kind} | " + " | ".join(f"{b:.4f}" for b in bpb) + f" | {mean:.4f} | {change} |")
+
+
 def accuracy(workdir: Path, steps=64, group_size=128):
     path = workdir / "small-OLMoE"
     if not (path / "config.json").is_file():
@@ -507,9 +540,15 @@ def main(argv=None):
     m.add_argument("dir", type=Path)
     a = sub.add_parser("accuracy", help="weight and logit error of int8 / int4 on a small random OLMoE in DIR")
     a.add_argument("dir", type=Path)
-    for parser in (q, m, a):
+    b = sub.add_parser("bpb", help="bits per byte of texts under a trained checkpoint's float32, bf16, int8 and int4 "
+                                   "weights")
+    b.add_argument("checkpoint", type=Path)
+    b.add_argument("--text", action="append", required=True, metavar="NAME=FILE")
+    b.add_argument("--context", type=int, default=None, help="tokens per window (default: the model's context; "
+                   "a model trained on shorter sequences wants its --seq-len)")
+    for parser in (q, m, a, b):
         parser.add_argument("--threads", type=int, default=2)
-    for parser in (q, a):
+    for parser in (q, a, b):
         parser.add_argument("--group-size", type=int, default=128, help="inputs per int4 scale")
     args = p.parse_args(argv)
     if args.command == "check":
@@ -528,6 +567,13 @@ def main(argv=None):
         quantized(args.dir, args.batch, args.steps, group_size=args.group_size)
     elif args.command == "memory":
         memory(args.dir)
+    elif args.command == "bpb":
+        texts = {}
+        for spec in args.text:
+            name, _, file = spec.partition("=")
+            texts[name] = Path(file).read_text(encoding="utf-8")
+        context = args.context or olmoe.read_config(args.checkpoint).max_position_embeddings
+        bits_per_byte(args.checkpoint, texts, context, group_size=args.group_size)
     else:
         accuracy(args.dir, group_size=args.group_size)
 

@@ -20,6 +20,7 @@ Shape legend (as in olmoe.py):
 
 import argparse
 import json
+import math
 import sys
 import textwrap
 from dataclasses import dataclass, field
@@ -161,7 +162,7 @@ class Stats:
     n_in: torch.Tensor  # (V,)
     vocab_out: torch.Tensor  # (V, E) N(y, E_i) for predicted next token y, in `layer`
     n_out: torch.Tensor  # (V,)
-    shared: torch.Tensor | None = None  # (L,) sum over tokens of experts shared with the compared checkpoint
+    shared: torch.Tensor | None = None  # (C, L) sum over tokens of experts shared with each compared checkpoint
     sample_ids: list = field(default_factory=list)  # the first tokens' ids
     sample_top1: torch.Tensor | None = None  # (L, S) their top-1 expert in each layer
 
@@ -186,8 +187,8 @@ def route(model, ids, chunk_len, progress=None):
             progress.update(len(piece))
 
 
-def collect(model, ids, k, *, layer=0, chunk_len=1024, compare=None, sample=32, progress=None) -> Stats:
-    """One domain's Stats from its token ids (a list). compare: (L, N, k) choices of another checkpoint on the
+def collect(model, ids, k, *, layer=0, chunk_len=1024, compare=(), sample=32, progress=None) -> Stats:
+    """One domain's Stats from its token ids (a list). compare: the (L, N, k) choices of other checkpoints on the
     same ids, for saturation. Memory stays that of one chunk, whatever the number of tokens."""
     c = model.config
     L, E, V, K = c.num_hidden_layers, c.num_experts, c.vocab_size, c.num_experts_per_tok
@@ -195,7 +196,7 @@ def collect(model, ids, k, *, layer=0, chunk_len=1024, compare=None, sample=32, 
         return torch.zeros(*shape, dtype=torch.long)
 
     s = Stats(len(ids), z(L, E), z(L, E, E), z(L, E), torch.zeros(L, E, dtype=torch.float64),
-              z(V, E), z(V), z(V, E), z(V), shared=None if compare is None else z(L))
+              z(V, E), z(V), z(V, E), z(V), shared=z(len(compare), L) if compare else None)
     start = 0
     for x, probs, predicted in route(model, ids, chunk_len, progress):
         choices = top_experts(probs, k)  # (L, n, k)
@@ -207,8 +208,8 @@ def collect(model, ids, k, *, layer=0, chunk_len=1024, compare=None, sample=32, 
             dc, dn = token_expert_counts(key, choices[layer], V, E)
             counts += dc.cpu()
             n += dn.cpu()
-        if compare is not None:
-            s.shared += shared_experts(choices.cpu(), compare[:, start:start + len(x)]).sum(-1)
+        for i, other in enumerate(compare):
+            s.shared[i] += shared_experts(choices.cpu(), other[:, start:start + len(x)]).sum(-1)
         if start == 0:
             s.sample_ids, s.sample_top1 = x[:sample].tolist(), choices[:, :sample, 0].cpu()  # (L, S)
         start += len(x)
@@ -235,8 +236,22 @@ def summary(stats: dict[str, Stats], k, K):
                specialization={d: domain_specialization(s.expert_counts, s.tokens) for d, s in stats.items()},
                balance_loss_transformers=pooled.item(), balance_loss_per_layer=per_layer)
     if all(s.shared is not None for s in stats.values()):
-        out["saturation"] = sum(s.shared for s in stats.values()) / (total * k)  # (L,) Eq. 5 over all domains
+        out["saturation"] = sum(s.shared for s in stats.values()) / (total * k)  # (C, L) Eq. 5 over all domains
     return out
+
+
+def layer_figures(r):
+    """One number per layer for each analysis, to read a trained model beside its untrained self: the largest
+    expert's share of the pairs, the entropy of the experts' shares (bits; log2 E when balanced), the largest gap
+    between two domains' shares of one expert (Eq. 7), and the largest co-activation of two experts (Eq. 6)."""
+    load = r["load"].double()  # (L, E)
+    entropy = -(load * load.clamp(min=1e-30).log2()).sum(-1)
+    spec = torch.stack(list(r["specialization"].values()))  # (domains, L, E)
+    co = r["coactivation"].clone()
+    co.diagonal(dim1=1, dim2=2).fill_(0)
+    return dict(max_share=load.max(-1).values, entropy_bits=entropy,
+                domain_gap=(spec.max(0).values - spec.min(0).values).max(-1).values,
+                max_coactivation=co.flatten(1).max(-1).values, balance_loss=r["balance_loss_per_layer"])
 
 
 def token_text(tokenizer, i):
@@ -245,8 +260,10 @@ def token_text(tokenizer, i):
     return "`" + repr(text)[1:-1].replace("`", "'").replace("|", "\\|") + "`"
 
 
-def report(stats, tokenizer, *, label, compare_label, k, K, layer, min_count=10, top=5) -> str:
-    """report.md: the tables, each with the baseline it should be read against."""
+def report(stats, tokenizer, *, label, compare_label, k, K, layer, min_count=10, top=5, baseline=None,
+           baseline_label=None) -> str:
+    """report.md: the tables, each with the baseline it should be read against. baseline: the Stats of the same
+    model untrained on the same tokens, read beside this one in a table of its own."""
     r = summary(stats, k, K)
     L, E = r["load"].shape
     lines = [f"# Routing report: {label}", "",
@@ -310,15 +327,34 @@ def report(stats, tokenizer, *, label, compare_label, k, K, layer, min_count=10,
                          or f"— (no id seen {min_count} times)")
         lines.append(f"| {e} | {cells[0]} | {cells[1]} |")
     if "saturation" in r:
-        lines += ["", f"## Router saturation against {compare_label}", "",
-                  f"Mean over tokens of |E(x; this) ∩ E(x; compared)| / k with k = {k} (Eq. 5): how much of each "
+        lines += ["", "## Router saturation against earlier checkpoints", "",
+                  f"Mean over tokens of |E(x; compared) ∩ E(x; this)| / k with k = {k} (Eq. 5): how much of each "
                   f"token's top {k} the two checkpoints agree on. Random routing gives k/E = {k / E:.3f}.", "",
-                  "| layer | saturation |", "|---|---|"]
-        lines += [f"| {l} | {v:.3f} |" for l, v in enumerate(r["saturation"].tolist())]
+                  "| layer | " + " | ".join(compare_label) + " |", "|---|" + "---|" * len(compare_label)]
+        lines += [f"| {l} | " + " | ".join(f"{v:.3f}" for v in col) + " |"
+                  for l, col in enumerate(r["saturation"].T.tolist())]
+    if baseline is not None:
+        rb = summary(baseline, k, K)
+        b, a = layer_figures(rb), layer_figures(r)
+        lines += ["", f"## What training did: {baseline_label} → this checkpoint", "",
+                  "The same analyses of the untrained model on the same tokens. Random routers are already lopsided, "
+                  "so only the change says what training did. Per layer: the largest expert's share of the pairs "
+                  f"(balanced: 1/E = {1 / E:.4f}), the entropy of the experts' shares (balanced: log2 E = "
+                  f"{math.log2(E):.2f} bits), the load-balancing loss per layer (balanced: 1), the largest gap "
+                  f"between two domains' shares of one expert (Eq. 7), and the largest co-activation (Eq. 6).", "",
+                  "| layer | largest share | entropy (bits) | balance loss | largest domain gap "
+                  "| largest co-activation |", "|---|---|---|---|---|---|"]
+        for l in range(L):
+            lines.append(f"| {l} | " + " | ".join(f"{b[key][l]:.3f} → {a[key][l]:.3f}" for key in
+                         ("max_share", "entropy_bits", "balance_loss", "domain_gap", "max_coactivation")) + " |")
+        lines += ["", f"Load-balancing loss as transformers computes it (pooled, K = {K} when balanced): "
+                  f"{rb['balance_loss_transformers']:.3f} → {r['balance_loss_transformers']:.3f}; the per-layer "
+                  f"convention above averages to {rb['balance_loss_per_layer'].mean():.3f} → "
+                  f"{r['balance_loss_per_layer'].mean():.3f}."]
     return "\n".join(lines) + "\n"
 
 
-def raw_json(stats, *, label, compare_label, k, K, layer):
+def raw_json(stats, *, label, compare_label, k, K, layer, baseline=None, baseline_label=None):
     """routing.json: the raw counts, from which every number in the report can be recomputed."""
     r = summary(stats, k, K)
     L, E = r["load"].shape
@@ -328,8 +364,10 @@ def raw_json(stats, *, label, compare_label, k, K, layer):
                coactivation=sum(s.coactivation for s in stats.values()).tolist(),  # [layer][i][j] = N(E_i, E_j)
                balance_loss_transformers=r["balance_loss_transformers"],
                balance_loss_per_layer=r["balance_loss_per_layer"].tolist())
-    if "saturation" in r:
-        out.update(compare_checkpoint=compare_label, saturation=r["saturation"].tolist())
+    if "saturation" in r:  # [compared checkpoint][layer]
+        out.update(compare_checkpoints=compare_label, saturation=r["saturation"].tolist())
+    if baseline is not None:
+        out["baseline"] = raw_json(baseline, label=baseline_label, compare_label=None, k=k, K=K, layer=layer)
     return out
 
 
@@ -337,7 +375,8 @@ def raw_json(stats, *, label, compare_label, k, K, layer):
 # Figures (matplotlib, optional)
 
 
-def figures(stats, tokenizer, *, label, k, K, layer):
+def figures(stats, tokenizer, *, label, k, K, layer, compare_label=None, compare_tokens=None, baseline=None,
+            baseline_label=None):
     """The pictures, as {file name: matplotlib Figure}. Each says which checkpoint and which tokens it shows."""
     import matplotlib.pyplot as plt
 
@@ -395,6 +434,40 @@ def figures(stats, tokenizer, *, label, k, K, layer):
            title=f"Top-1 expert of each token in each layer\n{textwrap.fill(label, 80)}")
     ax.title.set_fontsize(9)
     figs["tokens.png"] = fig
+
+    # Specialization as heat maps, domains x experts, each layer's experts sorted by the domain they favour most;
+    # beside the untrained model when there is one, since random routers favour some experts too.
+    panels = [(baseline_label, summary(baseline, k, K))] if baseline is not None else []
+    panels.append((label, r))
+    fig, axes = plt.subplots(len(shown), len(panels), figsize=(6 * len(panels), 1.2 + 1.1 * len(shown) * len(stats)),
+                             squeeze=False, layout="constrained")
+    for col, (name, rr) in enumerate(panels):
+        for row, l in enumerate(shown):
+            spec = torch.stack([rr["specialization"][d][l] for d in stats]) / (k / E)  # (domains, E), 1 = uniform
+            order = sorted(range(E), key=lambda e: (spec[:, e].argmax().item(), -spec[:, e].max().item()))
+            im = axes[row, col].imshow(spec[:, order].log2().numpy(), aspect="auto", cmap="RdBu_r",
+                                       vmin=-3, vmax=3, interpolation="nearest")
+            axes[row, col].set_yticks(range(len(stats)), list(stats))
+            axes[row, col].set(title=f"{textwrap.shorten(name, 60)}: layer {l}", xlabel=(
+                "experts, sorted by the domain they favour" if row == len(shown) - 1 else None))
+            axes[row, col].title.set_fontsize(9)
+    fig.colorbar(im, ax=axes, label="share of the domain's tokens ÷ uniform k/E\n(log2: 0 = uniform, 3 = 8x)")
+    fig.suptitle(f"Domain specialization (Eq. 7), top {k}: {r['tokens']} tokens of {', '.join(stats)}",
+                 fontsize=10)
+    figs["specialization.png"] = fig
+
+    if "saturation" in r:  # Eq. 5 of each compared checkpoint, over training when their token counts are known
+        x = compare_tokens if compare_tokens and None not in compare_tokens else list(range(len(compare_label)))
+        fig, ax = plt.subplots(figsize=(7, 4.2), layout="constrained")
+        for l, ys in enumerate(r["saturation"].T.tolist()):
+            ax.plot(x, ys, marker=".", label=f"layer {l}")
+        ax.axhline(k / E, color="gray", linestyle="--", linewidth=1, label=f"random routing, k/E = {k / E:.2f}")
+        ax.set(xlabel="tokens trained by the compared checkpoint" if x is compare_tokens else "compared checkpoint",
+               ylabel=f"saturation: share of top-{k} experts\nshared with this checkpoint", ylim=(0, 1.02),
+               title=f"Router saturation (Eq. 5) against\n{textwrap.shorten(label, 80)}")
+        ax.title.set_fontsize(9)
+        ax.legend(fontsize=8)
+        figs["saturation.png"] = fig
     return figs
 
 
@@ -449,32 +522,44 @@ def run(args):
     texts = read_texts(args.text, tokenizer, args.max_tokens)
     total = sum(map(len, texts.values()))
 
-    compare, compare_label = None, None
-    if args.compare_checkpoint:
-        compare_label = args.compare_checkpoint
-        other_path, other_config = moe_config(args.compare_checkpoint)
+    def load(checkpoint, flag):  # another checkpoint of the same model
+        other_path, other_config = moe_config(checkpoint)
         if (other_config.num_hidden_layers, other_config.num_experts) != (L, E):
-            raise ValueError(f"--compare-checkpoint {args.compare_checkpoint}: has {other_config.num_hidden_layers} "
-                             f"layers of {other_config.num_experts} experts, expected {L} of {E} like --checkpoint")
-        other = olmoe.load_model(other_path, device=device, dtype=dtype, moe_dispatch="batched")
-        bar = tqdm(total=total, desc="compared checkpoint", unit="tok", file=sys.stderr, leave=False)
-        compare = {d: choices_only(other, ids, args.top_k, chunk_len=chunk_len, progress=bar)
-                   for d, ids in texts.items()}
+            raise ValueError(f"{flag} {checkpoint}: has {other_config.num_hidden_layers} layers of "
+                             f"{other_config.num_experts} experts, expected {L} of {E} like --checkpoint")
+        return olmoe.load_model(other_path, device=device, dtype=dtype, moe_dispatch="batched"), other_path
+
+    compare, compare_tokens = {d: [] for d in texts}, []
+    for checkpoint in args.compare_checkpoint:  # one model in memory at a time: two OLMoE-1B-7B in bf16 take 28 GB
+        other, other_path = load(checkpoint, "--compare-checkpoint")
+        bar = tqdm(total=total, desc=f"compared {checkpoint}", unit="tok", file=sys.stderr, leave=False)
+        for d, ids in texts.items():
+            compare[d].append(choices_only(other, ids, args.top_k, chunk_len=chunk_len, progress=bar))
         bar.close()
-        del other  # one model in memory at a time: two OLMoE-1B-7B in bf16 would take 28 GB
+        del other
+        state = other_path / "trainer_state.json"  # train.py's checkpoints say how many tokens they were trained on
+        compare_tokens.append(json.loads(state.read_text())["tokens"] if state.is_file() else None)
+    baseline = None
+    if args.baseline:
+        other, _ = load(args.baseline, "--baseline")
+        bar = tqdm(total=total, desc="baseline", unit="tok", file=sys.stderr, leave=False)
+        baseline = {d: collect(other, ids, args.top_k, layer=args.layer, chunk_len=chunk_len, progress=bar)
+                    for d, ids in texts.items()}
+        bar.close()
+        del other
 
     model = olmoe.load_model(path, device=device, dtype=dtype, moe_dispatch="batched")
     bar = tqdm(total=total, desc="routing", unit="tok", file=sys.stderr, leave=False)
     stats = {d: collect(model, ids, args.top_k, layer=args.layer, chunk_len=chunk_len, progress=bar,
-                        compare=None if compare is None else compare[d]) for d, ids in texts.items()}
+                        compare=compare[d]) for d, ids in texts.items()}
     bar.close()
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    label = args.label or args.checkpoint
-    kw = dict(label=label, k=args.top_k, K=config.num_experts_per_tok, layer=args.layer)
-    (out / "report.md").write_text(report(stats, tokenizer, compare_label=compare_label, **kw))
-    (out / "routing.json").write_text(json.dumps(raw_json(stats, compare_label=compare_label, **kw)))
+    kw = dict(label=args.label or args.checkpoint, k=args.top_k, K=config.num_experts_per_tok, layer=args.layer,
+              compare_label=args.compare_checkpoint, baseline=baseline, baseline_label=args.baseline)
+    (out / "report.md").write_text(report(stats, tokenizer, **kw))
+    (out / "routing.json").write_text(json.dumps(raw_json(stats, **kw)))
     try:
         import matplotlib
 
@@ -482,7 +567,7 @@ def run(args):
     except ImportError:
         print("note: matplotlib is not installed, so no figures were drawn (pip install matplotlib)", file=sys.stderr)
         return
-    for name, fig in figures(stats, tokenizer, **kw).items():
+    for name, fig in figures(stats, tokenizer, compare_tokens=compare_tokens, **kw).items():
         fig.savefig(out / name, dpi=110)
     print(f"wrote {out / 'report.md'}, routing.json and figures for {total} tokens", file=sys.stderr)
 
@@ -492,8 +577,11 @@ def main(argv=None):
     p.add_argument("--checkpoint", required=True, help="OLMoE checkpoint: local directory or Hub id")
     p.add_argument("--text", action="append", required=True, metavar="NAME=FILE",
                    help="a domain's name and a text file of it; repeat for several domains")
-    p.add_argument("--compare-checkpoint", default=None, metavar="ID_OR_DIR",
-                   help="another checkpoint of the same model (e.g. from earlier in training): adds router saturation")
+    p.add_argument("--compare-checkpoint", action="append", default=[], metavar="ID_OR_DIR",
+                   help="another checkpoint of the same model (e.g. from earlier in training): adds router saturation; "
+                   "repeat it for a curve over training")
+    p.add_argument("--baseline", default=None, metavar="ID_OR_DIR", help="the same model untrained (train.py's "
+                   "step-000000): every analysis beside it")
     p.add_argument("--top-k", type=int, default=8, help="experts counted per token, ranked by router probability")
     p.add_argument("--max-tokens", type=int, default=None, help="at most this many tokens of each text")
     p.add_argument("--layer", type=int, default=0, help="layer whose experts' favourite tokens the report lists")

@@ -1,7 +1,9 @@
 """Tests for routing.py and tour.ipynb: the analyses on routings small enough to count by hand, then the command
 line and the notebook on a small random checkpoint."""
 
+import inspect
 import json
+import math
 import subprocess
 import sys
 
@@ -10,7 +12,7 @@ import torch
 
 import olmoe
 import routing
-from conftest import gen_checkpoint
+from conftest import TINY_MOE, gen_checkpoint
 
 # One layer, 4 tokens, each choosing k = 2 of E = 4 experts (most probable first).
 CHOICES = torch.tensor([[[0, 1], [0, 2], [1, 0], [3, 2]]])  # (L=1, N=4, k=2)
@@ -89,6 +91,24 @@ def test_balance_losses_by_hand_in_both_conventions():
     assert pooled.item() == 2.0 and per_layer.tolist() == [1.0]
 
 
+def test_layer_figures_by_hand():
+    # E = 4, one layer; two domains of 2 tokens each, k = 2
+    # prose: tokens choose {0, 1}, {0, 1}; code: {0, 2}, {3, 2}
+    prose, code = torch.tensor([[[0, 1], [0, 1]]]), torch.tensor([[[0, 2], [3, 2]]])
+    stats = {d: routing.Stats(2, routing.expert_counts(c, 4), routing.coactivation_counts(c, 4),
+                              routing.expert_counts(c, 4), torch.full((1, 4), 0.5, dtype=torch.float64),
+                              *[None] * 4) for d, c in (("prose", prose), ("code", code))}
+    f = routing.layer_figures(routing.summary(stats, k=2, K=2))
+    # pairs per expert [3, 2, 2, 1] of 8 -> shares [3/8, 1/4, 1/4, 1/8]
+    assert f["max_share"].tolist() == [0.375]
+    assert abs(f["entropy_bits"].item() - -(3 / 8 * math.log2(3 / 8) + 2 / 4 * math.log2(1 / 4) + 1 / 8 * math.log2(
+        1 / 8))) < 1e-9
+    # domain shares: prose [1, 1, 0, 0], code [1/2, 0, 1, 1/2] -> largest gap 1 (experts 1 and 2)
+    assert f["domain_gap"].tolist() == [1.0]
+    # co-activation N(Ei, Ej) / N(Ei): expert 1 chose with 0 on both its tokens -> 1; expert 3 with 2 -> 1
+    assert f["max_coactivation"].tolist() == [1.0]
+
+
 def test_transformers_convention_equals_olmoe_load_balancing_loss():
     torch.manual_seed(0)
     L, B, T, E, K = 3, 2, 7, 8, 2
@@ -161,7 +181,7 @@ def test_cli_counts_equal_a_direct_count_from_router_logits(tmp_path, routing_ch
                             coact[layer, i, j] += 1
         assert raw["expert_counts"][name] == counts.tolist()
     assert raw["coactivation"] == coact.tolist()
-    assert raw["saturation"] == [1.0, 1.0]  # a checkpoint against itself agrees on every expert
+    assert raw["saturation"] == [[1.0, 1.0]]  # a checkpoint against itself agrees on every expert
     report = (out / "report.md").read_text()
     for heading in ["Load per layer", "specialised to each domain", "co-activated", "Tokens each expert",
                     "saturation"]:
@@ -171,6 +191,39 @@ def test_cli_counts_equal_a_direct_count_from_router_logits(tmp_path, routing_ch
             assert (out / name).stat().st_size > 1000
     else:
         assert "matplotlib is not installed" in r.stderr
+
+
+def test_saturation_over_several_checkpoints_and_a_baseline(tmp_path, routing_checkpoint, tokenizer_json):
+    """Several --compare-checkpoint give one saturation column each (Eq. 5, checked against a direct count), and
+    --baseline runs every analysis on the other model too: its counts are those of routing that model alone."""
+    _, other = gen_checkpoint(tmp_path / "other", tokenizer_json, seed=1)
+    texts = write_texts(tmp_path)
+    common = [*texts, "--top-k", "2", "--max-tokens", "40", "--device", "cpu"]
+    routing.main(["--checkpoint", str(routing_checkpoint), *common, "--compare-checkpoint", str(other),
+                  "--compare-checkpoint", str(routing_checkpoint), "--baseline", str(other),
+                  "--out", str(tmp_path / "a")])
+    routing.main(["--checkpoint", str(other), *common, "--out", str(tmp_path / "b")])
+    raw, alone = (json.loads((tmp_path / d / "routing.json").read_text()) for d in ("a", "b"))
+    assert raw["compare_checkpoints"] == [str(other), str(routing_checkpoint)]
+    assert raw["baseline"]["expert_counts"] == alone["expert_counts"]
+
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(tokenizer_json))
+    shared, total = torch.zeros(2), 0
+    for text in TEXTS.values():
+        ids = torch.tensor([tok.encode(text, add_special_tokens=False).ids[:40]])
+        with torch.no_grad():
+            a, b = (torch.stack([r[0].topk(2).indices for r in olmoe.load_model(p, dtype=torch.float32)(ids)
+                                 .router_logits]) for p in (routing_checkpoint, other))  # (L, N, 2) each
+        shared += torch.tensor([[len(set(x) & set(y)) for x, y in zip(al.tolist(), bl.tolist())]
+                                for al, bl in zip(a, b)]).sum(-1)
+        total += ids.shape[1]
+    assert raw["saturation"][0] == pytest.approx((shared / (2 * total)).tolist()) and raw["saturation"][1] == [1, 1]
+    report = (tmp_path / "a" / "report.md").read_text()
+    assert "What training did" in report and "saturation against earlier checkpoints" in report
+    if _has_matplotlib():
+        assert all((tmp_path / "a" / f).stat().st_size > 1000 for f in ["specialization.png", "saturation.png"])
 
 
 def _has_matplotlib():
@@ -211,10 +264,28 @@ def test_routing_cli_bad_input_is_one_line_error(tmp_path, bad_inputs, routing_c
     assert err.startswith("error: ") and err.strip().count("\n") == 0 and message in err, err
 
 
-def test_tour_notebook_runs_top_to_bottom(routing_checkpoint, monkeypatch):
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """A tiny OLMoE trained by train.py for a few seconds on two small texts: its last checkpoint, whose run
+    directory holds the held-out text and the untrained model, as a real run's does."""
+    import train
+
+    d = tmp_path_factory.mktemp("run")
+    (d / "prose.txt").write_text(TEXTS["prose"] * 40)
+    (d / "code.txt").write_text(inspect.getsource(routing))
+    (d / "moe.json").write_text(json.dumps({**TINY_MOE, "model_type": "olmoe"}))
+    train.main(["--text", f"prose={d / 'prose.txt'}", "--text", f"code={d / 'code.txt'}", "--out", str(d / "run"),
+                "--model", str(d / "moe.json"), "--vocab-size", "300", "--batch-size", "4", "--seq-len", "32",
+                "--steps", "10", "--eval-every", "0", "--save-every", "10", "--lr", "1e-2", "--warmup-steps", "2"])
+    return d / "run" / "step-000010"
+
+
+def test_tour_notebook_runs_top_to_bottom(trained_run, monkeypatch, capsys):
+    """train.py -> checkpoint -> notebook, end to end: the routing lab reads the run's held-out text beside its
+    untrained model."""
     pytest.importorskip("matplotlib")
     monkeypatch.setenv("MPLBACKEND", "Agg")
-    monkeypatch.setenv("OLMOE_CHECKPOINT", str(routing_checkpoint))
+    monkeypatch.setenv("OLMOE_CHECKPOINT", str(trained_run))
     notebook = json.loads(open("tour.ipynb").read())
     assert notebook["nbformat"] == 4
     cells = [c for c in notebook["cells"] if c["cell_type"] == "code"]
@@ -226,3 +297,5 @@ def test_tour_notebook_runs_top_to_bottom(routing_checkpoint, monkeypatch):
     for i, cell in enumerate(cells):
         exec(compile("".join(cell["source"]), f"tour.ipynb code cell {i + 1}", "exec"), namespace)
     plt.close("all")
+    assert set(namespace["texts"]) == {"prose", "code"} and namespace["chunk"] == 32  # the run's held-out text
+    assert "What training did: " + str(trained_run.parent / "step-000000") in capsys.readouterr().out

@@ -94,7 +94,8 @@ def test_checkpoints_are_whole_hub_layout_folders(short_run):
     assert steps == ["step-000000", "step-000015", "step-000030"]  # the untrained model, then every 15 steps
     step = short_run / "step-000030"
     assert {p.name for p in step.iterdir()} == {"config.json", "model.safetensors", "tokenizer.json",
-                                                "generation_config.json", "train_state.pt"}
+                                                "generation_config.json", "train_state.pt", "trainer_state.json"}
+    assert json.loads((step / "trainer_state.json").read_text()) == {"step": 30, "tokens": 30 * 4 * 32, "seq_len": 32}
     config = json.loads((step / "config.json").read_text())
     assert config["architectures"] == ["OlmoeForCausalLM"] and config["dtype"] == "float32"
     assert config["vocab_size"] == 320  # 300 padded to a multiple of 64
@@ -367,3 +368,11 @@ def test_nan_loss_stops_at_that_step_and_keeps_the_last_good_checkpoint(data, tm
     # every step before it saved, whole; nothing of the failed step, and no temporary folder left
     assert sorted(p.name for p in out.iterdir() if "step" in p.name) == [f"step-{s:06d}" for s in range(step)]
     assert olmoe.load_model(out / f"step-{step - 1:06d}") is not None
+
+
+def test_compare_runs_draws_several_runs_and_names_a_missing_log(short_run, one_process, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    train.main(["--compare-runs", str(short_run), str(one_process), "--out", str(tmp_path / "runs.png")])
+    assert (tmp_path / "runs.png").stat().st_size > 10_000
+    line, _ = run_expecting_error(["--compare-runs", str(tmp_path), "--out", str(tmp_path / "x.png")], capsys)
+    assert "no log.jsonl there" in line

@@ -287,6 +287,9 @@ def save_checkpoint(out, step, config, weights, optimizer_state, tokenizer, trai
     eos, pad = config.eos_token_id, config.pad_token_id
     (tmp / "generation_config.json").write_text(json.dumps(dict(eos_token_id=eos, pad_token_id=pad), indent=2))
     torch.save(dict(train_state, optimizer=optimizer_state), tmp / "train_state.pt")
+    tokens = step * train_state["args"]["batch_size"] * train_state["args"]["seq_len"]  # for routing.py's curves
+    seq_len = train_state["args"]["seq_len"]
+    (tmp / "trainer_state.json").write_text(json.dumps(dict(step=step, tokens=tokens, seq_len=seq_len)) + "\n")
     if final.exists():  # the same step saved again (a resumed run): replace it only once the new one is whole
         old = out / f".{final.name}.old"
         shutil.rmtree(old, ignore_errors=True)
@@ -669,15 +672,58 @@ def plot(log_file, png, title, balanced=None):
     plt.close(fig)
 
 
+def plot_runs(runs, png):
+    """Several runs side by side, from their log.jsonl (e.g. an ablation of --lb-coef): mean validation loss over
+    the domains, and each run's largest expert share and routing entropy, the mean over layers with the range
+    from the most to the least balanced layer shaded."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise TrainError("--compare-runs draws with matplotlib: pip install matplotlib") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5), layout="constrained")
+    E = None
+    for run, color in zip(runs, plt.get_cmap("tab10").colors):
+        log_file = Path(run) / "log.jsonl"
+        if not log_file.is_file():
+            raise TrainError(f"--compare-runs {run}: no log.jsonl there (expected a train.py --out directory)")
+        records = [json.loads(line) for line in log_file.read_text().splitlines()]
+        E = json.loads(next(Path(run).glob("step-*/config.json")).read_text())["num_experts"]
+        x = [r["tokens"] for r in records]
+        axes[0].plot(x, [sum(r["val"].values()) / len(r["val"]) for r in records], color=color, label=Path(run).name)
+        for ax, key in zip(axes[1:], ("max_share", "entropy_bits")):
+            values = torch.tensor([r[key] for r in records])  # (evaluations, L)
+            ax.plot(x, values.mean(1), color=color, label=f"{Path(run).name}: mean over layers")
+            ax.fill_between(x, values.min(1).values, values.max(1).values, color=color, alpha=0.2)
+    axes[0].set(xlabel="tokens trained", ylabel="validation cross-entropy (nats per token),\nmean over the domains",
+                title="validation loss")
+    axes[1].axhline(1 / E, color="gray", linestyle="--", label="perfect balance, 1/E")
+    axes[1].set(xlabel="tokens trained", ylabel="largest expert's share of token-expert pairs", yscale="log",
+                title="expert load (shaded: range over layers)")
+    axes[2].axhline(math.log2(E), color="gray", linestyle="--", label="perfect balance, log2 E")
+    axes[2].set(xlabel="tokens trained", ylabel="entropy of the experts' shares (bits)",
+                title="routing entropy (shaded: range over layers)")
+    for ax in axes:
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{len(runs)} train.py runs on their validation text: {', '.join(Path(r).name for r in runs)}")
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Command line
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--text", action="append", required=True, metavar="NAME=FILE_OR_GLOB",
+    p.add_argument("--text", action="append", metavar="NAME=FILE_OR_GLOB",
                    help="a domain's name and its text files; repeat for several domains")
-    p.add_argument("--out", required=True, help="directory for the token file, checkpoints, log.jsonl and curves.png")
+    p.add_argument("--out", required=True, help="directory for the token file, checkpoints, log.jsonl and curves.png "
+                   "(with --compare-runs: the PNG to draw)")
+    p.add_argument("--compare-runs", nargs="+", metavar="DIR", help="draw these runs' curves side by side into "
+                   "--out, and train nothing")
     p.add_argument("--model", default=None, help=f"preset to train from scratch: {', '.join(PRESETS)} "
                    "(default olmoe-cpu), or a config.json file of your own")
     p.add_argument("--init", default=None, metavar="ID_OR_DIR", help="checkpoint to continue from or fine-tune")
@@ -712,6 +758,10 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     try:
+        if args.compare_runs:
+            return plot_runs(args.compare_runs, args.out)
+        if not args.text:
+            raise TrainError("--text NAME=FILE_OR_GLOB: give at least one text to train on")
         train(args)
     except KeyboardInterrupt:
         sys.exit(130)
