@@ -12,7 +12,7 @@ check compares this device with the CPU on small models (float32 logits, the nat
 against eager tokens, every MoE path against the naive dispatch), then times the OLMoE-1B-7B layer shape and prints
 each figure as a fraction of its bound: the bytes a decode step must read over the measured copy bandwidth, or a
 prefill's FLOPs over the measured matmul rate. Checkpoints these commands need are written once into DIR by
-write_random_checkpoint, with olmoe.save_model, the writer train.py and the tests use too.
+write_random_checkpoint: random_model's weights saved by olmoe.save_model, the writer train.py uses too.
 """
 
 import argparse

@@ -525,7 +525,8 @@ def main(argv=None):
     try:
         return run(args)
     except (ValueError, OSError, RuntimeError) as e:  # CheckpointError is a ValueError, MissingPackage a RuntimeError
-        print(f"error: {e}".splitlines()[0], file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # one line, not one per process under torchrun
+            print(f"error: {e}".splitlines()[0], file=sys.stderr)
         sys.exit(1)
     finally:
         if dist.is_initialized():

@@ -111,8 +111,9 @@ def peak_memory(device):
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
     status = Path("/proc/self/status")
-    if status.is_file():
-        hwm = next(line for line in status.read_text().splitlines() if line.startswith("VmHWM:"))
+    hwm = next((line for line in status.read_text().splitlines() if line.startswith("VmHWM:")), None) \
+        if status.is_file() else None
+    if hwm:
         return int(hwm.split()[1]) * 1024  # "VmHWM:   123456 kB"
     import resource  # macOS (not on Windows)
 

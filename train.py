@@ -22,6 +22,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import sys
 import time
 import warnings
@@ -30,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 import generate
 import olmoe
@@ -80,17 +82,14 @@ def read_domains(specs) -> dict:
 
 
 def split_domain(docs, val_fraction):
-    """A domain's documents -> (train docs, validation docs). Whole files are held out from the end until they
-    make up val_fraction of the bytes; a single file is cut at the line nearest that point."""
-    if len(docs) == 1:
-        text = docs[0]
-        cut = text.rfind("\n", 0, int(len(text) * (1 - val_fraction))) + 1 or int(len(text) * (1 - val_fraction))
-        return [text[:cut]], [text[cut:]]
-    total, held = sum(len(d) for d in docs), 0
-    k = len(docs)
-    while k > 1 and held < val_fraction * total:
-        k, held = k - 1, held + len(docs[k - 1])
-    return docs[:k], docs[k:]
+    """A domain's documents -> (train docs, validation docs): the last val_fraction of its characters, whole
+    documents from the end, and the one that reaches past that point cut at a line (a single file is cut too)."""
+    need, k = val_fraction * sum(len(d) for d in docs), len(docs)
+    while k > 1 and need >= len(docs[k - 1]):
+        k, need = k - 1, need - len(docs[k - 1])
+    d = docs[k - 1]
+    cut = d.rfind("\n", 0, len(d) - int(need)) + 1 or len(d) - int(need)
+    return [t for t in docs[:k - 1] + [d[:cut]] if t], [h for h in [d[cut:]] + docs[k:] if h]
 
 
 def train_tokenizer(docs, vocab_size):
@@ -316,7 +315,8 @@ def find_checkpoint(path):
 def config_difference(a, b):
     """The first field in which two model configs differ, as text; None if they are the same model."""
     for field in sorted(set(vars(a)) | set(vars(b)) | {"model_type"}):
-        if field != "dtype" and getattr(a, field, None) != getattr(b, field, None):
+        if field not in ("dtype", "router_aux_loss_coef", "router_z_loss_coef") and \
+                getattr(a, field, None) != getattr(b, field, None):
             return f"{field} {getattr(a, field, None)} here, {getattr(b, field, None)} in the checkpoint"
     return None
 
@@ -367,6 +367,12 @@ def init_weights(model, seed):
 
 
 def train(args):
+    for flag in ("steps", "batch_size", "seq_len", "save_every", "vocab_size", "eval_tokens"):
+        if getattr(args, flag) < 1:
+            raise TrainError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: expected at least 1")
+    if not 0 < args.val_fraction < 1 or args.eval_every < 0:
+        raise TrainError(f"need 0 < --val-fraction < 1 and --eval-every >= 0, got {args.val_fraction} and "
+                         f"{args.eval_every}")
     # Processes: one, or as many as torchrun started (RANK, WORLD_SIZE set), each on its own device.
     distributed = "RANK" in os.environ
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -415,6 +421,10 @@ def train(args):
     # DIR/heldout/NAME.txt, for routing.py or evaluate.py to read text the model never trained on.
     domains = read_domains(args.text)
     splits = {name: split_domain(docs, args.val_fraction) for name, docs in domains.items()}
+    for name, (tr, held) in splits.items():
+        if not tr or not held:
+            raise TrainError(f"--text {name}: too short to hold out --val-fraction {args.val_fraction} of it and "
+                             "train on the rest")
     if is_main:
         (out / "heldout").mkdir(parents=True, exist_ok=True)
         for name, (_, held) in splits.items():
@@ -445,6 +455,11 @@ def train(args):
         config.vocab_size = -(-V // 64) * 64  # padded to a multiple of 64, as the released models are
         config.eos_token_id, config.pad_token_id = tokenizer.token_to_id(EOS), tokenizer.token_to_id(PAD)
         config.dtype = "float32"
+    if config.model_type == "olmoe":  # the coefficients trained with, in the convention the config's readers use:
+        # transformers' aux loss reads K at balance, the paper's 1, so the paper's lb_coef is lb_coef / K there
+        K = config.num_experts_per_tok
+        config.router_aux_loss_coef = args.lb_coef / K if args.lb_convention == "paper" else args.lb_coef
+        config.router_z_loss_coef = args.z_coef
     eos = config.eos_token_id[0] if isinstance(config.eos_token_id, list) else config.eos_token_id
     if eos is None:
         raise TrainError(f"{init}: the config has no eos_token_id to separate documents with")
@@ -477,7 +492,8 @@ def train(args):
     else:
         model = olmoe.Transformer(config)
         init_weights(model, args.seed)
-    model.to(device)
+    if not args.fsdp:  # fully_shard moves each shard to the device itself: the whole model never is on one
+        model.to(device)
     if args.fsdp:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -548,11 +564,7 @@ def train(args):
                     + ", ".join(f"{d} {v['loss']:.3f} ({v['bpb']:.3f} bpb)" for d, v in val.items()))
             if counts is not None:
                 line += " | largest expert share per layer " + " ".join(f"{s:.3f}" for s in record["max_share"])
-            from tqdm import tqdm
-
             tqdm.write(line, file=sys.stdout)
-
-    from tqdm import tqdm
 
     bar = tqdm(total=args.steps, initial=step, desc="training", unit="step", file=sys.stderr, disable=not is_main,
                dynamic_ncols=True)
@@ -563,6 +575,11 @@ def train(args):
         last_saved = checkpoint(0)
     sync = generate.synchronizer(device)
     per_process = args.batch_size // world
+    # Ctrl-C finishes the step under way, saves it and exits. The handler only raises a flag, so that a second
+    # SIGINT cannot break into the saving: a terminal's Ctrl-C reaches torchrun's workers twice, once directly
+    # and once forwarded by torchrun.
+    interrupted = []
+    previous_handler = signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
     try:
         while step < args.steps:
             step += 1
@@ -617,9 +634,14 @@ def train(args):
                                     tokens_per_s=tokens_per_step / dt, mfu=flops_per_step / dt / peak))
             if step % args.save_every == 0 or step == args.steps:
                 last_saved = checkpoint(step)
+            stop = torch.tensor(float(bool(interrupted)), device=device)
+            if distributed:  # every process stops at the same step, whichever saw the Ctrl-C
+                dist.all_reduce(stop, op=dist.ReduceOp.MAX)
+            if stop.item():
+                raise KeyboardInterrupt
     except KeyboardInterrupt:
-        # Ctrl-C: keep what was trained. A step interrupted before optimizer.step() left the weights as the step
-        # before it had them; its half-taken gradients are dropped.
+        # Ctrl-C: keep what was trained. A step interrupted before optimizer.step() (a KeyboardInterrupt raised
+        # before the handler was in place) left the weights as the step before it had them.
         bar.close()
         if done and last_saved != out / f"step-{done:06d}":
             if is_main:
@@ -627,6 +649,8 @@ def train(args):
             optimizer.zero_grad(set_to_none=True)
             checkpoint(done)
         raise
+    finally:
+        signal.signal(signal.SIGINT, previous_handler)
     bar.close()
     if is_main and log_file.is_file():
         what = f"{config.model_type}, {sum(p.numel() for p in raw.parameters()) / 1e6:.1f}M parameters" + (
