@@ -243,12 +243,14 @@ def summary(stats: dict[str, Stats], k, K):
 def layer_figures(r):
     """One number per layer for each analysis, to read a trained model beside its untrained self: the largest
     expert's share of the pairs, the entropy of the experts' shares (bits; log2 E when balanced), the largest gap
-    between two domains' shares of one expert (Eq. 7), and the largest co-activation of two experts (Eq. 6)."""
+    between two domains' shares of one expert (Eq. 7), and the largest co-activation of two experts (Eq. 6) among
+    experts with at least half the balanced share of the pairs (an expert chosen 3 times can score 1 by chance)."""
     load = r["load"].double()  # (L, E)
     entropy = -(load * load.clamp(min=1e-30).log2()).sum(-1)
     spec = torch.stack(list(r["specialization"].values()))  # (domains, L, E)
     co = r["coactivation"].clone()
     co.diagonal(dim1=1, dim2=2).fill_(0)
+    co = co.masked_fill((load < 0.5 / load.shape[-1])[:, :, None], 0)  # rows of experts that carry little load
     return dict(max_share=load.max(-1).values, entropy_bits=entropy,
                 domain_gap=(spec.max(0).values - spec.min(0).values).max(-1).values,
                 max_coactivation=co.flatten(1).max(-1).values, balance_loss=r["balance_loss_per_layer"])
@@ -330,9 +332,10 @@ def report(stats, tokenizer, *, label, compare_label, k, K, layer, min_count=10,
         lines += ["", "## Router saturation against earlier checkpoints", "",
                   f"Mean over tokens of |E(x; compared) ∩ E(x; this)| / k with k = {k} (Eq. 5): how much of each "
                   f"token's top {k} the two checkpoints agree on. Random routing gives k/E = {k / E:.3f}.", "",
-                  "| layer | " + " | ".join(compare_label) + " |", "|---|" + "---|" * len(compare_label)]
-        lines += [f"| {l} | " + " | ".join(f"{v:.3f}" for v in col) + " |"
-                  for l, col in enumerate(r["saturation"].T.tolist())]
+                  "| compared checkpoint | " + " | ".join(f"layer {l}" for l in range(L)) + " |",
+                  "|---|" + "---|" * L]
+        lines += [f"| {name} | " + " | ".join(f"{v:.3f}" for v in row) + " |"
+                  for name, row in zip(compare_label, r["saturation"].tolist())]
     if baseline is not None:
         rb = summary(baseline, k, K)
         b, a = layer_figures(rb), layer_figures(r)
@@ -341,7 +344,8 @@ def report(stats, tokenizer, *, label, compare_label, k, K, layer, min_count=10,
                   "so only the change says what training did. Per layer: the largest expert's share of the pairs "
                   f"(balanced: 1/E = {1 / E:.4f}), the entropy of the experts' shares (balanced: log2 E = "
                   f"{math.log2(E):.2f} bits), the load-balancing loss per layer (balanced: 1), the largest gap "
-                  f"between two domains' shares of one expert (Eq. 7), and the largest co-activation (Eq. 6).", "",
+                  f"between two domains' shares of one expert (Eq. 7), and the largest co-activation (Eq. 6) of an "
+                  "expert with at least half the balanced share.", "",
                   "| layer | largest share | entropy (bits) | balance loss | largest domain gap "
                   "| largest co-activation |", "|---|---|---|---|---|---|"]
         for l in range(L):
@@ -437,7 +441,7 @@ def figures(stats, tokenizer, *, label, k, K, layer, compare_label=None, compare
 
     # Specialization as heat maps, domains x experts, each layer's experts sorted by the domain they favour most;
     # beside the untrained model when there is one, since random routers favour some experts too.
-    panels = [(baseline_label, summary(baseline, k, K))] if baseline is not None else []
+    panels = [(f"baseline {baseline_label}", summary(baseline, k, K))] if baseline is not None else []
     panels.append((label, r))
     fig, axes = plt.subplots(len(shown), len(panels), figsize=(6 * len(panels), 1.2 + 1.1 * len(shown) * len(stats)),
                              squeeze=False, layout="constrained")
@@ -445,13 +449,14 @@ def figures(stats, tokenizer, *, label, k, K, layer, compare_label=None, compare
         for row, l in enumerate(shown):
             spec = torch.stack([rr["specialization"][d][l] for d in stats]) / (k / E)  # (domains, E), 1 = uniform
             order = sorted(range(E), key=lambda e: (spec[:, e].argmax().item(), -spec[:, e].max().item()))
-            im = axes[row, col].imshow(spec[:, order].log2().numpy(), aspect="auto", cmap="RdBu_r",
+            im = axes[row, col].imshow(spec[:, order].clamp(min=1 / 8).log2().numpy(), aspect="auto", cmap="RdBu_r",
                                        vmin=-3, vmax=3, interpolation="nearest")
             axes[row, col].set_yticks(range(len(stats)), list(stats))
             axes[row, col].set(title=f"{textwrap.shorten(name, 60)}: layer {l}", xlabel=(
                 "experts, sorted by the domain they favour" if row == len(shown) - 1 else None))
             axes[row, col].title.set_fontsize(9)
-    fig.colorbar(im, ax=axes, label="share of the domain's tokens ÷ uniform k/E\n(log2: 0 = uniform, 3 = 8x)")
+    fig.colorbar(im, ax=axes, label="share of the domain's tokens ÷ uniform k/E\n"
+                                    "(log2: 0 = uniform, 3 = 8x, -3 = 1/8 or less)")
     fig.suptitle(f"Domain specialization (Eq. 7), top {k}: {r['tokens']} tokens of {', '.join(stats)}",
                  fontsize=10)
     figs["specialization.png"] = fig

@@ -656,7 +656,7 @@ def train(args):
         what = f"{config.model_type}, {sum(p.numel() for p in raw.parameters()) / 1e6:.1f}M parameters" + (
             f" ({config.num_experts} experts, {K} per token)" if moe else "")
         origin = f"fine-tuned from {args.init}" if init else "from scratch"
-        plot(log_file, out / "curves.png", f"run {out.name}: {what}, {origin}, on {' and '.join(domains)}",
+        plot(log_file, out / "curves.png", f"run {out.name}: {what}, {origin}, on {', '.join(domains)}",
              balanced=1 / config.num_experts if moe else None)
     if distributed:
         dist.destroy_process_group()
