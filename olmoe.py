@@ -319,8 +319,8 @@ def moe_batched(x, top_w, top_i, experts: Experts):
 
 def compute_dtype(x):
     """The dtype x's matmuls run in: under autocast (mixed-precision training) its dtype, though x itself arrives in
-    float32 from the norm before the experts. F.grouped_mm is not autocast-aware (pytorch#174763), so grouped_mm
-    casts to it itself."""
+    float32 from the norm before the experts. F.grouped_mm is not autocast-aware (pytorch#174763, as transformers'
+    integrations/moe.py notes), so grouped_mm casts to it itself."""
     return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
 
 
@@ -374,7 +374,7 @@ DENSE_MAX_TOKENS = 256
 def moe_grouped(x, top_w, top_i, experts: Experts, matmul=None):
     """Sort the pairs by expert, so each expert's tokens are one contiguous slice, and multiply all slices by
     their experts in one grouped matmul (no Python per expert, no host sync)."""
-    N, K = top_i.shape
+    K = top_i.shape[1]
     matmul = matmul or grouped_mm
     flat = top_i.flatten()  # (P,) expert of each pair, pair p = token p // K, slot p % K
     order = flat.argsort(stable=True)  # pairs sorted by expert
