@@ -1,4 +1,4 @@
-"""Every measurement of this project, each a subcommand, on models of random weights (no download).
+"""Every measurement of this project, each a subcommand; all but bpb on random weights (no download).
 
     python benchmark.py check                   # any device: is every path right here, and how fast?
     python benchmark.py speed --shape OLMoE-1B-7B   # decoding and prefill against transformers, same weights
