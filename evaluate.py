@@ -460,7 +460,9 @@ def run(args):
     tokenizer, eos, _ = load_tokenizer(path)
     model = olmoe.load_model(path, device=device, dtype=dtype)
     prefix_id = min(eos) if eos else None
-    L = model.config.max_position_embeddings
+    L = args.context or model.config.max_position_embeddings
+    if not 2 <= L <= model.config.max_position_embeddings:
+        raise ValueError(f"--context {L}: expected 2 to the model's context of {model.config.max_position_embeddings}")
 
     pairs = encode_pairs(tokenizer, [(q.context, q.continuation) for q in requests], prefix_id)
     windows = {}
@@ -519,6 +521,8 @@ def main(argv=None):
     p.add_argument("--out", default=None, metavar="results.json", help="write every request's log-likelihood, the "
                    "scores and the run's metadata to this JSON file (about 450 MB for the full suite)")
     p.add_argument("--batch-tokens", type=int, default=8192, help="rows x padded length per forward pass")
+    p.add_argument("--context", type=int, default=None, help="--text: tokens per window (default: the model's "
+                   "context; a model trained on shorter sequences, as train.py's small ones, wants its --seq-len)")
     p.add_argument("--device", default=None, help="default: cuda, else mps, else cpu")
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16; default: the checkpoint's own")
     args = p.parse_args(argv)

