@@ -329,7 +329,7 @@ def report(stats, tokenizer, *, label, compare_label, k, K, layer, min_count=10,
                          or f"— (no id seen {min_count} times)")
         lines.append(f"| {e} | {cells[0]} | {cells[1]} |")
     if "saturation" in r:
-        lines += ["", "## Router saturation against earlier checkpoints", "",
+        lines += ["", "## Router saturation against other checkpoints", "",
                   f"Mean over tokens of |E(x; compared) ∩ E(x; this)| / k with k = {k} (Eq. 5): how much of each "
                   f"token's top {k} the two checkpoints agree on. Random routing gives k/E = {k / E:.3f}.", "",
                   "| compared checkpoint | " + " | ".join(f"layer {l}" for l in range(L)) + " |",
@@ -448,7 +448,8 @@ def figures(stats, tokenizer, *, label, k, K, layer, compare_label=None, compare
     for col, (name, rr) in enumerate(panels):
         for row, l in enumerate(shown):
             spec = torch.stack([rr["specialization"][d][l] for d in stats]) / (k / E)  # (domains, E), 1 = uniform
-            order = sorted(range(E), key=lambda e: (spec[:, e].argmax().item(), -spec[:, e].max().item()))
+            order = sorted(range(E), key=lambda e: (spec[:, e].argmax().item() if spec[:, e].any() else len(stats),
+                                                    -spec[:, e].max().item()))  # unchosen experts last
             im = axes[row, col].imshow(spec[:, order].clamp(min=1 / 8).log2().numpy(), aspect="auto", cmap="RdBu_r",
                                        vmin=-3, vmax=3, interpolation="nearest")
             axes[row, col].set_yticks(range(len(stats)), list(stats))
@@ -467,6 +468,8 @@ def figures(stats, tokenizer, *, label, k, K, layer, compare_label=None, compare
         for l, ys in enumerate(r["saturation"].T.tolist()):
             ax.plot(x, ys, marker=".", label=f"layer {l}")
         ax.axhline(k / E, color="gray", linestyle="--", linewidth=1, label=f"random routing, k/E = {k / E:.2f}")
+        if x is not compare_tokens:  # no token counts: one tick per compared checkpoint, named
+            ax.set_xticks(x, [textwrap.shorten(str(c), 30) for c in compare_label], rotation=30, ha="right", fontsize=7)
         ax.set(xlabel="tokens trained by the compared checkpoint" if x is compare_tokens else "compared checkpoint",
                ylabel=f"saturation: share of top-{k} experts\nshared with this checkpoint", ylim=(0, 1.02),
                title=f"Router saturation (Eq. 5) against\n{textwrap.shorten(label, 80)}")

@@ -221,7 +221,7 @@ def test_saturation_over_several_checkpoints_and_a_baseline(tmp_path, routing_ch
         total += ids.shape[1]
     assert raw["saturation"][0] == pytest.approx((shared / (2 * total)).tolist()) and raw["saturation"][1] == [1, 1]
     report = (tmp_path / "a" / "report.md").read_text()
-    assert "What training did" in report and "saturation against earlier checkpoints" in report
+    assert "What training did" in report and "saturation against other checkpoints" in report
     if _has_matplotlib():
         assert all((tmp_path / "a" / f).stat().st_size > 1000 for f in ["specialization.png", "saturation.png"])
 
