@@ -55,6 +55,18 @@ def timed(fn, sync, repeat=3):
     return sorted(times)[len(times) // 2]
 
 
+def taking_turns(measures: dict, repeat):
+    """Each measure's median over `repeat` rounds in which they all take turns, after one warm-up round: a slow
+    moment of a shared machine falls on all of them alike. measures: name -> a function returning a number."""
+    values = {name: [] for name in measures}
+    for r in range(repeat + 1):
+        for name, measure in measures.items():
+            value = measure()
+            if r:
+                values[name].append(value)
+    return {name: sorted(v)[repeat // 2] for name, v in values.items()}
+
+
 def median_decode(model, prompts, steps, compile):
     """generate()'s stats of the median of three runs, after one that warms up (and compiles)."""
     runs = [{} for _ in range(4)]
@@ -289,21 +301,22 @@ def training_step(config, device, dtype, batch=16, seq_len=128, repeat=7):
     with torch.no_grad():  # the same weights give the same loss: the two steps do the same work
         a, b = (f().item() for f in losses.values())
     assert abs(a - b) < 1e-3 * abs(b), (a, b)
-    steps, times = {}, {name: [] for name in losses}
+    def seconds_of_a_step(loss, opt):
+        sync()
+        t = time.perf_counter()
+        with autocast:
+            loss().backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        sync()
+        return time.perf_counter() - t
+
+    steps = {}
     for (name, loss), model in zip(losses.items(), (ours, hf)):
         model.train()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.95), weight_decay=0.1)
-        steps[name] = lambda loss=loss, opt=opt: (loss().backward(), opt.step(), opt.zero_grad(set_to_none=True))
-    for r in range(repeat + 1):  # the first round warms up
-        for name, step in steps.items():
-            sync()
-            t = time.perf_counter()
-            with autocast:
-                step()
-            sync()
-            if r:
-                times[name].append(time.perf_counter() - t)
-    seconds = {name: sorted(ts)[repeat // 2] for name, ts in times.items()}
+        steps[name] = lambda loss=loss, opt=opt: seconds_of_a_step(loss, opt)
+    seconds = taking_turns(steps, repeat)
     tokens = batch * seq_len
     # 6 FLOPs per active parameter per token: the blocks' (with K of E experts) and lm_head's (every position).
     flops = 6 * (active_params(ours) + ours.lm_head.weight.numel()) * tokens
@@ -362,16 +375,8 @@ def quantized(path: Path, batches=(1, 8), steps=48, repeat=3, group_size=128):
     rates = {}
     for B in batches:
         prompts = torch.randint(0, c.vocab_size, (B, 16), generator=torch.Generator().manual_seed(B)).tolist()
-        runs = {kind: [] for kind in rates_of}
-        for r in range(repeat + 1):
-            for kind, rate in rates_of.items():
-                if r:  # the first round warms up
-                    runs[kind].append(rate(prompts))
-                    print(f"batch {B}, {kind}: {runs[kind][-1]:.1f} tok/s", file=sys.stderr)
-                else:
-                    rate(prompts)
-        for kind in rates_of:
-            rates[kind, B] = sorted(runs[kind])[repeat // 2]
+        medians = taking_turns({kind: lambda rate=rate: rate(prompts) for kind, rate in rates_of.items()}, repeat)
+        rates.update({(kind, B): value for kind, value in medians.items()})
     print(f"{path}: OLMoE layer shape (D={c.hidden_size}, E={c.num_experts} x I={c.intermediate_size}, "
           f"K={c.num_experts_per_tok}, V={c.vocab_size}), {c.num_hidden_layers} layers, random bf16 weights; "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads, eager; {steps} new tokens after a "
@@ -438,6 +443,15 @@ def weight_errors(model_path, group_size=128):
     return {k: (sum(v) / len(v), max(v)) for k, v in errors.items()}
 
 
+def precisions(path, group_size):
+    """The checkpoint at each precision the reports compare: name -> a function that loads it."""
+    return {"bf16": lambda: olmoe.load_model(path, dtype=torch.bfloat16),
+            "int8": lambda: quantize.load_model(path, "int8", dtype=torch.bfloat16),
+            "int4": lambda: quantize.load_model(path, "int4", dtype=torch.bfloat16, group_size=group_size),
+            "int4, clip_search": lambda: quantize.load_model(path, "int4", dtype=torch.bfloat16,
+                                                             group_size=group_size, clip_search=True)}
+
+
 def bits_per_byte(checkpoint: Path, texts: dict, context, group_size=128):
     """What quantizing costs a trained model: each text's bits per byte (evaluate.py's engine, in windows of
     `context` tokens, each later one predicted from at least context/2 before it) under the checkpoint's weights in
@@ -445,12 +459,7 @@ def bits_per_byte(checkpoint: Path, texts: dict, context, group_size=128):
     import evaluate
 
     tokenizer, eos, _ = gen.load_tokenizer(checkpoint)
-    load = {"float32": lambda: olmoe.load_model(checkpoint, dtype=torch.float32),
-            "bf16": lambda: olmoe.load_model(checkpoint, dtype=torch.bfloat16),
-            "int8": lambda: quantize.load_model(checkpoint, "int8", dtype=torch.bfloat16),
-            "int4": lambda: quantize.load_model(checkpoint, "int4", dtype=torch.bfloat16, group_size=group_size),
-            "int4, clip_search": lambda: quantize.load_model(checkpoint, "int4", dtype=torch.bfloat16,
-                                                             group_size=group_size, clip_search=True)}
+    load = {"float32": lambda: olmoe.load_model(checkpoint, dtype=torch.float32), **precisions(checkpoint, group_size)}
     windows = {name: evaluate.text_windows(tokenizer.encode(text, add_special_tokens=False).ids, context, min(eos))
                for name, text in texts.items()}
     sizes = ", ".join(f"{n} ({len(t.encode()) / 1e3:.0f} kB)" for n, t in texts.items())
@@ -493,11 +502,7 @@ def accuracy(workdir: Path, steps=64, group_size=128):
     f32 = olmoe.load_model(path, dtype=torch.float32)
     greedy = gen.generate(f32, [prompt], steps)[0]
     ids = torch.tensor([prompt + greedy])
-    models = {"bf16": olmoe.load_model(path, dtype=torch.bfloat16)}
-    for kind in ("int8", "int4"):
-        models[kind] = quantize.load_model(path, kind, dtype=torch.bfloat16, group_size=group_size)
-    models["int4, clip_search"] = quantize.load_model(path, "int4", dtype=torch.bfloat16, group_size=group_size,
-                                             clip_search=True)
+    models = {kind: load() for kind, load in precisions(path, group_size).items()}
     with torch.no_grad():
         logits = {k: m(ids).logits[0, len(prompt) - 1:-1].float() for k, m in {"float32": f32, **models}.items()}
     print(f"\nLogits over {steps} greedy (float32) tokens after a 16-token prompt, teacher-forced; bf16 activations")
