@@ -90,10 +90,18 @@ def compiled_decoding(model, B, S):
     cache = model.new_cache(B, S)
     for kv in cache:  # CUDA graphs read and write the cache in place, never through a copy
         torch._dynamo.mark_static_address(kv.k), torch._dynamo.mark_static_address(kv.v)
-    # On a GPU: replay the step as a CUDA graph, and let inductor tune its kernels' tiling, which is what fuses the
-    # MoE expert gather (and the int8 dequantization) into the matmuls, as gpt-fast's mixtral-moe does.
-    options = {"triton.cudagraphs": True, "coordinate_descent_tuning": True} if p.device.type == "cuda" else None
-    step = kept[2] if kept else torch.compile(decode_step, dynamic=False, options=options)
+    if kept:
+        step = kept[2]
+    elif p.device.type == "cuda":
+        # Replay the step as a CUDA graph, and let inductor tune its kernels' tiling, which is what fuses the MoE
+        # expert gather (and the int8 dequantization) into the matmuls, as gpt-fast's mixtral-moe does.
+        step = torch.compile(decode_step, dynamic=False,
+                             options={"triton.cudagraphs": True, "coordinate_descent_tuning": True})
+    else:
+        # On a CPU, inductor's max_autotune with freezing (its C++ GEMM templates) decoded no faster than this
+        # default on the README's 2-layer bf16, int8 and int4 runs, and compiles longer. Quantized experts read
+        # their expert ids with item() (quantize.QuantExperts.gathered): capture_scalar_outputs traces them.
+        step = torch._dynamo.config.patch(capture_scalar_outputs=True)(torch.compile(decode_step, dynamic=False))
     model.compiled_decoding = (key, cache, step)
     return cache, step, True
 

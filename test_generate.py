@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 import transformers
 
 import generate as gen
@@ -67,6 +68,48 @@ def test_compiled_decode_step_gives_the_same_tokens(tmp_path, tokenizer_json, mo
     assert gen.generate(model, prompts, 10, compile=True) == gen.generate(model, prompts, 10)
 
 
+@pytest.mark.parametrize("model_type", ["olmoe", "olmo2"])
+@pytest.mark.parametrize("rows", [1, 2])
+def test_compiled_bf16_decode_step_computes_eager_logits(tmp_path, tokenizer_json, monkeypatch, model_type, rows):
+    """bf16, compiled against eager, both fed the same tokens (the sampler is replaced): each step's logits within
+    bf16's rounding. One row takes olmoe.linear_path's "gemv" in every linear layer; two rows, F.linear. Greedy
+    tokens are not compared: in bf16 a tiny random model's top logits tie within rounding, and they part even
+    where every kernel is the same (the default compiled path did so here before gemv existed)."""
+    _, path = gen_checkpoint(tmp_path, tokenizer_json, model_type)
+    model = olmoe.load_model(path, dtype=torch.bfloat16)
+    forced = torch.tensor([[7, 3, 9, 12, 5, 8, 2, 11, 6, 4]] * rows)
+
+    def run(compile):
+        logits = []
+
+        def sample(x, **_):
+            logits.append(x.float())
+            return forced[:, len(logits) - 1].contiguous()  # as sample returns: a strided column would recompile
+
+        monkeypatch.setattr(gen, "sample", sample)
+        gen.generate(model, [[3, 1, 4, 1, 5]] * rows, forced.shape[1], compile=compile)
+        return torch.stack(logits)
+
+    eager, compiled = run(False), run(True)
+    assert (compiled - eager).abs().max() <= 0.02 * eager.abs().max()
+
+
+def test_the_gemv_path_is_the_linear_product():
+    """linear_path's choice, and what gemv computes: x @ w.T, against float32 F.linear."""
+    assert olmoe.linear_path("cpu", torch.bfloat16, True, 1) == "gemv"
+    for facts in [("cpu", torch.bfloat16, False, 1), ("cpu", torch.bfloat16, True, 2), ("cpu", torch.float32, True, 1),
+                  ("cuda", torch.bfloat16, True, 1), ("mps", torch.bfloat16, True, 1)]:
+        assert olmoe.linear_path(*facts) == "mm", facts
+    torch.manual_seed(0)
+    layer = olmoe.Linear(256, 96).to(torch.bfloat16)
+    x = torch.randn(1, 1, 256, dtype=torch.bfloat16)
+    with torch.no_grad():
+        y = torch.compile(layer)(x)
+    ref = F.linear(x.float(), layer.weight.float())
+    assert y.shape == (1, 1, 96) and y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), ref, rtol=1e-2, atol=1e-2)
+
+
 def test_compiled_decoding_is_kept_and_new_lengths_compile_nothing(tmp_path, tokenizer_json):
     """The compiled step lives beside the model, and the cache length is rounded up to a bucket: a later call
     with another prompt length and max_new_tokens reuses the compiled graph."""
@@ -74,6 +117,7 @@ def test_compiled_decoding_is_kept_and_new_lengths_compile_nothing(tmp_path, tok
 
     _, path = gen_checkpoint(tmp_path, tokenizer_json)
     model = olmoe.load_model(path)
+    torch._dynamo.reset()  # decode_step's compiled entries from earlier tests would count against its recompile limit
     gen.generate(model, [[3, 1, 4, 1, 5]], 10, compile=True)
     step = model.compiled_decoding[2]
     counters.clear()
