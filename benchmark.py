@@ -406,7 +406,9 @@ def quantized(path: Path, batches=(1, 8), steps=48, repeat=3, group_size=128, ll
         cells = [f"{rates[kind, B]:.1f} | {rates[kind, B] / rates[base, B]:.2f}x" for B in batches]
         print(f"| {kind} | " + " | ".join(cells) + " |")
     print(f"\n| weights | decode, batch 1, compiled, tok/s | llama.cpp tg{steps} | ratio | prefill {prompt_len} "
-          f"tok/s, eager | llama.cpp pp{prompt_len} | ratio | first compiled call, s |\n|---|---|---|---|---|---|---|---|")
+          f"tok/s, eager | llama.cpp pp{prompt_len} | ratio | first compiled call, s |")
+    print("|---|---|---|---|---|---|---|---|")
+
     def ratio(a, b):
         return f"{a / b:.2f}x" if b else "-"
 
