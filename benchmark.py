@@ -456,35 +456,54 @@ def llama_cpp_rates(root: Path, checkpoint: Path, steps, prompt_len):
     return rates
 
 
-def measure_one(path, kind, steps):
-    """Load `path` as kind ("bf16", "int8" or "int4"), decode `steps` tokens, print weight bytes, peak RSS before
-    loading and after decoding, and decode tok/s: the body of a fresh process of memory()."""
+def measure_one(path, kind, steps, prompt_len=512):
+    """Load `path` as kind ("bf16", "int8" or "int4"); decode `steps` tokens eager, then compiled; prefill
+    prompt_len tokens. Print weight bytes, peak RSS before loading and at the end (compiling included), eager
+    and compiled decode tok/s, the first compiled call's seconds and prefill tok/s: the body of a fresh process of
+    memory()."""
     cpu = torch.device("cpu")
     before = gen.peak_memory(cpu)
     model = olmoe.load_model(path) if kind == "bf16" else quantize.load_model(path, kind)
     weights = sum(t.nbytes for t in model.state_dict().values())
+    rates = []
+    for compile in (False, True):
+        stats = {}
+        t = time.perf_counter()
+        gen.generate(model, [[1] * 16], steps, compile=compile)  # a warm-up (and, compiled, the compiling)
+        first = time.perf_counter() - t
+        gen.generate(model, [[1] * 16], steps, compile=compile, stats=stats)
+        rates.append(stats["decode_tokens"] / stats["decode_s"])
     stats = {}
-    gen.generate(model, [[1] * 16], steps, stats=stats)
-    print(weights, before, gen.peak_memory(cpu), stats["decode_tokens"] / stats["decode_s"])
+    gen.generate(model, [[1] * prompt_len], 1, stats=stats)
+    print(weights, before, gen.peak_memory(cpu), *rates, first, stats["prefill_tokens"] / stats["prefill_s"])
 
 
-def memory(path: Path, steps=32):
+def memory(path: Path, steps=32, llama_cpp=None, prompt_len=512):
     """Weight bytes, peak RSS and batch-1 decode speed of the full OLMoE-1B-7B shape (random bf16 weights in
-    2 GiB safetensors shards) at each precision, each loaded in a fresh process so each peak is its own."""
+    2 GiB safetensors shards) at each precision, each loaded in a fresh process so each peak is its own; with
+    llama_cpp, llama.cpp's speed on the same checkpoint beside it (llama_cpp_rates, run first)."""
     if not (path / "config.json").is_file():
         path.mkdir(parents=True, exist_ok=True)
         write_random_checkpoint(olmoe.PRESETS["OLMoE-1B-7B-0924"](), path)
+    llama = llama_cpp_rates(llama_cpp, path, steps, prompt_len) if llama_cpp else {}
     print(f"{path}: OLMoE-1B-7B shape, random bf16 weights, loaded on the CPU in a fresh process each; "
-          f"eager batch-1 decoding of {steps} tokens, {torch.get_num_threads()} threads")
-    print("| weights | weight bytes | peak RSS | peak RSS less PyTorch's own | ratio to weight bytes | decode tok/s |")
-    print("|---|---|---|---|---|---|")
-    for kind in ("bf16", "int8", "int4"):
+          f"batch-1 decoding of {steps} tokens after a 16-token prompt, eager then compiled (one warm-up run "
+          f"each), and a {prompt_len}-token prefill, eager; {torch.get_num_threads()} threads; load average "
+          f"{os.getloadavg()[0]:.2f} at the start")
+    print(f"| weights | weight bytes | peak RSS | peak RSS less PyTorch's own | ratio to weight bytes | decode tok/s, "
+          f"eager | compiled | llama.cpp tg{steps} | ratio | first compiled call, s | prefill tok/s | "
+          f"llama.cpp pp{prompt_len} | ratio |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for kind, gguf in (("bf16", "BF16"), ("int8", "Q8_0"), ("int4", "Q4_0")):
         code = f"import sys, torch, benchmark; torch.set_num_threads({torch.get_num_threads()}); " \
-               f"benchmark.measure_one(sys.argv[1], sys.argv[2], {steps})"
+               f"benchmark.measure_one(sys.argv[1], sys.argv[2], {steps}, {prompt_len})"
         r = subprocess.run([sys.executable, "-c", code, str(path), kind], capture_output=True, text=True, check=True)
-        weights, before, peak, rate = map(float, r.stdout.split())
-        print(f"| {kind} | {weights / 1e9:.2f} GB | {peak / 1e9:.2f} GB | {(peak - before) / 1e9:.2f} GB | "
-              f"{(peak - before) / weights:.2f} | {rate:.1f} |")
+        weights, before, peak, eager, compiled, first, prefill = map(float, r.stdout.split())
+        tg, pp = llama.get((gguf, "tg")), llama.get((gguf, "pp"))
+        print(f"| {kind} / {gguf} | {weights / 1e9:.2f} GB | {peak / 1e9:.2f} GB | {(peak - before) / 1e9:.2f} GB | "
+              f"{(peak - before) / weights:.2f} | {eager:.1f} | {compiled:.1f} | {tg or 0:.1f} | "
+              f"{compiled / tg if tg else 0:.2f}x | {first:.0f} | {prefill:.0f} | {pp or 0:.0f} | "
+              f"{prefill / pp if pp else 0:.2f}x |")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -607,12 +626,13 @@ def main(argv=None):
     q.add_argument("dir", type=Path)
     q.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     q.add_argument("--steps", type=int, default=48, help="new tokens per decode measurement")
-    q.add_argument("--llama-cpp", type=Path, default=None, metavar="LLAMA_CPP_DIR",
-                   help="a llama.cpp source tree built into LLAMA_CPP_DIR/build (README): add its BF16 / Q8_0 / "
-                        "Q4_0 speed on the same checkpoint")
     m = sub.add_parser("memory", help="weight bytes, peak RSS and decode speed of the full OLMoE-1B-7B shape at "
                                       "each precision, with a random checkpoint in DIR (written if absent: 14 GB)")
     m.add_argument("dir", type=Path)
+    for parser in (q, m):
+        parser.add_argument("--llama-cpp", type=Path, default=None, metavar="LLAMA_CPP_DIR",
+                            help="a llama.cpp source tree built into LLAMA_CPP_DIR/build (README): add its BF16 / "
+                                 "Q8_0 / Q4_0 speed on the same checkpoint")
     a = sub.add_parser("accuracy", help="weight and logit error of int8 / int4 on a small random OLMoE in DIR")
     a.add_argument("dir", type=Path)
     b = sub.add_parser("bpb", help="bits per byte of texts under a trained checkpoint's float32, bf16, int8 and int4 "
@@ -641,7 +661,7 @@ def main(argv=None):
     if args.command == "quantized":
         quantized(args.dir, args.batch, args.steps, group_size=args.group_size, llama_cpp=args.llama_cpp)
     elif args.command == "memory":
-        memory(args.dir)
+        memory(args.dir, llama_cpp=args.llama_cpp)
     elif args.command == "bpb":
         texts = {}
         for spec in args.text:
