@@ -277,7 +277,7 @@ class QuantExperts(Quantized):
         place, with the same kernel as looped, so only the chosen experts are read and the graph has no break.
         The expert id is read with item(), which generate's compiled step traces as a symbolic integer
         (capture_scalar_outputs): w[e] is then a view, where a tensor index would copy the expert first (the whole
-        int8 decode step 2.6x slower), and reading it costs nothing on a CPU. On a GPU it would be a sync inside a
+        int8 decode step took twice as long), and reading it costs nothing on a CPU. On a GPU it would be a sync inside a
         CUDA graph, so there the experts stay in looped. Each token's pairs are summed in ascending expert order,
         as looped's index_add_ sums them."""
         top_i, order = top_i.sort(dim=-1)
