@@ -5,6 +5,7 @@
     python benchmark.py quantized DIR           # decode speed of bf16 / int8 / int4 on an OLMoE-shaped checkpoint
                           [--llama-cpp LLAMA_CPP_DIR]   # ... beside llama.cpp's BF16 / Q8_0 / Q4_0
     python benchmark.py memory DIR              # weight bytes, peak memory and speed of the full OLMoE-1B-7B shape
+                          [--llama-cpp LLAMA_CPP_DIR]   # ... beside llama.cpp
     python benchmark.py accuracy DIR            # weight and logit error of int8 / int4 on a small OLMoE
     python benchmark.py bpb CHECKPOINT --text prose=FILE   # bits per byte of a trained model at each precision
     python benchmark.py train                   # one training step against transformers, the same weights
@@ -409,14 +410,15 @@ def quantized(path: Path, batches=(1, 8), steps=48, repeat=3, group_size=128, ll
           f"tok/s, eager | llama.cpp pp{prompt_len} | ratio | first compiled call, s |")
     print("|---|---|---|---|---|---|---|---|")
 
-    def ratio(a, b):
-        return f"{a / b:.2f}x" if b else "-"
-
     for kind, gguf in (("bf16", "BF16"), ("int8", "Q8_0"), ("int4", "Q4_0")):
         ours_tg, ours_pp = rates[f"{kind} compiled", 1], prefills[kind]
         tg, pp = llama.get((gguf, "tg")), llama.get((gguf, "pp"))
         print(f"| {kind} / {gguf} | {ours_tg:.1f} | {tg or 0:.1f} | {ratio(ours_tg, tg)} | {ours_pp:.0f} | "
               f"{pp or 0:.0f} | {ratio(ours_pp, pp)} | {first_call[kind]:.1f} |")
+
+
+def ratio(a, b):
+    return f"{a / b:.2f}x" if b else "-"
 
 
 def llama_cpp_rates(root: Path, checkpoint: Path, steps, prompt_len):
@@ -502,8 +504,7 @@ def memory(path: Path, steps=32, llama_cpp=None, prompt_len=512):
         tg, pp = llama.get((gguf, "tg")), llama.get((gguf, "pp"))
         print(f"| {kind} / {gguf} | {weights / 1e9:.2f} GB | {peak / 1e9:.2f} GB | {(peak - before) / 1e9:.2f} GB | "
               f"{(peak - before) / weights:.2f} | {eager:.1f} | {compiled:.1f} | {tg or 0:.1f} | "
-              f"{compiled / tg if tg else 0:.2f}x | {first:.0f} | {prefill:.0f} | {pp or 0:.0f} | "
-              f"{prefill / pp if pp else 0:.2f}x |")
+              f"{ratio(compiled, tg)} | {first:.0f} | {prefill:.0f} | {pp or 0:.0f} | {ratio(prefill, pp)} |")
 
 
 # --------------------------------------------------------------------------------------------------------------
