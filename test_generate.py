@@ -74,7 +74,7 @@ def test_compiled_bf16_decode_step_computes_eager_logits(tmp_path, tokenizer_jso
     """bf16, compiled against eager, both fed the same tokens (the sampler is replaced): each step's logits within
     bf16's rounding. One row takes olmoe.linear_path's "gemv" in every linear layer; two rows, F.linear. Greedy
     tokens are not compared: in bf16 a tiny random model's top logits tie within rounding, and they part even
-    where every kernel is the same (the default compiled path did so here before gemv existed)."""
+    where every kernel is the same (with gemv turned off, the default compiled path did so here)."""
     _, path = gen_checkpoint(tmp_path, tokenizer_json, model_type)
     model = olmoe.load_model(path, dtype=torch.bfloat16)
     forced = torch.tensor([[7, 3, 9, 12, 5, 8, 2, 11, 6, 4]] * rows)
