@@ -8,6 +8,7 @@ import argparse
 import json
 import sys
 import time
+import types
 from pathlib import Path
 
 import torch
@@ -90,19 +91,21 @@ def compiled_decoding(model, B, S):
     cache = model.new_cache(B, S)
     for kv in cache:  # CUDA graphs read and write the cache in place, never through a copy
         torch._dynamo.mark_static_address(kv.k), torch._dynamo.mark_static_address(kv.v)
-    if kept:
-        step = kept[2]
-    elif p.device.type == "cuda":
+    # A fresh copy of decode_step's code for each model and shape: dynamo keeps compiled variants on the code
+    # object, at most torch._dynamo.config.recompile_limit (8) of them, so one shared code object would stop
+    # compiling after 8 models or shapes in a process. A copy's variants go with it when this one is replaced.
+    fresh = types.FunctionType(decode_step.__code__.replace(), decode_step.__globals__, "decode_step")
+    if p.device.type == "cuda":
         # Replay the step as a CUDA graph, and let inductor tune its kernels' tiling, which is what fuses the MoE
         # expert gather (and the int8 dequantization) into the matmuls, as gpt-fast's mixtral-moe does.
-        step = torch.compile(decode_step, dynamic=False,
+        step = torch.compile(fresh, dynamic=False,
                              options={"triton.cudagraphs": True, "coordinate_descent_tuning": True})
     else:
         # On a CPU, inductor's max_autotune with freezing (its C++ GEMM templates) decoded the README's 2-layer
         # OLMoE-shaped checkpoint no faster than this default (bf16 57 against 63 tok/s, int8 and int4 within 3%)
         # and compiles longer. Quantized experts read their expert ids with item()
         # (quantize.QuantExperts.gathered): capture_scalar_outputs traces them.
-        step = torch._dynamo.config.patch(capture_scalar_outputs=True)(torch.compile(decode_step, dynamic=False))
+        step = torch._dynamo.config.patch(capture_scalar_outputs=True)(torch.compile(fresh, dynamic=False))
     model.compiled_decoding = (key, cache, step)
     return cache, step, True
 

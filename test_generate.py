@@ -94,6 +94,22 @@ def test_compiled_bf16_decode_step_computes_eager_logits(tmp_path, tokenizer_jso
     assert (compiled - eager).abs().max() <= 0.02 * eager.abs().max()
 
 
+def test_compiling_goes_on_past_dynamo_recompile_limit(tmp_path, tokenizer_json):
+    """Batch sizes one after another, one more than dynamo's recompile limit (lowered to 2 here; 8 by default):
+    each gets its own compiled step. With one code object shared by all, the last would run eagerly."""
+    from torch._dynamo.utils import counters
+
+    _, path = gen_checkpoint(tmp_path, tokenizer_json, "olmo2")  # dense: one graph per step, no MoE breaks
+    model = olmoe.load_model(path)
+    torch._dynamo.reset()
+    counters.clear()
+    with torch._dynamo.config.patch(recompile_limit=2):
+        for B in (1, 2, 3):
+            prompts = [[3, 1, 4]] * B
+            assert gen.generate(model, prompts, 3, compile=True) == gen.generate(model, prompts, 3)
+    assert counters["stats"]["unique_graphs"] == 3
+
+
 def test_the_gemv_path_is_the_linear_product():
     """linear_path's choice, and what gemv computes: x @ w.T, against float32 F.linear."""
     assert olmoe.linear_path("cpu", torch.bfloat16, True, 1) == "gemv"
@@ -117,7 +133,6 @@ def test_compiled_decoding_is_kept_and_new_lengths_compile_nothing(tmp_path, tok
 
     _, path = gen_checkpoint(tmp_path, tokenizer_json)
     model = olmoe.load_model(path)
-    torch._dynamo.reset()  # decode_step's compiled entries from earlier tests would count against its recompile limit
     gen.generate(model, [[3, 1, 4, 1, 5]], 10, compile=True)
     step = model.compiled_decoding[2]
     counters.clear()
