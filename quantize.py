@@ -268,8 +268,10 @@ class QuantExperts(Quantized):
     def forward(self, x, top_w, top_i):
         """x (N, D); top_w, top_i (N, K): router weights and expert ids. Returns (N, D), as olmoe.moe_naive does."""
         N, K = top_i.shape
-        if torch.compiler.is_compiling() and x.device.type == "cpu" and N * K < self.num_experts:
-            return self.gathered(x, top_w, top_i)  # olmoe.moe_path's rule for its own "gathered" path
+        path = olmoe.moe_path(*olmoe.device_facts(x.device), x.dtype, torch.compiler.is_compiling(), N, K,
+                              self.num_experts)
+        if path == "gathered" and x.device.type == "cpu":  # olmoe's own rule for gathering, on a CPU
+            return self.gathered(x, top_w, top_i)
         return self.looped(x, top_w, top_i)
 
     def gathered(self, x, top_w, top_i):
@@ -277,9 +279,9 @@ class QuantExperts(Quantized):
         place, with the same kernel as looped, so only the chosen experts are read and the graph has no break.
         The expert id is read with item(), which generate's compiled step traces as a symbolic integer
         (capture_scalar_outputs): w[e] is then a view, where a tensor index would copy the expert first (the whole
-        int8 decode step took twice as long), and reading it costs nothing on a CPU. On a GPU it would be a sync inside a
-        CUDA graph, so there the experts stay in looped. Each token's pairs are summed in ascending expert order,
-        as looped's index_add_ sums them."""
+        int8 decode step took twice as long), and reading it costs nothing on a CPU. On a GPU it would be a sync
+        inside a CUDA graph, so there the experts stay in looped. Each token's pairs are summed in ascending expert
+        order, as looped's index_add_ sums them."""
         top_i, order = top_i.sort(dim=-1)
         top_w = top_w.gather(1, order)
         rows = []
