@@ -5,8 +5,8 @@ OLMoE (allenai/OLMoE-1B-7B) is a sparse mixture of experts: each of its 16 layer
 same attention (with RMSNorms on the query and key projections); they differ in where the block's norms sit
 and in what follows attention: one MLP, or a routed mixture of experts.
 
-Read top to bottom: config -> RMSNorm -> RoPE -> attention (with its KV cache) -> MLP -> MoE router and the
-two dispatches -> the two blocks -> the model -> the loader.
+Read top to bottom: config -> RMSNorm -> RoPE -> linear layers -> attention (with its KV cache) -> MLP -> MoE
+router and the two dispatches -> the two blocks -> the model -> the loader.
 
 Shape legend:
     B  batch               T  time (tokens in this call)     S  cache length (slots)
