@@ -189,10 +189,11 @@ def test_quantized_model_stays_close_to_the_float_model(moe_checkpoint, kind, to
 
 
 @pytest.mark.parametrize("kind", ["int8", "int4"])
-@pytest.mark.parametrize("rows", [2, 5])
+@pytest.mark.parametrize("rows", [1, 2, 5])
 def test_compiled_decoding_gives_the_same_tokens(moe_checkpoint, kind, rows):
-    """2 rows x K = 2 of E = 8 experts: the experts' packed weights are read inside the compiled step (gathered),
-    one graph with no break; 5 rows: the experts loop eagerly between graphs. Greedy tokens as eager's."""
+    """1 or 2 rows x K = 2 of E = 8 experts: the experts' packed weights are read inside the compiled step
+    (gathered), one graph with no break; 5 rows: the experts loop eagerly between graphs. One row also takes
+    int8pack_mm's reduction in every int8 layer. Greedy tokens as eager's."""
     import generate
     from torch._dynamo.utils import counters
 
@@ -201,7 +202,18 @@ def test_compiled_decoding_gives_the_same_tokens(moe_checkpoint, kind, rows):
     torch._dynamo.reset()
     counters.clear()
     assert generate.generate(model, prompts, 6, compile=True) == generate.generate(model, prompts, 6)
-    assert (sum(counters["graph_break"].values()) == 0) == (rows == 2), dict(counters["graph_break"])
+    assert (sum(counters["graph_break"].values()) == 0) == (rows < 5), dict(counters["graph_break"])
+
+
+def test_int8pack_mm_at_one_compiled_row_is_the_packed_kernels_product():
+    """The reduction a compiled CPU step takes for one row, against _weight_int8pack_mm itself, in bf16."""
+    torch.manual_seed(0)
+    q, scale = quantize.quantize(torch.randn(96, 256), 8, scale_dtype=torch.bfloat16)
+    x = torch.randn(1, 256, dtype=torch.bfloat16)
+    y = torch.compile(quantize.int8pack_mm, fullgraph=True)(x, q, scale, None)
+    ref = torch._weight_int8pack_mm(x, q, scale)
+    assert y.shape == ref.shape == (1, 96) and y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), ref.float(), rtol=1e-2, atol=1e-2 * ref.abs().max().item())
 
 
 def test_what_is_quantized_and_what_is_not(tmp_path):
