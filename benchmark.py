@@ -456,7 +456,10 @@ def cpu_one(path, kind, steps, prompt_len):
         gen.generate(model, prompts, steps if compile else 1, compile=compile, stats=stats)
         return stats["decode_tokens"] / stats["decode_s"] if compile else stats["prefill_tokens"] / stats["prefill_s"]
 
-    decode = [timed_median(lambda B=B: rate([[1] * 16] * B)) for B in (1, 8)]
+    def prompts(B):  # different tokens in each row, so the rows choose different experts, as real ones do
+        return torch.randint(0, model.config.vocab_size, (B, 16), generator=torch.Generator().manual_seed(B)).tolist()
+
+    decode = [timed_median(lambda B=B: rate(prompts(B))) for B in (1, 8)]
     prefill = timed_median(lambda: rate([[1] * prompt_len], compile=False), repeat=1)
     print(weights, before, gen.peak_memory(cpu), first, *decode, prefill)
 

@@ -131,7 +131,7 @@ def int8pack_mm(x, w, scale, G):
     masked load (Vectorized<int8_t>::loadu with a count, aten/src/ATen/cpu/vec/vec512/vec512_int.h), which
     halved the speed of the whole int8 step here. _weight_int8pack_mm converts each weight to float and scales it
     before its multiply-add (aten/src/ATen/native/cpu/int8mm_kernel.cpp); the reduction scales each output once.
-    Measured on the 2-layer OLMoE-1B-7B shape, batch 1, 2 threads: the int8 step decoded 83-96 against 66-83
+    Measured on the 2-layer OLMoE-1B-7B shape, batch 1, 2 threads: the int8 step decoded 77-96 against 66-83
     tok/s, taking turns."""
     if x.shape[0] == 1 and x.device.type == "cpu" and torch.compiler.is_compiling():
         return ((to_float32(x)[:, None, :] * w.float()).sum(-1) * scale.float()).to(x.dtype)  # (1, out)
