@@ -459,15 +459,9 @@ def cpu_one(path, kind, steps, prompt_len):
     def prompts(B):  # different tokens in each row, so the rows choose different experts, as real ones do
         return torch.randint(0, model.config.vocab_size, (B, 16), generator=torch.Generator().manual_seed(B)).tolist()
 
-    decode = [timed_median(lambda B=B: rate(prompts(B))) for B in (1, 8)]
-    prefill = timed_median(lambda: rate([[1] * prompt_len], compile=False), repeat=1)
+    decode = [taking_turns({B: lambda B=B: rate(prompts(B))}, 3)[B] for B in (1, 8)]  # the median of 3
+    prefill = taking_turns({0: lambda: rate([[1] * prompt_len], compile=False)}, 1)[0]
     print(weights, before, gen.peak_memory(cpu), first, *decode, prefill)
-
-
-def timed_median(measure, repeat=3):
-    """The median of `repeat` values of measure() after one warm-up call."""
-    measure()
-    return sorted(measure() for _ in range(repeat))[repeat // 2]
 
 
 def cpu(workdir: Path, llama_cpp=None, layers=(2, 16), steps=32, prompt_len=512):
