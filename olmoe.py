@@ -196,8 +196,8 @@ class Linear(nn.Linear):
 def linear_path(device_type, dtype, compiling, rows):
     """gemv  one row in bf16, compiled, on a CPU: the product as a multiply-and-sum, which inductor turns into one
           vectorized reduction that streams the weight at the memory's speed, where the bf16 matmul library call
-          does not (measured at 50304 x 2048 on 2 threads: 4.5 ms against F.linear's 6.8 ms, 46 against 30 GB/s;
-          with int8 weights the same reduction was slower than _weight_int8pack_mm, so quantize.py keeps that).
+          does not (measured at 50304 x 2048 on 2 threads: 4.5 ms against F.linear's 6.8 ms, 46 against 30 GB/s).
+          quantize.int8pack_mm takes the same kind of reduction for int8 weights.
     mm    everything else: F.linear."""
     return "gemv" if device_type == "cpu" and dtype == torch.bfloat16 and compiling and rows == 1 else "mm"
 
