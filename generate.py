@@ -103,8 +103,8 @@ def compiled_decoding(model, B, S):
     else:
         # On a CPU, inductor's max_autotune with freezing (its C++ GEMM templates) decoded the README's 2-layer
         # OLMoE-shaped checkpoint no faster than this default (bf16 57 against 63 tok/s, int8 and int4 within 3%)
-        # and compiles longer. Quantized experts read their expert ids with item()
-        # (quantize.QuantExperts.gathered): capture_scalar_outputs traces them.
+        # and compiles longer. At decode sizes the experts read their ids with item() (olmoe.moe_pairs):
+        # capture_scalar_outputs traces them.
         step = torch._dynamo.config.patch(capture_scalar_outputs=True)(torch.compile(fresh, dynamic=False))
     model.compiled_decoding = (key, cache, step)
     return cache, step, True

@@ -5,7 +5,7 @@ OLMoE (allenai/OLMoE-1B-7B) is a sparse mixture of experts: each of its 16 layer
 same attention (with RMSNorms on the query and key projections); they differ in where the block's norms sit
 and in what follows attention: one MLP, or a routed mixture of experts.
 
-Read top to bottom: config -> RMSNorm -> RoPE -> linear layers -> attention (with its KV cache) -> MLP -> MoE
+Read top to bottom: config -> RMSNorm -> RoPE -> attention (with its KV cache) -> MLP -> MoE
 router and the two dispatches -> the two blocks -> the model -> the loader.
 
 Shape legend:
@@ -180,29 +180,6 @@ def apply_rope(x, cos, sin):
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Linear layers: nn.Linear without bias, whose product at decode takes the path linear_path picks
-
-
-class Linear(nn.Linear):
-    def __init__(self, in_features, out_features):
-        super().__init__(in_features, out_features, bias=False)
-
-    def forward(self, x):
-        if linear_path(x.device.type, x.dtype, torch.compiler.is_compiling(), x.numel() // x.shape[-1]) == "gemv":
-            return (x[..., None, :].float() * self.weight.float()).sum(-1).to(x.dtype)  # (..., out)
-        return F.linear(x, self.weight)
-
-
-def linear_path(device_type, dtype, compiling, rows):
-    """gemv  one row in bf16, compiled, on a CPU: the product as a multiply-and-sum, which inductor turns into one
-          vectorized reduction that streams the weight at the memory's speed, where the bf16 matmul library call
-          does not (measured at 50304 x 2048 on 2 threads: 4.5 ms against F.linear's 6.8 ms, 46 against 30 GB/s).
-          quantize.int8pack_mm takes the same kind of reduction for int8 weights.
-    mm    everything else: F.linear."""
-    return "gemv" if device_type == "cpu" and dtype == torch.bfloat16 and compiling and rows == 1 else "mm"
-
-
-# --------------------------------------------------------------------------------------------------------------
 # Attention, with a KV cache for generation
 
 
@@ -229,10 +206,10 @@ class Attention(nn.Module):
         super().__init__()
         D, H, Hkv, Dh = config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim
         self.H, self.Hkv, self.Dh, self.clip_qkv = H, Hkv, Dh, clip_qkv
-        self.q_proj = Linear(D, H * Dh)
-        self.k_proj = Linear(D, Hkv * Dh)
-        self.v_proj = Linear(D, Hkv * Dh)
-        self.o_proj = Linear(H * Dh, D)
+        self.q_proj = nn.Linear(D, H * Dh, bias=False)
+        self.k_proj = nn.Linear(D, Hkv * Dh, bias=False)
+        self.v_proj = nn.Linear(D, Hkv * Dh, bias=False)
+        self.o_proj = nn.Linear(H * Dh, D, bias=False)
         self.q_norm = norm(H * Dh, config.rms_norm_eps)
         self.k_norm = norm(Hkv * Dh, config.rms_norm_eps)
 
@@ -281,9 +258,9 @@ class MLP(nn.Module):
     def __init__(self, config: Config):
         super().__init__()
         D, I = config.hidden_size, config.intermediate_size
-        self.gate_proj = Linear(D, I)
-        self.up_proj = Linear(D, I)
-        self.down_proj = Linear(I, D)
+        self.gate_proj = nn.Linear(D, I, bias=False)
+        self.up_proj = nn.Linear(D, I, bias=False)
+        self.down_proj = nn.Linear(I, D, bias=False)
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -304,6 +281,10 @@ class Experts(nn.Module):
 
     def forward(self, x, top_w, top_i):
         return DISPATCH[self.dispatch](x, top_w, top_i, self)  # (N, D)
+
+    def mm(self, name, x, e):
+        """x (n, in) times expert e's matrix `name` (gate_up_proj or down_proj), transposed: (n, out)."""
+        return F.linear(x, getattr(self, name)[e])
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -369,8 +350,12 @@ def moe_path(device_type, capability, dtype, compiling, N, K, E):
               matmul per group: a host sync, which crashes CUDA graph capture (pytorch#169970). Its compile-time
               shape function takes bf16 only (meta_grouped_mm in torch/_meta_registrations.py), so float32 is
               eager-only. AMD GPUs (ROCm) do not fuse it either.
-    gathered  few pairs (N*K < E), compiled: each pair's expert weights are gathered and multiplied
+    gathered  few pairs (N*K < E), compiled, on a GPU: each pair's expert weights are gathered and multiplied
               in one fused kernel, so only the chosen experts are read and nothing leaves the device.
+    pairs     the same few pairs, compiled, on a CPU: a library matmul per pair on its expert's weights in
+              place. inductor's own fused reduction streamed weights at 18 GB/s where oneDNN's matmul took
+              30 (measured on the lm_head's 50304 x 2048, 2 threads), and bf16 decoding ran 43 tok/s against
+              47 with pairs on the 2-layer OLMoE-1B-7B shape (README, Performance).
     dense     a GPU's many pairs, compiled, with no fused grouped kernel: every expert for every token, the
               unchosen ones weighted 0. It reads each expert once (at a decode batch of 64 nearly all are hit
               anyway) and needs no host sync, at E/K times the FLOPs: worth it up to DENSE_MAX_TOKENS tokens.
@@ -381,7 +366,7 @@ def moe_path(device_type, capability, dtype, compiling, N, K, E):
         device_type == "cpu" and (dtype == torch.bfloat16 or dtype == torch.float32 and not compiling)
         or device_type == "cuda" and capability[0] in (9, 10) and dtype == torch.bfloat16)
     if compiling and N * K < E:
-        return "gathered"
+        return "pairs" if device_type == "cpu" else "gathered"
     if fused_grouped:
         return "grouped"
     if compiling and device_type != "cpu" and N <= DENSE_MAX_TOKENS:
@@ -438,6 +423,26 @@ def moe_gathered(x, top_w, top_i, experts: Experts):
     return torch.einsum("nkd,nk->nd", h, top_w)
 
 
+def moe_pairs(x, top_w, top_i, experts: Experts):
+    """One matmul per token-expert pair, by experts.mm on the expert's own weights (quantize.QuantExperts, with
+    packed ones, takes this path too). The expert id is read with item(), which generate's compiled step traces as
+    a symbolic integer (capture_scalar_outputs): w[e] is then a view, where a tensor index would copy the expert
+    first. On a CPU reading it costs nothing; on a GPU it would be a sync inside a CUDA graph. Each token's pairs
+    are summed in ascending expert order, as moe_grouped sums them."""
+    top_i, order = top_i.sort(dim=-1)
+    top_w = top_w.gather(1, order)
+    rows = []
+    for n in range(top_i.shape[0]):
+        y = torch.zeros_like(x[n:n + 1])  # (1, D)
+        for k in range(top_i.shape[1]):
+            e = top_i[n, k].item()
+            torch._check(e >= 0), torch._check(e < experts.num_experts)  # so that w[e] needs no bounds guard
+            gate, up = experts.mm("gate_up_proj", x[n:n + 1], e).chunk(2, dim=-1)  # (1, I) each
+            y = y + experts.mm("down_proj", F.silu(gate) * up, e) * top_w[n, k]
+        rows.append(y)
+    return torch.cat(rows)
+
+
 def moe_dense(x, top_w, top_i, experts: Experts):
     """Every expert on every token, each output weighted by the token's router weight for it (0 if unchosen)."""
     w = torch.zeros(x.shape[0], experts.num_experts, dtype=x.dtype, device=x.device).scatter(1, top_i, top_w)  # (N, E)
@@ -446,7 +451,8 @@ def moe_dense(x, top_w, top_i, experts: Experts):
     return torch.einsum("ned,ne->nd", h, w)
 
 
-MOE_PATHS = {"grouped": moe_grouped, "gathered": moe_gathered, "dense": moe_dense, "loop": moe_loop}
+MOE_PATHS = {"grouped": moe_grouped, "gathered": moe_gathered, "pairs": moe_pairs, "dense": moe_dense,
+             "loop": moe_loop}
 DISPATCH = {"naive": moe_naive, "batched": moe_batched}
 
 
@@ -454,7 +460,7 @@ class SparseMoE(nn.Module):
     def __init__(self, config: OlmoeConfig, dispatch: str = "batched"):
         super().__init__()
         self.K, self.norm_topk_prob = config.num_experts_per_tok, config.norm_topk_prob
-        self.gate = Linear(config.hidden_size, config.num_experts)  # the router
+        self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False)  # the router
         self.experts = Experts(config.num_experts, config.hidden_size, config.intermediate_size, dispatch)
 
     def forward(self, x):
@@ -531,7 +537,7 @@ class Transformer(nn.Module):
             layers=nn.ModuleList(block(config, moe_dispatch) for _ in range(config.num_hidden_layers)),
             norm=norm(config.hidden_size, config.rms_norm_eps),
         ))
-        self.lm_head = Linear(config.hidden_size, config.vocab_size)  # (V, D)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)  # (V, D)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 

@@ -110,36 +110,8 @@ def dequantized(x, w, scale, G):
     return F.linear(x, dequantize(w, scale, x.dtype))
 
 
-@torch.library.custom_op("olmoe::to_float32", mutates_args=())
-def to_float32(x: torch.Tensor) -> torch.Tensor:
-    """x in float32, as a new tensor. An opaque op to inductor: a compiled step computes it once into its own
-    buffer, where a plain x.float() would be inlined, with the norm that made x, into every loop that reads it."""
-    return x.to(torch.float32, copy=True)
-
-
-@to_float32.register_fake
-def _(x):
-    return torch.empty_like(x, dtype=torch.float32)
-
-
-def int8pack_mm(x, w, scale, G):
-    """x (n, in) times int8 w (out, in) with one scale per output: torch._weight_int8pack_mm, except for one row
-    in a compiled CPU step (batch-1 decoding), where it is a multiply-and-sum that inductor turns into one
-    vectorized reduction, over activations made float32 first (to_float32). In float32, inductor's loop takes 16
-    lanes and loads 16 int8 weights at a time in one 128-bit load; with bf16 activations in the loop it takes 32
-    lanes (select_tiling in torch/_inductor/codegen/cpp.py) and loads int8 half a vector at a time, through a
-    masked load (Vectorized<int8_t>::loadu with a count, aten/src/ATen/cpu/vec/vec512/vec512_int.h), which
-    halved the speed of the whole int8 step here. _weight_int8pack_mm converts each weight to float and scales it
-    before its multiply-add (aten/src/ATen/native/cpu/int8mm_kernel.cpp); the reduction scales each output once.
-    Measured on the 2-layer OLMoE-1B-7B shape, batch 1, 2 threads: the int8 step decoded 77-96 against 66-83
-    tok/s, taking turns."""
-    if x.shape[0] == 1 and x.device.type == "cpu" and torch.compiler.is_compiling():
-        return ((to_float32(x)[:, None, :] * w.float()).sum(-1) * scale.float()).to(x.dtype)  # (1, out)
-    return torch._weight_int8pack_mm(x, w, scale)
-
-
 KERNELS = {
-    "int8pack": Kernel(None, int8pack_mm),
+    "int8pack": Kernel(None, lambda x, w, scale, G: torch._weight_int8pack_mm(x, w, scale)),
     # One scale per output: scale the product instead of the weight. Compiled, inductor fuses the int8->float
     # conversion into the matmul's load (gpt-fast's int8 path, with coordinate_descent_tuning).
     "int8-linear": Kernel(None, lambda x, w, scale, G: F.linear(x, w.to(x.dtype)) * scale),
@@ -157,7 +129,6 @@ def choose_kernel(bits, device_type, capability, dtype, out_features, in_feature
     int8pack      CPU and MPS: torch._weight_int8pack_mm(x, w int8 (out, in), scales (out,) in x's dtype).
                   CPU: aten/src/ATen/native/LinearAlgebra.cpp and cpu/int8mm_kernel.cpp; MPS:
                   aten/src/ATen/native/mps/operations/Quantized.mm, which also wants out and in multiples of 32.
-                  One row in a compiled CPU step takes a faster reduction instead (int8pack_mm).
     int8-linear   CUDA: F.linear(x, w.to(x.dtype)) * scale, whose int8->float cast inductor fuses into the matmul
                   (gpt-fast's int8 path). CUDA's own _weight_int8pack_mm, where a build has it
                   (aten/src/ATen/native/cuda/int8mm.cu), is a plain float32 loop, one thread per output.
@@ -286,8 +257,9 @@ class QuantLinear(Quantized):
 
 class QuantExperts(Quantized):
     """olmoe.Experts with quantized stacked weights, gate_up_proj (E, 2I, D) and down_proj (E, D, I). Its forward
-    loops over the experts that have tokens and runs each one's own packed weights: no expert is ever
-    dequantized (olmoe's grouped and gathered dispatches need float weights for all E experts or a gathered copy)."""
+    loops over the experts that have tokens and runs each one's own packed weights; compiled on a CPU at decode
+    sizes, olmoe.moe_pairs does the same per pair inside the graph. No expert is ever dequantized (olmoe's grouped
+    and gathered dispatches need float weights for all E experts or a gathered copy)."""
 
     def __init__(self, E, D, I, bits, group_size, dtype, device="meta", **kw):
         super().__init__({"gate_up_proj": (E, 2 * I, D), "down_proj": (E, D, I)}, bits, group_size, dtype, device,
@@ -299,30 +271,9 @@ class QuantExperts(Quantized):
         N, K = top_i.shape
         path = olmoe.moe_path(*olmoe.device_facts(x.device), x.dtype, torch.compiler.is_compiling(), N, K,
                               self.num_experts)
-        if path == "gathered" and x.device.type == "cpu":  # olmoe's own rule for gathering, on a CPU
-            return self.gathered(x, top_w, top_i)
+        if path == "pairs":  # decode sizes, compiled on a CPU: each pair's packed expert read in place, no break
+            return olmoe.moe_pairs(x, top_w, top_i, self)
         return self.looped(x, top_w, top_i)
-
-    def gathered(self, x, top_w, top_i):
-        """Decode sizes, compiled on a CPU: each token-expert pair multiplies by its expert's packed weights in
-        place, with the same kernel as looped, so only the chosen experts are read and the graph has no break.
-        The expert id is read with item(), which generate's compiled step traces as a symbolic integer
-        (capture_scalar_outputs): w[e] is then a view, where a tensor index would copy the expert first (the whole
-        int8 decode step took twice as long), and reading it costs nothing on a CPU. On a GPU it would be a sync
-        inside a CUDA graph, so there the experts stay in looped. Each token's pairs are summed in ascending expert
-        order, as looped's index_add_ sums them."""
-        top_i, order = top_i.sort(dim=-1)
-        top_w = top_w.gather(1, order)
-        rows = []
-        for n in range(top_i.shape[0]):
-            y = torch.zeros_like(x[n:n + 1])
-            for k in range(top_i.shape[1]):
-                e = top_i[n, k].item()
-                torch._check(e >= 0), torch._check(e < self.num_experts)  # so that w[e] needs no bounds guard
-                gate, up = self.mm("gate_up_proj", x[n:n + 1], e).chunk(2, dim=-1)  # (1, I) each
-                y = y + self.mm("down_proj", F.silu(gate) * up, e) * top_w[n, k]
-            rows.append(y)
-        return torch.cat(rows)
 
     # A host sync and a loop whose trip count depends on the routing: under torch.compile, run it eagerly between
     # the graphs, as olmoe's loop_mm does, instead of re-tracing it for every pattern of counts.
