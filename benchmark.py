@@ -427,15 +427,22 @@ def gguf_files(root: Path, checkpoint: Path):
 
 
 def llama_bench(root: Path, gguf: Path, steps, prompt_len):
-    """llama.cpp's (decode, prefill) tokens/s on one GGUF file: llama-bench's mean of 3 runs of each, with this
-    process's threads."""
+    """llama.cpp's (decode, prefill) tokens/s on one GGUF file, llama-bench's mean of 3 runs of each with this
+    process's threads, and whether the prefill took --repack 0. A prefill that dies by a signal runs again so,
+    with llama.cpp's plain layouts: on this project's AMX machine its repacked AMX kernel (ggml_backend_amx_mul_mat)
+    died of SIGILL at its first ldtilecfg on Q8_0 and Q4_0, where decoding, one row, never calls it."""
     import json
 
-    out = subprocess.run([root / "build" / "bin" / "llama-bench", "-m", gguf, "-t", str(torch.get_num_threads()),
-                          "-p", str(prompt_len), "-n", str(steps), "-r", "3", "-o", "json"],
-                         check=True, capture_output=True, text=True).stdout
-    rows = {"pp" if row["n_prompt"] else "tg": row["avg_ts"] for row in json.loads(out)}
-    return rows["tg"], rows["pp"]
+    def bench(*args):
+        return subprocess.run([root / "build" / "bin" / "llama-bench", "-m", gguf, "-t", str(torch.get_num_threads()),
+                               "-r", "3", "-o", "json", *args], capture_output=True, text=True)
+
+    tg, pp = bench("-p", "0", "-n", str(steps)), bench("-p", str(prompt_len), "-n", "0")
+    plain = pp.returncode < 0
+    if plain:
+        pp = bench("-p", str(prompt_len), "-n", "0", "--repack", "0")
+    tg.check_returncode(), pp.check_returncode()
+    return json.loads(tg.stdout)[0]["avg_ts"], json.loads(pp.stdout)[0]["avg_ts"], plain
 
 
 def cpu_one(path, kind, steps, prompt_len):
@@ -480,6 +487,7 @@ def cpu(workdir: Path, llama_cpp=None, layers=(2, 16), steps=32, prompt_len=512)
           f"| llama.cpp tg{steps}, before / after | ratio | batch 8 | prefill tok/s | llama.cpp pp{prompt_len}, "
           f"before / after | ratio | first compiled call, s, cold / warm cache |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    plain = False
     for n in layers:
         path = workdir / f"olmoe-{n}-layers"
         if not (path / "config.json").is_file():
@@ -503,8 +511,12 @@ def cpu(workdir: Path, llama_cpp=None, layers=(2, 16), steps=32, prompt_len=512)
             print(f"| {n} | {kind} / {LLAMA_CPP_KINDS[kind]} | {weights / 1e9:.2f} GB | {(peak - before) / 1e9:.2f} GB "
                   f"({(peak - before) / weights:.2f}x) | {runs_of(f'{r[4]:.1f}' for r in runs)} | "
                   f"{runs_of(f'{x[0]:.1f}' for x in llama) or '-'} | {ratio(decode, tg)} | {batch8:.1f} | "
-                  f"{prefill:.0f} | {runs_of(f'{x[1]:.0f}' for x in llama) or '-'} | {ratio(prefill, pp)} | "
+                  f"{prefill:.0f} | {runs_of(f'{x[1]:.0f}' + '*' * x[2] for x in llama) or '-'} | "
+                  f"{ratio(prefill, pp)} | "
                   f"{runs_of(f'{r[3]:.1f}' for r in runs)} |", flush=True)
+            plain = plain or any(x[2] for x in llama)
+    if plain:
+        print("\n* llama.cpp's prefill with --repack 0: with its repacked layout it died by a signal (llama_bench)")
 
 
 def ratio(a, b):
