@@ -5,7 +5,7 @@ OLMoE (allenai/OLMoE-1B-7B) is a sparse mixture of experts: each of its 16 layer
 same attention (with RMSNorms on the query and key projections); they differ in where the block's norms sit
 and in what follows attention: one MLP, or a routed mixture of experts.
 
-Read top to bottom: config -> RMSNorm -> RoPE -> attention (with its KV cache) -> MLP -> MoE
+Read top to bottom: config -> RMSNorm -> RoPE -> linear layers -> attention (with its KV cache) -> MLP -> MoE
 router and the two dispatches -> the two blocks -> the model -> the loader.
 
 Shape legend:
@@ -180,6 +180,33 @@ def apply_rope(x, cos, sin):
 
 
 # --------------------------------------------------------------------------------------------------------------
+# Linear layers: nn.Linear without bias, whose product at decode takes the path linear_path picks
+
+
+class Linear(nn.Linear):
+    def __init__(self, in_features, out_features):
+        super().__init__(in_features, out_features, bias=False)
+
+    def forward(self, x):
+        rows = x.numel() // x.shape[-1]
+        if linear_path(*device_facts(x.device), x.dtype, torch.compiler.is_compiling(), rows) == "gemv":
+            return (x[..., None, :].float() * self.weight.float()).sum(-1).to(x.dtype)  # (..., out)
+        return F.linear(x, self.weight)
+
+
+def linear_path(device_type, capability, dtype, compiling, rows):
+    """Which product a linear layer takes, from device_facts (capability "amx": a CPU with AMX tiles).
+    gemv  one row in bf16, compiled, on a CPU without AMX: the product as a multiply-and-sum, which inductor turns
+          into one vectorized reduction. On the AMD EPYC (Zen 4) that measured it, it read the 50304 x 2048 lm_head
+          at 46 GB/s against F.linear's 30 (2 threads); quantize.int8pack_mm takes the same kind of reduction.
+    mm    everything else: F.linear. On the Intel Xeon with AMX that measured it, F.linear (oneDNN's
+          brg_matmul:avx10_1_512_amx) read the lm_head at 31 GB/s against 18 for the reduction. AMX marks that
+          class of machine, not the instruction: with oneDNN held to AVX-512 there, F.linear still led."""
+    return "gemv" if device_type == "cpu" and capability != "amx" and dtype == torch.bfloat16 and compiling \
+        and rows == 1 else "mm"
+
+
+# --------------------------------------------------------------------------------------------------------------
 # Attention, with a KV cache for generation
 
 
@@ -206,10 +233,10 @@ class Attention(nn.Module):
         super().__init__()
         D, H, Hkv, Dh = config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim
         self.H, self.Hkv, self.Dh, self.clip_qkv = H, Hkv, Dh, clip_qkv
-        self.q_proj = nn.Linear(D, H * Dh, bias=False)
-        self.k_proj = nn.Linear(D, Hkv * Dh, bias=False)
-        self.v_proj = nn.Linear(D, Hkv * Dh, bias=False)
-        self.o_proj = nn.Linear(H * Dh, D, bias=False)
+        self.q_proj = Linear(D, H * Dh)
+        self.k_proj = Linear(D, Hkv * Dh)
+        self.v_proj = Linear(D, Hkv * Dh)
+        self.o_proj = Linear(H * Dh, D)
         self.q_norm = norm(H * Dh, config.rms_norm_eps)
         self.k_norm = norm(Hkv * Dh, config.rms_norm_eps)
 
@@ -258,9 +285,9 @@ class MLP(nn.Module):
     def __init__(self, config: Config):
         super().__init__()
         D, I = config.hidden_size, config.intermediate_size
-        self.gate_proj = nn.Linear(D, I, bias=False)
-        self.up_proj = nn.Linear(D, I, bias=False)
-        self.down_proj = nn.Linear(I, D, bias=False)
+        self.gate_proj = Linear(D, I)
+        self.up_proj = Linear(D, I)
+        self.down_proj = Linear(I, D)
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -329,16 +356,23 @@ def compute_dtype(x):
 
 
 def device_facts(device):
-    """(device type, CUDA compute capability or None): all moe_path needs to know of the hardware. Under
-    torch.compile, get_device_properties is folded to a constant (constant_fold_functions in
-    torch/_dynamo/variables/torch.py), so asking costs nothing inside a compiled step. AMD GPUs (ROCm) also
-    call themselves "cuda"; they are "rocm" here, since their capability numbers mean other hardware."""
+    """(device type, capability): all the kernel choices need to know of the hardware. capability is CUDA's compute
+    capability; for a CPU, "amx" if it has AMX tiles (Intel Xeons since Sapphire Rapids), read once at import,
+    since dynamo cannot trace the query; else None. Under torch.compile, get_device_properties is folded to a
+    constant (constant_fold_functions in torch/_dynamo/variables/torch.py), so asking costs nothing inside a
+    compiled step. AMD GPUs (ROCm) also call themselves "cuda"; they are "rocm" here, since their capability
+    numbers mean other hardware."""
     if device.type == "cuda" and torch.version.hip:
         return "rocm", None
+    if device.type == "cpu":
+        return "cpu", "amx" if CPU_HAS_AMX else None
     if device.type != "cuda":
         return device.type, None
     p = torch.cuda.get_device_properties(device)
     return "cuda", (p.major, p.minor)
+
+
+CPU_HAS_AMX = torch.cpu._is_amx_tile_supported()
 
 
 def moe_path(device_type, capability, dtype, compiling, N, K, E):
@@ -350,12 +384,12 @@ def moe_path(device_type, capability, dtype, compiling, N, K, E):
               matmul per group: a host sync, which crashes CUDA graph capture (pytorch#169970). Its compile-time
               shape function takes bf16 only (meta_grouped_mm in torch/_meta_registrations.py), so float32 is
               eager-only. AMD GPUs (ROCm) do not fuse it either.
-    gathered  few pairs (N*K < E), compiled, on a GPU: each pair's expert weights are gathered and multiplied
-              in one fused kernel, so only the chosen experts are read and nothing leaves the device.
-    pairs     the same few pairs, compiled, on a CPU: a library matmul per pair on its expert's weights in
-              place. inductor's own fused reduction streamed weights at 18 GB/s where oneDNN's matmul took
-              30 (measured on the lm_head's 50304 x 2048, 2 threads), and bf16 decoding ran 43 tok/s against
-              47 with pairs on the 2-layer OLMoE-1B-7B shape (README, Performance).
+    gathered  few pairs (N*K < E), compiled: each pair's expert weights are gathered and multiplied in one
+              fused kernel, so only the chosen experts are read and nothing leaves the device.
+    pairs     the same few pairs, compiled, on a CPU with AMX: a library matmul per pair, on its expert's
+              weights in place. On the Intel Xeon that measured it, oneDNN's matmul read weights faster than
+              inductor's fused reductions (linear_path), and bf16 decoding of the 2-layer OLMoE-1B-7B shape ran
+              46-47 tok/s against 42-43 with gathered.
     dense     a GPU's many pairs, compiled, with no fused grouped kernel: every expert for every token, the
               unchosen ones weighted 0. It reads each expert once (at a decode batch of 64 nearly all are hit
               anyway) and needs no host sync, at E/K times the FLOPs: worth it up to DENSE_MAX_TOKENS tokens.
@@ -366,7 +400,7 @@ def moe_path(device_type, capability, dtype, compiling, N, K, E):
         device_type == "cpu" and (dtype == torch.bfloat16 or dtype == torch.float32 and not compiling)
         or device_type == "cuda" and capability[0] in (9, 10) and dtype == torch.bfloat16)
     if compiling and N * K < E:
-        return "pairs" if device_type == "cpu" else "gathered"
+        return "pairs" if device_type == "cpu" and capability == "amx" else "gathered"
     if fused_grouped:
         return "grouped"
     if compiling and device_type != "cpu" and N <= DENSE_MAX_TOKENS:
@@ -460,7 +494,7 @@ class SparseMoE(nn.Module):
     def __init__(self, config: OlmoeConfig, dispatch: str = "batched"):
         super().__init__()
         self.K, self.norm_topk_prob = config.num_experts_per_tok, config.norm_topk_prob
-        self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False)  # the router
+        self.gate = Linear(config.hidden_size, config.num_experts)  # the router
         self.experts = Experts(config.num_experts, config.hidden_size, config.intermediate_size, dispatch)
 
     def forward(self, x):
@@ -537,7 +571,7 @@ class Transformer(nn.Module):
             layers=nn.ModuleList(block(config, moe_dispatch) for _ in range(config.num_hidden_layers)),
             norm=norm(config.hidden_size, config.rms_norm_eps),
         ))
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)  # (V, D)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size)  # (V, D)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 

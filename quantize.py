@@ -110,8 +110,37 @@ def dequantized(x, w, scale, G):
     return F.linear(x, dequantize(w, scale, x.dtype))
 
 
+@torch.library.custom_op("olmoe::to_float32", mutates_args=())
+def to_float32(x: torch.Tensor) -> torch.Tensor:
+    """x in float32, as a new tensor. An opaque op to inductor: a compiled step computes it once into its own
+    buffer, where a plain x.float() would be inlined, with the norm that made x, into every loop that reads it."""
+    return x.to(torch.float32, copy=True)
+
+
+@to_float32.register_fake
+def _(x):
+    return torch.empty_like(x, dtype=torch.float32)
+
+
+def int8pack_mm(x, w, scale, G):
+    """x (n, in) times int8 w (out, in) with one scale per output: torch._weight_int8pack_mm, except for one row
+    in a compiled step on a CPU without AMX (batch-1 decoding, by olmoe.linear_path's rule), where it is a
+    multiply-and-sum that inductor turns into one vectorized reduction, over activations made float32 first
+    (to_float32). In float32, inductor's loop takes 16 lanes and loads 16 int8 weights in one 128-bit load; with
+    bf16 activations in the loop it takes 32 lanes (select_tiling in torch/_inductor/codegen/cpp.py) and loads
+    int8 half a vector at a time through a masked load (Vectorized<int8_t>::loadu with a count,
+    aten/src/ATen/cpu/vec/vec512/vec512_int.h), at half the speed. _weight_int8pack_mm converts each weight to
+    float and scales it before its multiply-add (aten/src/ATen/native/cpu/int8mm_kernel.cpp); the reduction
+    scales each output once. The 2-layer OLMoE-1B-7B shape, batch 1, 2 threads, taking turns: on an AMD EPYC
+    (Zen 4) the int8 step decoded 77-96 tok/s against 66-83 with _weight_int8pack_mm; on an Intel Xeon with AMX,
+    48-50 against 58."""
+    if x.shape[0] == 1 and olmoe.device_facts(x.device) == ("cpu", None) and torch.compiler.is_compiling():
+        return ((to_float32(x)[:, None, :] * w.float()).sum(-1) * scale.float()).to(x.dtype)  # (1, out)
+    return torch._weight_int8pack_mm(x, w, scale)
+
+
 KERNELS = {
-    "int8pack": Kernel(None, lambda x, w, scale, G: torch._weight_int8pack_mm(x, w, scale)),
+    "int8pack": Kernel(None, int8pack_mm),
     # One scale per output: scale the product instead of the weight. Compiled, inductor fuses the int8->float
     # conversion into the matmul's load (gpt-fast's int8 path, with coordinate_descent_tuning).
     "int8-linear": Kernel(None, lambda x, w, scale, G: F.linear(x, w.to(x.dtype)) * scale),
@@ -129,6 +158,7 @@ def choose_kernel(bits, device_type, capability, dtype, out_features, in_feature
     int8pack      CPU and MPS: torch._weight_int8pack_mm(x, w int8 (out, in), scales (out,) in x's dtype).
                   CPU: aten/src/ATen/native/LinearAlgebra.cpp and cpu/int8mm_kernel.cpp; MPS:
                   aten/src/ATen/native/mps/operations/Quantized.mm, which also wants out and in multiples of 32.
+                  One row in a compiled step on a CPU without AMX takes a reduction instead (int8pack_mm).
     int8-linear   CUDA: F.linear(x, w.to(x.dtype)) * scale, whose int8->float cast inductor fuses into the matmul
                   (gpt-fast's int8 path). CUDA's own _weight_int8pack_mm, where a build has it
                   (aten/src/ATen/native/cuda/int8mm.cu), is a plain float32 loop, one thread per output.
@@ -271,8 +301,8 @@ class QuantExperts(Quantized):
         N, K = top_i.shape
         path = olmoe.moe_path(*olmoe.device_facts(x.device), x.dtype, torch.compiler.is_compiling(), N, K,
                               self.num_experts)
-        if path == "pairs":  # decode sizes, compiled on a CPU: each pair's packed expert read in place, no break
-            return olmoe.moe_pairs(x, top_w, top_i, self)
+        if x.device.type == "cpu" and path in ("gathered", "pairs"):  # decode sizes, compiled: in the graph, each
+            return olmoe.moe_pairs(x, top_w, top_i, self)  # pair's packed expert read in place (gathering would copy)
         return self.looped(x, top_w, top_i)
 
     # A host sync and a loop whose trip count depends on the routing: under torch.compile, run it eagerly between

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 import transformers
 
 import generate as gen
@@ -54,13 +55,13 @@ def test_greedy_output_equals_transformers_generate(tmp_path, tokenizer_json, mo
     assert gen.generate(model, [prompt], 24, vocab_size=TOKENIZER_VOCAB) == [theirs]
 
 
-@pytest.mark.parametrize("device", [None, ("cuda", (8, 0))])
+@pytest.mark.parametrize("device", [None, ("cpu", "amx"), ("cuda", (8, 0))])
 @pytest.mark.parametrize("prompts", [[[3, 1, 4, 1, 5], [9, 2]], [[3, 1, 4], [1, 5], [9], [2, 6], [5, 3]]])
 def test_compiled_decode_step_gives_the_same_tokens(tmp_path, tokenizer_json, monkeypatch, device, prompts):
     """torch.compile of the decode step (CUDA graphs on a GPU) is a fast path of the same function. With 2 rows
-    of K = 2 of E = 8 experts the compiled step multiplies each pair by its expert (pairs on a CPU, gathered on an
-    A100, simulated here); with 5 rows a CPU loops over the experts (a graph break), and an A100 computes them all
-    (dense). Only the CPU's loop breaks the graph."""
+    of K = 2 of E = 8 experts the compiled step multiplies each pair by its expert (gathered; pairs on a CPU with
+    AMX, simulated here); with 5 rows a CPU loops over the experts (a graph break), and an A100, simulated too,
+    computes them all (dense). Only the CPU's loop breaks the graph."""
     from torch._dynamo.utils import counters
 
     if device:
@@ -70,15 +71,18 @@ def test_compiled_decode_step_gives_the_same_tokens(tmp_path, tokenizer_json, mo
     torch._dynamo.reset()
     counters.clear()
     assert gen.generate(model, prompts, 10, compile=True) == gen.generate(model, prompts, 10)
-    assert (sum(counters["graph_break"].values()) > 0) == (device is None and len(prompts) == 5)
+    assert (sum(counters["graph_break"].values()) > 0) == (device != ("cuda", (8, 0)) and len(prompts) == 5)
 
 
 @pytest.mark.parametrize("model_type", ["olmoe", "olmo2"])
 @pytest.mark.parametrize("rows", [1, 2])
-def test_compiled_bf16_decode_step_computes_eager_logits(tmp_path, tokenizer_json, monkeypatch, model_type, rows):
+@pytest.mark.parametrize("cpu", [None, "amx"])
+def test_compiled_bf16_decode_step_computes_eager_logits(tmp_path, tokenizer_json, monkeypatch, model_type, rows, cpu):
     """bf16, compiled against eager, both fed the same tokens (the sampler is replaced): each step's logits within
-    bf16's rounding. Greedy tokens are not compared: in bf16 a tiny random model's top logits tie within rounding,
+    bf16's rounding. One row on a CPU without AMX takes olmoe.linear_path's "gemv" in every linear layer; with AMX
+    (simulated), F.linear and, for the experts, moe_pairs. Greedy tokens are not compared: in bf16 a tiny random model's top logits tie within rounding,
     and compiled code rounds differently (inductor fuses the norms into what follows them)."""
+    monkeypatch.setattr(olmoe, "device_facts", lambda _: ("cpu", cpu))
     _, path = gen_checkpoint(tmp_path, tokenizer_json, model_type)
     model = olmoe.load_model(path, dtype=torch.bfloat16)
     forced = torch.tensor([[7, 3, 9, 12, 5, 8, 2, 11, 6, 4]] * rows)
@@ -96,6 +100,24 @@ def test_compiled_bf16_decode_step_computes_eager_logits(tmp_path, tokenizer_jso
 
     eager, compiled = run(False), run(True)
     assert (compiled - eager).abs().max() <= 0.02 * eager.abs().max()
+
+
+def test_the_gemv_path_is_the_linear_product(monkeypatch):
+    """linear_path's choice, and what gemv computes: x @ w.T, against float32 F.linear."""
+    assert olmoe.linear_path("cpu", None, torch.bfloat16, True, 1) == "gemv"
+    for facts in [("cpu", None, torch.bfloat16, False, 1), ("cpu", None, torch.bfloat16, True, 2),
+                  ("cpu", None, torch.float32, True, 1), ("cpu", "amx", torch.bfloat16, True, 1),
+                  ("cuda", (9, 0), torch.bfloat16, True, 1), ("mps", None, torch.bfloat16, True, 1)]:
+        assert olmoe.linear_path(*facts) == "mm", facts
+    torch.manual_seed(0)
+    layer = olmoe.Linear(256, 96).to(torch.bfloat16)
+    x = torch.randn(1, 1, 256, dtype=torch.bfloat16)
+    monkeypatch.setattr(olmoe, "device_facts", lambda _: ("cpu", None))  # a CPU without AMX
+    with torch.no_grad():
+        y = torch.compile(layer)(x)
+    ref = F.linear(x.float(), layer.weight.float())
+    assert y.shape == (1, 1, 96) and y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), ref, rtol=1e-2, atol=1e-2)
 
 
 def test_compiling_goes_on_past_dynamo_recompile_limit(tmp_path, tokenizer_json):

@@ -190,13 +190,16 @@ def test_quantized_model_stays_close_to_the_float_model(moe_checkpoint, kind, to
 
 @pytest.mark.parametrize("kind", ["int8", "int4"])
 @pytest.mark.parametrize("rows", [1, 2, 5])
-def test_compiled_decoding_gives_the_same_tokens(moe_checkpoint, kind, rows):
+@pytest.mark.parametrize("cpu", [None, "amx"])
+def test_compiled_decoding_gives_the_same_tokens(moe_checkpoint, monkeypatch, kind, rows, cpu):
     """1 or 2 rows x K = 2 of E = 8 experts: the experts' packed weights are read inside the compiled step
-    (olmoe.moe_pairs), one graph with no break; 5 rows: the experts loop eagerly between graphs. Greedy tokens as
-    eager's."""
+    (olmoe.moe_pairs), one graph with no break; 5 rows: the experts loop eagerly between graphs. One row on a
+    CPU without AMX also takes int8pack_mm's reduction in every int8 layer; with AMX (simulated), the packed
+    kernel. Greedy tokens as eager's."""
     import generate
     from torch._dynamo.utils import counters
 
+    monkeypatch.setattr(olmoe, "device_facts", lambda _: ("cpu", cpu))
     model = quantize.load_model(moe_checkpoint, kind)
     prompts = [[1, 2, 3], [4, 5], [6], [7, 8, 9, 10], [11, 12]][:rows]  # padded: the mask path too
     torch._dynamo.reset()
@@ -205,13 +208,26 @@ def test_compiled_decoding_gives_the_same_tokens(moe_checkpoint, kind, rows):
     assert (sum(counters["graph_break"].values()) == 0) == (rows < 5), dict(counters["graph_break"])
 
 
+def test_int8pack_mm_at_one_compiled_row_is_the_packed_kernels_product(monkeypatch):
+    """The reduction a compiled step on a CPU without AMX takes for one row, against _weight_int8pack_mm itself,
+    in bf16."""
+    monkeypatch.setattr(olmoe, "device_facts", lambda _: ("cpu", None))
+    torch.manual_seed(0)
+    q, scale = quantize.quantize(torch.randn(96, 256), 8, scale_dtype=torch.bfloat16)
+    x = torch.randn(1, 256, dtype=torch.bfloat16)
+    y = torch.compile(quantize.int8pack_mm, fullgraph=True)(x, q, scale, None)
+    ref = torch._weight_int8pack_mm(x, q, scale)
+    assert y.shape == ref.shape == (1, 96) and y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), ref.float(), rtol=1e-2, atol=1e-2 * ref.abs().max().item())
+
+
 def test_what_is_quantized_and_what_is_not(tmp_path):
     path = save_hf(tmp_path, tie_word_embeddings=True)
     model = quantize.load_model(path, "int8")
     layer = model.model.layers[0]
     assert isinstance(layer.self_attn.q_proj, quantize.QuantLinear)
     assert isinstance(layer.mlp.experts, quantize.QuantExperts)
-    assert type(layer.mlp.gate) is torch.nn.Linear  # the router picks the experts: it stays in float
+    assert type(layer.mlp.gate) is olmoe.Linear  # the router picks the experts: it stays in float
     assert model.lm_head.weight is model.model.embed_tokens.weight  # tied: it is the embedding
 
 
