@@ -197,7 +197,7 @@ class Linear(nn.Linear):
 def linear_path(device_type, capability, dtype, compiling, rows):
     """Which product a linear layer takes, from device_facts (capability "amx": a CPU with AMX tiles).
     gemv  one row in bf16, compiled, on a CPU without AMX: the product as a multiply-and-sum, which inductor turns
-          into one vectorized reduction. On the AMD EPYC (Zen 4) that measured it, it read the 50304 x 2048 lm_head
+          into one vectorized reduction. On the AMD EPYC that measured it, it read the 50304 x 2048 lm_head
           at 46 GB/s against F.linear's 30 (2 threads); quantize.int8pack_mm takes the same kind of reduction.
     mm    everything else: F.linear. On the Intel Xeon with AMX that measured it, F.linear (oneDNN's
           brg_matmul:avx10_1_512_amx) read the lm_head at 31 GB/s against 18 for the reduction. AMX marks that

@@ -132,8 +132,8 @@ def int8pack_mm(x, w, scale, G):
     aten/src/ATen/cpu/vec/vec512/vec512_int.h), at half the speed. _weight_int8pack_mm converts each weight to
     float and scales it before its multiply-add (aten/src/ATen/native/cpu/int8mm_kernel.cpp); the reduction
     scales each output once. The 2-layer OLMoE-1B-7B shape, batch 1, 2 threads, taking turns: on an AMD EPYC
-    (Zen 4) the int8 step decoded 77-96 tok/s against 66-83 with _weight_int8pack_mm; on an Intel Xeon with AMX,
-    48-50 against 58."""
+    the int8 step decoded 77-96 tok/s against 66-83 with _weight_int8pack_mm; on an Intel Xeon with AMX the
+    reduction lost, 48-50 against 58."""
     if x.shape[0] == 1 and olmoe.device_facts(x.device) == ("cpu", None) and torch.compiler.is_compiling():
         return ((to_float32(x)[:, None, :] * w.float()).sum(-1) * scale.float()).to(x.dtype)  # (1, out)
     return torch._weight_int8pack_mm(x, w, scale)
