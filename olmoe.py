@@ -357,11 +357,11 @@ def compute_dtype(x):
 
 def device_facts(device):
     """(device type, capability): all the kernel choices need to know of the hardware. capability is CUDA's compute
-    capability; for a CPU, "amx" if it has AMX tiles (Intel Xeons since Sapphire Rapids), read once at import,
-    since dynamo cannot trace the query; else None. Under torch.compile, get_device_properties is folded to a
-    constant (constant_fold_functions in torch/_dynamo/variables/torch.py), so asking costs nothing inside a
-    compiled step. AMD GPUs (ROCm) also call themselves "cuda"; they are "rocm" here, since their capability
-    numbers mean other hardware."""
+    capability; for a CPU, "amx" if it has AMX tiles (Intel Xeons since Sapphire Rapids; asked once at import, as
+    inductor's cpu_vec_isa.py asks it, since dynamo cannot trace the call); else None. Under torch.compile,
+    get_device_properties is folded to a constant (constant_fold_functions in torch/_dynamo/variables/torch.py),
+    so asking costs nothing inside a compiled step. AMD GPUs (ROCm) also call themselves "cuda"; they are "rocm"
+    here, since their capability numbers mean other hardware."""
     if device.type == "cuda" and torch.version.hip:
         return "rocm", None
     if device.type == "cpu":
