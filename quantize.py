@@ -123,20 +123,29 @@ def _(x):
 
 
 def int8pack_mm(x, w, scale, G):
-    """x (n, in) times int8 w (out, in) with one scale per output: torch._weight_int8pack_mm, except for one row
-    in a compiled step on a CPU without AMX (batch-1 decoding, by olmoe.linear_path's rule), where it is a
-    multiply-and-sum that inductor turns into one vectorized reduction, over activations made float32 first
-    (to_float32). In float32, inductor's loop takes 16 lanes and loads 16 int8 weights in one 128-bit load; with
-    bf16 activations in the loop it takes 32 lanes (select_tiling in torch/_inductor/codegen/cpp.py) and loads
-    int8 half a vector at a time through a masked load (Vectorized<int8_t>::loadu with a count,
-    aten/src/ATen/cpu/vec/vec512/vec512_int.h), at half the speed. _weight_int8pack_mm converts each weight to
-    float and scales it before its multiply-add (aten/src/ATen/native/cpu/int8mm_kernel.cpp); the reduction
-    scales each output once. The 2-layer OLMoE-1B-7B shape, batch 1, 2 threads, taking turns: on an AMD EPYC
-    the int8 step decoded 77-96 tok/s against 66-83 with _weight_int8pack_mm; on an Intel Xeon with AMX the
-    reduction lost, 48-50 against 58."""
+    """x (n, in) times int8 w (out, in) with one scale per output: torch._weight_int8pack_mm, except on a CPU
+    from INT8_CAST_ROWS rows on (below), and for one row in a compiled step on a CPU without AMX (batch-1
+    decoding, by olmoe.linear_path's rule), where it is a multiply-and-sum that inductor turns into one vectorized
+    reduction, over activations made float32 first (to_float32). In float32, inductor's loop takes 16 lanes and
+    loads 16 int8 weights in one 128-bit load; with bf16 activations in the loop it takes 32 lanes (select_tiling
+    in torch/_inductor/codegen/cpp.py) and loads int8 half a vector at a time through a masked load
+    (Vectorized<int8_t>::loadu with a count, aten/src/ATen/cpu/vec/vec512/vec512_int.h), at half the speed.
+    _weight_int8pack_mm converts each weight to float and scales it before its multiply-add
+    (aten/src/ATen/native/cpu/int8mm_kernel.cpp); the reduction scales each output once. The 2-layer
+    OLMoE-1B-7B shape, batch 1, 2 threads, taking turns: on an AMD EPYC the int8 step decoded 77-96 tok/s
+    against 66-83 with _weight_int8pack_mm; on an Intel Xeon with AMX the reduction lost, 48-50 against 58."""
     if x.shape[0] == 1 and olmoe.device_facts(x.device) == ("cpu", None) and torch.compiler.is_compiling():
         return ((to_float32(x)[:, None, :] * w.float()).sum(-1) * scale.float()).to(x.dtype)  # (1, out)
+    if x.shape[0] >= INT8_CAST_ROWS and x.device.type == "cpu":
+        return F.linear(x, w.to(x.dtype)) * scale  # (n, out): int8 values are exact in bf16
     return torch._weight_int8pack_mm(x, w, scale)
+
+
+# From this many rows on, int8pack_mm casts the weight and calls F.linear (oneDNN's matmul). The CPU kernel
+# _weight_int8pack_mm multiplies one row at a time (cpu/int8mm_kernel.cpp): on a 4096 x 2048 weight, bf16, 2
+# threads, it took 0.22 ms at 1 row, 1.5 at 16, 6.0 at 64 and 47 at 512, where the cast and F.linear took 1.3,
+# 1.3, 1.8 and 5.5 ms. A prefill, and an expert given many tokens, take the cast.
+INT8_CAST_ROWS = 16
 
 
 KERNELS = {
@@ -158,7 +167,8 @@ def choose_kernel(bits, device_type, capability, dtype, out_features, in_feature
     int8pack      CPU and MPS: torch._weight_int8pack_mm(x, w int8 (out, in), scales (out,) in x's dtype).
                   CPU: aten/src/ATen/native/LinearAlgebra.cpp and cpu/int8mm_kernel.cpp; MPS:
                   aten/src/ATen/native/mps/operations/Quantized.mm, which also wants out and in multiples of 32.
-                  One row in a compiled step on a CPU without AMX takes a reduction instead (int8pack_mm).
+                  On a CPU, one row in a compiled step without AMX takes a reduction instead, and 16 rows or more
+                  the weight cast to x's dtype and F.linear (int8pack_mm).
     int8-linear   CUDA: F.linear(x, w.to(x.dtype)) * scale, whose int8->float cast inductor fuses into the matmul
                   (gpt-fast's int8 path). CUDA's own _weight_int8pack_mm, where a build has it
                   (aten/src/ATen/native/cuda/int8mm.cu), is a plain float32 loop, one thread per output.

@@ -221,6 +221,21 @@ def test_int8pack_mm_at_one_compiled_row_is_the_packed_kernels_product(monkeypat
     torch.testing.assert_close(y.float(), ref.float(), rtol=1e-2, atol=1e-2 * ref.abs().max().item())
 
 
+def test_int8pack_mm_casts_the_weight_from_16_rows_on(monkeypatch):
+    """From INT8_CAST_ROWS rows on, a CPU casts the weight and calls F.linear instead of _weight_int8pack_mm (which
+    is made to fail here), with the packed kernel's product; below, it calls the kernel."""
+    torch.manual_seed(0)
+    q, scale = quantize.quantize(torch.randn(96, 256), 8, scale_dtype=torch.bfloat16)
+    x = torch.randn(quantize.INT8_CAST_ROWS, 256, dtype=torch.bfloat16)
+    ref = torch._weight_int8pack_mm(x, q, scale)
+    monkeypatch.setattr(torch, "_weight_int8pack_mm", lambda *a: (_ for _ in ()).throw(RuntimeError("kernel")))
+    y = quantize.int8pack_mm(x, q, scale, None)
+    assert y.shape == ref.shape and y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), ref.float(), rtol=1e-2, atol=1e-2 * ref.abs().max().item())
+    with pytest.raises(RuntimeError, match="kernel"):
+        quantize.int8pack_mm(x[1:], q, scale, None)
+
+
 def test_what_is_quantized_and_what_is_not(tmp_path):
     path = save_hf(tmp_path, tie_word_embeddings=True)
     model = quantize.load_model(path, "int8")
