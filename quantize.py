@@ -142,9 +142,9 @@ def int8pack_mm(x, w, scale, G):
 
 
 # From this many rows on, int8pack_mm casts the weight and calls F.linear (oneDNN's matmul). The CPU kernel
-# _weight_int8pack_mm multiplies one row at a time (cpu/int8mm_kernel.cpp): on a 4096 x 2048 weight, bf16, 2
-# threads, it took 0.22 ms at 1 row, 1.5 at 16, 6.0 at 64 and 47 at 512, where the cast and F.linear took 1.3,
-# 1.3, 1.8 and 5.5 ms. A prefill, and an expert given many tokens, take the cast.
+# _weight_int8pack_mm (cpu/int8mm_kernel.cpp) takes time in proportion to the rows: on a 4096 x 2048 weight, bf16,
+# 2 threads, 0.22 ms at 1 row, 1.5 at 16, 6.0 at 64 and 47 at 512, where the cast and F.linear took 1.3, 1.3, 1.8
+# and 5.5 ms. A prefill, and an expert given many tokens, take the cast.
 INT8_CAST_ROWS = 16
 
 
