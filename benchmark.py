@@ -512,8 +512,7 @@ def cpu(workdir: Path, llama_cpp=None, layers=(2, 16), steps=32, prompt_len=512)
                   f"({(peak - before) / weights:.2f}x) | {runs_of(f'{r[4]:.1f}' for r in runs)} | "
                   f"{runs_of(f'{x[0]:.1f}' for x in llama) or '-'} | {ratio(decode, tg)} | {batch8:.1f} | "
                   f"{prefill:.0f} | {runs_of(f'{x[1]:.0f}' + '*' * x[2] for x in llama) or '-'} | "
-                  f"{ratio(prefill, pp)} | "
-                  f"{runs_of(f'{r[3]:.1f}' for r in runs)} |", flush=True)
+                  f"{ratio(prefill, pp)} | {runs_of(f'{r[3]:.1f}' for r in runs)} |", flush=True)
             plain = plain or any(x[2] for x in llama)
     if plain:
         print("\n* llama.cpp's prefill with --repack 0: with its repacked layout it died by a signal (llama_bench)")

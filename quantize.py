@@ -122,6 +122,12 @@ def _(x):
     return torch.empty_like(x, dtype=torch.float32)
 
 
+def int8_linear(x, w, scale, G):
+    """x (n, in) times int8 w (out, in) with one scale per output: the weight cast to x's dtype (int8 values are
+    exact in bf16 and float16), F.linear, then the scale on the product."""
+    return F.linear(x, w.to(x.dtype)) * scale
+
+
 def int8pack_mm(x, w, scale, G):
     """x (n, in) times int8 w (out, in) with one scale per output: torch._weight_int8pack_mm, except on a CPU
     from INT8_CAST_ROWS rows on (below), and for one row in a compiled step on a CPU without AMX (batch-1
@@ -137,7 +143,7 @@ def int8pack_mm(x, w, scale, G):
     if x.shape[0] == 1 and olmoe.device_facts(x.device) == ("cpu", None) and torch.compiler.is_compiling():
         return ((to_float32(x)[:, None, :] * w.float()).sum(-1) * scale.float()).to(x.dtype)  # (1, out)
     if x.shape[0] >= INT8_CAST_ROWS and x.device.type == "cpu":
-        return F.linear(x, w.to(x.dtype)) * scale  # (n, out): int8 values are exact in bf16
+        return int8_linear(x, w, scale, G)
     return torch._weight_int8pack_mm(x, w, scale)
 
 
@@ -152,7 +158,7 @@ KERNELS = {
     "int8pack": Kernel(None, int8pack_mm),
     # One scale per output: scale the product instead of the weight. Compiled, inductor fuses the int8->float
     # conversion into the matmul's load (gpt-fast's int8 path, with coordinate_descent_tuning).
-    "int8-linear": Kernel(None, lambda x, w, scale, G: F.linear(x, w.to(x.dtype)) * scale),
+    "int8-linear": Kernel(None, int8_linear),
     "int4pack-cpu": Kernel(lambda q: torch._convert_weight_to_int4pack_for_cpu(unpack_int4(q).int(), 1),
                            lambda x, w, sz, G: torch._weight_int4pack_mm_for_cpu(x, w, G, sz)),
     "tinygemm": Kernel(lambda q: torch._convert_weight_to_int4pack(q, tinygemm_inner_k_tiles(2 * q.shape[-1])),
