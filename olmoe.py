@@ -188,22 +188,56 @@ class Linear(nn.Linear):
         super().__init__(in_features, out_features, bias=False)
 
     def forward(self, x):
-        rows = x.numel() // x.shape[-1]
-        if linear_path(*device_facts(x.device), x.dtype, torch.compiler.is_compiling(), rows) == "gemv":
-            return (x[..., None, :].float() * self.weight.float()).sum(-1).to(x.dtype)  # (..., out)
-        return F.linear(x, self.weight)
+        return linear(x, self.weight)
+
+
+def linear(x, w):
+    """x (..., in) times w (out, in) transposed, by the product linear_path picks: (..., out)."""
+    rows = x.numel() // x.shape[-1]
+    path = linear_path(*device_facts(x.device), x.dtype, torch.compiler.is_compiling(), rows)
+    if path == "gemv":
+        return (x[..., None, :].float() * w.float()).sum(-1).to(x.dtype)  # (..., out)
+    if path == "mv":
+        return mv(w, x.reshape(-1)).view(*x.shape[:-1], w.shape[0])
+    return F.linear(x, w)
 
 
 def linear_path(device_type, capability, dtype, compiling, rows):
     """Which product a linear layer takes, from device_facts (capability "amx": a CPU with AMX tiles).
+    mv    one row in bf16 on a CPU with AMX: torch.mv, whose bf16 kernel sums each output's row of weights in
+          float32 (bf16_gemv_trans in aten/src/ATen/native/cpu/ReducedPrecisionFloatGemvFastPathKernel.cpp, which
+          gemv in aten/src/ATen/native/BlasKernel.cpp takes). On the Intel Xeon with AMX that measured it, 2
+          threads, it read 320 cold 2048 x 2048 weights at 23 GB/s against F.linear's 19 (oneDNN's
+          brg_matmul:avx10_1_512_amx), 640 cold 2048 x 1024 ones at 20 against 14, and the 50304 x 2048 lm_head
+          at 27-29 against 22; inductor's reduction (gemv) read 13-17. AMX marks that class of machine, not the
+          instruction: neither product uses it at one row.
     gemv  one row in bf16, compiled, on a CPU without AMX: the product as a multiply-and-sum, which inductor turns
           into one vectorized reduction. On the AMD EPYC that measured it, it read the 50304 x 2048 lm_head
           at 46 GB/s against F.linear's 30 (2 threads); quantize.int8pack_mm takes the same kind of reduction.
-    mm    everything else: F.linear. On the Intel Xeon with AMX that measured it, F.linear (oneDNN's
-          brg_matmul:avx10_1_512_amx) read the lm_head at 31 GB/s against 18 for the reduction. AMX marks that
-          class of machine, not the instruction: with oneDNN held to AVX-512 there, F.linear still led."""
-    return "gemv" if device_type == "cpu" and capability != "amx" and dtype == torch.bfloat16 and compiling \
-        and rows == 1 else "mm"
+    mm    everything else: F.linear."""
+    if device_type != "cpu" or dtype != torch.bfloat16 or rows != 1:
+        return "mm"
+    return "mv" if capability == "amx" else "gemv" if compiling else "mm"
+
+
+@torch.library.custom_op("olmoe::mv", mutates_args=())
+def mv(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """torch.mv(w, x) in x's dtype, as autocast would cast a linear layer's weight. An opaque op to inductor,
+    which would otherwise decompose it into its own reduction (gemv's)."""
+    return torch.mv(w.to(x.dtype), x)
+
+
+@mv.register_fake
+def _(w, x):
+    return x.new_empty(w.shape[0])
+
+
+def _mv_backward(ctx, g):
+    w, x = ctx.saved_tensors
+    return torch.outer(g, x), torch.mv(w.to(g.dtype).mT, g)
+
+
+mv.register_autograd(_mv_backward, setup_context=lambda ctx, inputs, output: ctx.save_for_backward(*inputs))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -310,8 +344,8 @@ class Experts(nn.Module):
         return DISPATCH[self.dispatch](x, top_w, top_i, self)  # (N, D)
 
     def mm(self, name, x, e):
-        """x (n, in) times expert e's matrix `name` (gate_up_proj or down_proj), transposed: (n, out)."""
-        return F.linear(x, getattr(self, name)[e])
+        """x (n, in) times expert e's matrix `name` (gate_up_proj or down_proj), transposed, by linear: (n, out)."""
+        return linear(x, getattr(self, name)[e])
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -386,10 +420,10 @@ def moe_path(device_type, capability, dtype, compiling, N, K, E):
               eager-only. AMD GPUs (ROCm) do not fuse it either.
     gathered  few pairs (N*K < E), compiled: each pair's expert weights are gathered and multiplied in one
               fused kernel, so only the chosen experts are read and nothing leaves the device.
-    pairs     the same few pairs, compiled, on a CPU with AMX: a library matmul per pair, on its expert's
-              weights in place. On the Intel Xeon that measured it, oneDNN's matmul read weights faster than
-              inductor's fused reductions (linear_path), and bf16 decoding of the 2-layer OLMoE-1B-7B shape ran
-              46-47 tok/s against 42-43 with gathered.
+    pairs     the same few pairs, compiled, on a CPU with AMX: a library product per pair (linear's, so torch.mv
+              for one token), on its expert's weights in place. On the Intel Xeon that measured it, the library
+              read weights faster than inductor's fused reductions (linear_path): with F.linear per pair, bf16
+              decoding of the 2-layer OLMoE-1B-7B shape ran 46-47 tok/s against 42-43 with gathered.
     dense     a GPU's many pairs, compiled, with no fused grouped kernel: every expert for every token, the
               unchosen ones weighted 0. It reads each expert once (at a decode batch of 64 nearly all are hit
               anyway) and needs no host sync, at E/K times the FLOPs: worth it up to DENSE_MAX_TOKENS tokens.
@@ -458,7 +492,7 @@ def moe_gathered(x, top_w, top_i, experts: Experts):
 
 
 def moe_pairs(x, top_w, top_i, experts: Experts):
-    """One matmul per token-expert pair, by experts.mm on the expert's own weights (quantize.QuantExperts, with
+    """One product per token-expert pair, by experts.mm on the expert's own weights (quantize.QuantExperts, with
     packed ones, takes this path too). The expert id is read with item(), which generate's compiled step traces as
     a symbolic integer (capture_scalar_outputs): w[e] is then a view, where a tensor index would copy the expert
     first. On a CPU reading it costs nothing; on a GPU it would be a sync inside a CUDA graph. Each token's pairs

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import transformers
+from torch._inductor.utils import run_and_get_code
 
 import generate as gen
 import olmoe
@@ -102,22 +103,39 @@ def test_compiled_bf16_decode_step_computes_eager_logits(tmp_path, tokenizer_jso
     assert (compiled - eager).abs().max() <= 0.02 * eager.abs().max()
 
 
-def test_the_gemv_path_is_the_linear_product(monkeypatch):
-    """linear_path's choice, and what gemv computes: x @ w.T, against float32 F.linear."""
+@pytest.mark.parametrize("cpu", [None, "amx"])
+def test_the_one_row_paths_are_the_linear_product(monkeypatch, cpu):
+    """linear_path's choice, and what gemv (a CPU without AMX) and mv (with AMX) compute, compiled and eager: x @ w.T,
+    against float32 F.linear, and mv's gradients against F.linear's."""
     assert olmoe.linear_path("cpu", None, torch.bfloat16, True, 1) == "gemv"
+    assert olmoe.linear_path("cpu", "amx", torch.bfloat16, True, 1) == olmoe.linear_path(
+        "cpu", "amx", torch.bfloat16, False, 1) == "mv"
     for facts in [("cpu", None, torch.bfloat16, False, 1), ("cpu", None, torch.bfloat16, True, 2),
-                  ("cpu", None, torch.float32, True, 1), ("cpu", "amx", torch.bfloat16, True, 1),
-                  ("cuda", (9, 0), torch.bfloat16, True, 1), ("mps", None, torch.bfloat16, True, 1)]:
+                  ("cpu", None, torch.float32, True, 1), ("cpu", "amx", torch.bfloat16, True, 2),
+                  ("cpu", "amx", torch.float32, False, 1), ("cuda", (9, 0), torch.bfloat16, True, 1),
+                  ("mps", None, torch.bfloat16, True, 1)]:
         assert olmoe.linear_path(*facts) == "mm", facts
     torch.manual_seed(0)
     layer = olmoe.Linear(256, 96).to(torch.bfloat16)
     x = torch.randn(1, 1, 256, dtype=torch.bfloat16)
-    monkeypatch.setattr(olmoe, "device_facts", lambda _: ("cpu", None))  # a CPU without AMX
-    with torch.no_grad():
-        y = torch.compile(layer)(x)
+    monkeypatch.setattr(olmoe, "device_facts", lambda _: ("cpu", cpu))
     ref = F.linear(x.float(), layer.weight.float())
-    assert y.shape == (1, 1, 96) and y.dtype == torch.bfloat16
-    torch.testing.assert_close(y.float(), ref, rtol=1e-2, atol=1e-2)
+    with torch.no_grad():
+        compiled, code = run_and_get_code(torch.compile(layer), x)
+        for y in (compiled, layer(x)):
+            assert y.shape == (1, 1, 96) and y.dtype == torch.bfloat16
+            torch.testing.assert_close(y.float(), ref, rtol=1e-2, atol=1e-2)
+    assert ("torch.ops.olmoe.mv" in code[0]) == (cpu == "amx")  # torch.mv's kernel, not inductor's reduction
+    if cpu == "amx":  # mv's backward, and a float32 weight under bf16 autocast (cast as autocast casts it)
+        x.requires_grad_()
+        layer(x).square().sum().backward()
+        gx, gw = x.grad, layer.weight.grad
+        x.grad = layer.weight.grad = None
+        F.linear(x, layer.weight).square().sum().backward()
+        torch.testing.assert_close((gx, gw), (x.grad, layer.weight.grad), rtol=2e-2, atol=2e-2)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = layer.float()(x)
+        torch.testing.assert_close(y.float(), ref, rtol=1e-2, atol=1e-2)
 
 
 def test_compiling_goes_on_past_dynamo_recompile_limit(tmp_path, tokenizer_json):
