@@ -203,17 +203,15 @@ def linear(x, w):
 
 
 def linear_path(device_type, capability, dtype, compiling, rows):
-    """Which product a linear layer takes, from device_facts (capability "amx": a CPU with AMX tiles).
+    """Which product a linear layer takes, from device_facts (capability "amx": a CPU with AMX tiles). Which reads
+    weights fastest at one row was measured on two CPUs, and they disagree (README, "Which kernel runs where"):
     mv    one row in bf16 on a CPU with AMX: torch.mv, whose bf16 kernel sums each output's row of weights in
           float32 (bf16_gemv_trans in aten/src/ATen/native/cpu/ReducedPrecisionFloatGemvFastPathKernel.cpp, which
-          gemv in aten/src/ATen/native/BlasKernel.cpp takes). On the Intel Xeon with AMX that measured it, 2
-          threads, it read 320 cold 2048 x 2048 weights at 23 GB/s against F.linear's 19 (oneDNN's
-          brg_matmul:avx10_1_512_amx), 640 cold 2048 x 1024 ones at 20 against 14, and the 50304 x 2048 lm_head
-          at 27-29 against 22; inductor's reduction (gemv) read 13-17. AMX marks that class of machine, not the
-          instruction: neither product uses it at one row.
+          gemv in aten/src/ATen/native/BlasKernel.cpp takes). On the Intel Xeon with AMX it read weights faster
+          than F.linear (oneDNN) and than gemv. AMX marks that class of machine: neither uses it at one row.
     gemv  one row in bf16, compiled, on a CPU without AMX: the product as a multiply-and-sum, which inductor turns
-          into one vectorized reduction. On the AMD EPYC that measured it, it read the 50304 x 2048 lm_head
-          at 46 GB/s against F.linear's 30 (2 threads); quantize.int8pack_mm takes the same kind of reduction.
+          into one vectorized reduction, faster than F.linear on the AMD EPYC that measured it.
+          quantize.int8pack_mm takes the same kind of reduction.
     mm    everything else: F.linear."""
     if device_type != "cpu" or dtype != torch.bfloat16 or rows != 1:
         return "mm"
@@ -421,9 +419,8 @@ def moe_path(device_type, capability, dtype, compiling, N, K, E):
     gathered  few pairs (N*K < E), compiled: each pair's expert weights are gathered and multiplied in one
               fused kernel, so only the chosen experts are read and nothing leaves the device.
     pairs     the same few pairs, compiled, on a CPU with AMX: a library product per pair (linear's, so torch.mv
-              for one token), on its expert's weights in place. On the Intel Xeon that measured it, the library
-              read weights faster than inductor's fused reductions (linear_path): with F.linear per pair, bf16
-              decoding of the 2-layer OLMoE-1B-7B shape ran 46-47 tok/s against 42-43 with gathered.
+              for one token), on its expert's weights in place. There the library reads weights faster than
+              inductor's fused reductions (linear_path), and this path decoded faster than gathered.
     dense     a GPU's many pairs, compiled, with no fused grouped kernel: every expert for every token, the
               unchosen ones weighted 0. It reads each expert once (at a decode batch of 64 nearly all are hit
               anyway) and needs no host sync, at E/K times the FLOPs: worth it up to DENSE_MAX_TOKENS tokens.
