@@ -80,9 +80,9 @@ def test_compiled_decode_step_gives_the_same_tokens(tmp_path, tokenizer_json, mo
 def test_compiled_bf16_decode_step_computes_eager_logits(tmp_path, tokenizer_json, monkeypatch, model_type, rows, cpu):
     """bf16, compiled against eager, both fed the same tokens (the sampler is replaced): each step's logits within
     bf16's rounding. One row on a CPU without AMX takes olmoe.linear_path's "gemv" in every linear layer; with AMX
-    (simulated), F.linear and, for the experts, moe_pairs. Greedy tokens are not compared: in bf16 a tiny random
-    model's top logits tie within rounding, and they part even where every kernel is the same (with gemv turned
-    off, the default compiled path did so here)."""
+    (simulated), its "mv" (torch.mv), also in the experts, which take moe_pairs. Greedy tokens are not compared: in
+    bf16 a tiny random model's top logits tie within rounding, and they part even where every kernel is the same
+    (with gemv turned off, the default compiled path did so here)."""
     monkeypatch.setattr(olmoe, "device_facts", lambda _: ("cpu", cpu))
     _, path = gen_checkpoint(tmp_path, tokenizer_json, model_type)
     model = olmoe.load_model(path, dtype=torch.bfloat16)
