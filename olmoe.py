@@ -416,11 +416,11 @@ def moe_path(device_type, capability, dtype, compiling, N, K, E):
               matmul per group: a host sync, which crashes CUDA graph capture (pytorch#169970). Its compile-time
               shape function takes bf16 only (meta_grouped_mm in torch/_meta_registrations.py), so float32 is
               eager-only. AMD GPUs (ROCm) do not fuse it either.
-    gathered  few pairs (N*K < E), compiled: each pair's expert weights are gathered and multiplied in one
-              fused kernel, so only the chosen experts are read and nothing leaves the device.
-    pairs     the same few pairs, compiled, on a CPU with AMX: a library product per pair (linear's, so torch.mv
-              for one token), on its expert's weights in place. There the library reads weights faster than
-              inductor's fused reductions (linear_path), and this path decoded faster than gathered.
+    gathered  few pairs (N*K < E), compiled, on a GPU: each pair's expert weights are gathered and multiplied in
+              one fused kernel, so only the chosen experts are read and nothing leaves the device.
+    pairs     the same few pairs, compiled, on a CPU: a product per pair (linear's: torch.mv with AMX, inductor's
+              reduction without), on its expert's weights in place. On both CPUs measured it read the experts
+              faster than gathered, whose fused reduction loads each weight through the gathered index.
     dense     a GPU's many pairs, compiled, with no fused grouped kernel: every expert for every token, the
               unchosen ones weighted 0. It reads each expert once (at a decode batch of 64 nearly all are hit
               anyway) and needs no host sync, at E/K times the FLOPs: worth it up to DENSE_MAX_TOKENS tokens.
@@ -431,7 +431,7 @@ def moe_path(device_type, capability, dtype, compiling, N, K, E):
         device_type == "cpu" and (dtype == torch.bfloat16 or dtype == torch.float32 and not compiling)
         or device_type == "cuda" and capability[0] in (9, 10) and dtype == torch.bfloat16)
     if compiling and N * K < E:
-        return "pairs" if device_type == "cpu" and capability == "amx" else "gathered"
+        return "pairs" if device_type == "cpu" else "gathered"
     if fused_grouped:
         return "grouped"
     if compiling and device_type != "cpu" and N <= DENSE_MAX_TOKENS:

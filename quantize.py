@@ -317,8 +317,8 @@ class QuantExperts(Quantized):
         N, K = top_i.shape
         path = olmoe.moe_path(*olmoe.device_facts(x.device), x.dtype, torch.compiler.is_compiling(), N, K,
                               self.num_experts)
-        if x.device.type == "cpu" and path in ("gathered", "pairs"):  # decode sizes, compiled: in the graph, each
-            return olmoe.moe_pairs(x, top_w, top_i, self)  # pair's packed expert read in place (gathering would copy)
+        if path == "pairs":  # a CPU at decode sizes, compiled: in the graph, each pair's packed expert read in place
+            return olmoe.moe_pairs(x, top_w, top_i, self)
         return self.looped(x, top_w, top_i)
 
     # A host sync and a loop whose trip count depends on the routing: under torch.compile, run it eagerly between

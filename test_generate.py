@@ -60,8 +60,8 @@ def test_greedy_output_equals_transformers_generate(tmp_path, tokenizer_json, mo
 @pytest.mark.parametrize("prompts", [[[3, 1, 4, 1, 5], [9, 2]], [[3, 1, 4], [1, 5], [9], [2, 6], [5, 3]]])
 def test_compiled_decode_step_gives_the_same_tokens(tmp_path, tokenizer_json, monkeypatch, device, prompts):
     """torch.compile of the decode step (CUDA graphs on a GPU) is a fast path of the same function. With 2 rows
-    of K = 2 of E = 8 experts the compiled step multiplies each pair by its expert (gathered; pairs on a CPU with
-    AMX); with 5 rows a CPU loops over the experts (a graph break), and an A100 computes them all (dense). Only the
+    of K = 2 of E = 8 experts the compiled step multiplies each pair by its expert (pairs on a CPU, gathered on a
+    GPU); with 5 rows a CPU loops over the experts (a graph break), and an A100 computes them all (dense). Only the
     CPU's loop breaks the graph. Every device is simulated, this CPU too."""
     from torch._dynamo.utils import counters
 

@@ -203,8 +203,8 @@ BF16, F16, F32 = torch.bfloat16, torch.float16, torch.float32
 EXPECTED_MOE_PATH = [
     (("cpu", None, BF16, False, 1), "grouped"),  # CPUs have a fused grouped_mm, bf16 and float32 eager
     (("cpu", None, F32, False, 64), "grouped"),
-    (("cpu", None, F32, True, 1), "gathered"),  # compiled decoding: gather the 8 chosen experts
-    (("cpu", "amx", F32, True, 1), "pairs"),  # ... or, with AMX, a library matmul on each of them in place
+    (("cpu", None, F32, True, 1), "pairs"),  # compiled decoding: a product on each chosen expert in place
+    (("cpu", "amx", F32, True, 1), "pairs"),
     (("cpu", "amx", BF16, True, 7), "pairs"),  # 56 pairs, fewer than the 64 experts
     (("cpu", "amx", BF16, True, 8), "grouped"),
     (("cpu", None, F32, True, 64), "loop"),  # compiled float32: grouped_mm's shape function is bf16-only
