@@ -302,11 +302,33 @@ def attend(q, k, v, mask):
     (out of memory near 8-16k tokens for OLMo-2-32B's 40 query heads); so with a mask, K/V heads are repeated
     to H for the memory-efficient kernel. A decode step (T = 1) keeps enable_gqa: its scores are only H*S."""
     H, Hkv, T = q.shape[1], k.shape[1], q.shape[2]
+    compiling = torch.compiler.is_compiling()
+    if T == 1 and mask is not None and attention_path(*device_facts(q.device), compiling) == "sums":
+        return attend_one(q, k, v, mask)
     if mask is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=H != Hkv)
     if H != Hkv and T > 1:
         k, v = k.repeat_interleave(H // Hkv, dim=1), v.repeat_interleave(H // Hkv, dim=1)  # (B, H, S, Dh)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=k.shape[1] != H)
+
+
+def attention_path(device_type, capability, compiling):
+    """How a decode step (one query per row, a mask over the cache) attends, from device_facts:
+    sums  compiled, on a CPU without AMX: attend_one, which inductor fuses into reductions over the cache. On the
+          AMD EPYC that measured it, SDPA's CPU flash kernel (_scaled_dot_product_flash_attention_for_cpu, which
+          inductor calls as it is) took 4-10x as long for one query (README, "Which kernel runs where").
+    sdpa  everywhere else: F.scaled_dot_product_attention. A CPU with AMX keeps it: it was not measured there."""
+    return "sums" if device_type == "cpu" and capability is None and compiling else "sdpa"
+
+
+def attend_one(q, k, v, mask):
+    """attend for one query per row (T = 1), written out in float32 as SDPA's math: q (B, H, 1, Dh), k, v (B, Hkv,
+    S, Dh), mask (B or 1, 1, 1, S). The H / Hkv query heads that share a key/value head are that head's rows."""
+    B, H, _, Dh = q.shape
+    Hkv = k.shape[1]
+    scores = q.reshape(B, Hkv, H // Hkv, Dh).float() @ k.float().mT * Dh ** -0.5  # (B, Hkv, H/Hkv, S)
+    p = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
+    return (p @ v.float()).to(q.dtype).reshape(B, H, 1, Dh)
 
 
 # --------------------------------------------------------------------------------------------------------------

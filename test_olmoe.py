@@ -233,6 +233,35 @@ def test_moe_path_is_the_right_kernel_for_each_device(facts, path):
     assert olmoe.moe_path(device_type, capability, dtype, compiled, N, 8, 64) == path
 
 
+@pytest.mark.parametrize("facts, path", [
+    (("cpu", None, True), "sums"),  # compiled on a CPU without AMX: SDPA's flash kernel was 4-10x slower at T = 1
+    (("cpu", None, False), "sdpa"),  # eager: one SDPA call, not six ops
+    (("cpu", "amx", True), "sdpa"),  # not measured with AMX
+    (("cuda", (9, 0), True), "sdpa"),
+    (("mps", None, True), "sdpa"),
+])
+def test_attention_path_is_the_right_kernel_for_each_device(facts, path):
+    assert olmoe.attention_path(*facts) == path
+
+
+@pytest.mark.parametrize("H, Hkv, B", [(4, 4, 1), (4, 2, 3), (6, 1, 2)])
+def test_one_query_attention_equals_sdpa(H, Hkv, B):
+    """attend_one, the decode step's attention written out, is SDPA's function: with MHA and GQA, per-row masks
+    (left padding, unwritten slots), in float32 and bf16."""
+    g = torch.Generator().manual_seed(0)
+    S, Dh = 10, 16
+    q = torch.randn(B, H, 1, Dh, generator=g)
+    k, v = torch.randn(2, B, Hkv, S, Dh, generator=g)
+    mask = torch.rand(B, 1, 1, S, generator=g) < 0.6
+    mask[..., 4] = True  # every row sees at least one slot
+    for dtype, tol in [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)]:
+        ref = torch.nn.functional.scaled_dot_product_attention(
+            q.to(dtype), k.to(dtype), v.to(dtype), attn_mask=mask, enable_gqa=H != Hkv)
+        y = olmoe.attend_one(q.to(dtype), k.to(dtype), v.to(dtype), mask)
+        assert y.dtype == dtype
+        torch.testing.assert_close(y.float(), ref.float(), rtol=tol, atol=tol)
+
+
 def test_amd_gpus_are_not_taken_for_nvidia_ones(monkeypatch):
     """ROCm calls its devices "cuda", and an MI300 reports capability 9.4: the probe must not read that as an H100."""
     monkeypatch.setattr(torch.version, "hip", "6.2")
