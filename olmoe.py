@@ -441,8 +441,8 @@ def moe_path(device_type, capability, dtype, compiling, N, K, E):
     gathered  few pairs (N*K < E), compiled, on a GPU: each pair's expert weights are gathered and multiplied in
               one fused kernel, so only the chosen experts are read and nothing leaves the device.
     pairs     the same few pairs, compiled, on a CPU: a product per pair (linear's: torch.mv with AMX, inductor's
-              reduction without), on its expert's weights in place. On both CPUs measured it read the experts
-              faster than gathered, whose fused reduction loads each weight through the gathered index.
+              reduction without), on its expert's weights in place. It decoded faster than gathered on the Intel
+              Xeon, and read the experts as fast or faster on the AMD EPYC (README, "Which kernel runs where").
     dense     a GPU's many pairs, compiled, with no fused grouped kernel: every expert for every token, the
               unchosen ones weighted 0. It reads each expert once (at a decode batch of 64 nearly all are hit
               anyway) and needs no host sync, at E/K times the FLOPs: worth it up to DENSE_MAX_TOKENS tokens.
