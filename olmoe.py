@@ -302,8 +302,7 @@ def attend(q, k, v, mask):
     (out of memory near 8-16k tokens for OLMo-2-32B's 40 query heads); so with a mask, K/V heads are repeated
     to H for the memory-efficient kernel. A decode step (T = 1) keeps enable_gqa: its scores are only H*S."""
     H, Hkv, T = q.shape[1], k.shape[1], q.shape[2]
-    compiling = torch.compiler.is_compiling()
-    if T == 1 and mask is not None and attention_path(*device_facts(q.device), compiling) == "sums":
+    if T == 1 and mask is not None and attention_path(*device_facts(q.device)) == "sums":
         return attend_one(q, k, v, mask)
     if mask is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=H != Hkv)
@@ -312,13 +311,14 @@ def attend(q, k, v, mask):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=k.shape[1] != H)
 
 
-def attention_path(device_type, capability, compiling):
+def attention_path(device_type, capability):
     """How a decode step (one query per row, a mask over the cache) attends, from device_facts:
-    sums  compiled, on a CPU without AMX: attend_one, which inductor fuses into reductions over the cache. On the
-          AMD EPYC that measured it, SDPA's CPU flash kernel (_scaled_dot_product_flash_attention_for_cpu, which
-          inductor calls as it is) took 4-10x as long for one query (README, "Which kernel runs where").
+    sums  on a CPU without AMX: attend_one, which inductor fuses into reductions over the cache when compiled. On
+          the AMD EPYC that measured it, SDPA's CPU flash kernel (_scaled_dot_product_flash_attention_for_cpu,
+          which inductor calls as it is) took 4-10x as long for one query compiled, and 1.6-4.5x eager (README,
+          "Which kernel runs where").
     sdpa  everywhere else: F.scaled_dot_product_attention. A CPU with AMX keeps it: it was not measured there."""
-    return "sums" if device_type == "cpu" and capability is None and compiling else "sdpa"
+    return "sums" if device_type == "cpu" and capability is None else "sdpa"
 
 
 def attend_one(q, k, v, mask):
