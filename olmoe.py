@@ -313,11 +313,10 @@ def attend(q, k, v, mask):
 
 def attention_path(device_type, capability):
     """How a decode step (one query per row, a mask over the cache) attends, from device_facts:
-    sums  on a CPU without AMX: attend_one, which inductor fuses into reductions over the cache when compiled. On
-          the AMD EPYC that measured it, SDPA's CPU flash kernel (_scaled_dot_product_flash_attention_for_cpu,
-          which inductor calls as it is) took 4-10x as long for one query compiled, and 1.6-4.5x eager (README,
-          "Which kernel runs where").
-    sdpa  everywhere else: F.scaled_dot_product_attention. A CPU with AMX keeps it: it was not measured there."""
+    sums  on a CPU without AMX: attend_one, which inductor fuses into reductions over the cache when compiled; on
+          the AMD EPYC that measured it, faster compiled and eager than SDPA's CPU flash kernel (README, "Which
+          kernel runs where").
+    sdpa  everywhere else: F.scaled_dot_product_attention (a CPU with AMX was not measured)."""
     return "sums" if device_type == "cpu" and capability is None else "sdpa"
 
 
