@@ -325,6 +325,9 @@ def attend_one(q, k, v, mask):
     S, Dh), mask (B or 1, 1, 1, S). The H / Hkv query heads that share a key/value head are that head's rows."""
     B, H, _, Dh = q.shape
     Hkv = k.shape[1]
+    # A view that changes nothing, for the compiler: inductor stores the input of as_strided (its lowering realizes
+    # it, torch/_inductor/lowering.py), so q's norm and RoPE run once, not again for each cache slot it reduces over.
+    q = q.as_strided(q.shape, q.stride())
     scores = q.reshape(B, Hkv, H // Hkv, Dh).float() @ k.float().mT * Dh ** -0.5  # (B, Hkv, H/Hkv, S)
     p = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
     return (p @ v.float()).to(q.dtype).reshape(B, H, 1, Dh)
