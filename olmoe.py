@@ -196,10 +196,17 @@ def linear(x, w):
     rows = x.numel() // x.shape[-1]
     path = linear_path(*device_facts(x.device), x.dtype, torch.compiler.is_compiling(), rows)
     if path == "gemv":
-        return (x[..., None, :].float() * w.float()).sum(-1).to(x.dtype)  # (..., out)
+        return (stored(x)[..., None, :].float() * w.float()).sum(-1).to(x.dtype)  # (..., out)
     if path == "mv":
         return mv(w, x.reshape(-1)).view(*x.shape[:-1], w.shape[0])
     return F.linear(x, w)
+
+
+def stored(x):
+    """x, through a view that changes nothing, for the compiler: inductor's lowering of as_strided realizes its
+    input (torch/_inductor/lowering.py), so what made x (a norm, RoPE) is computed once into a buffer, not again
+    inside a reduction that reads x once for each weight row or cache slot."""
+    return x.as_strided(x.shape, x.stride())
 
 
 def linear_path(device_type, capability, dtype, compiling, rows):
@@ -325,9 +332,7 @@ def attend_one(q, k, v, mask):
     S, Dh), mask (B or 1, 1, 1, S). The H / Hkv query heads that share a key/value head are that head's rows."""
     B, H, _, Dh = q.shape
     Hkv = k.shape[1]
-    # A view that changes nothing, for the compiler: inductor stores the input of as_strided (its lowering realizes
-    # it, torch/_inductor/lowering.py), so q's norm and RoPE run once, not again for each cache slot it reduces over.
-    q = q.as_strided(q.shape, q.stride())
+    q = stored(q)  # its norm and RoPE computed once, not for each cache slot
     scores = q.reshape(B, Hkv, H // Hkv, Dh).float() @ k.float().mT * Dh ** -0.5  # (B, Hkv, H/Hkv, S)
     p = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
     return (p @ v.float()).to(q.dtype).reshape(B, H, 1, Dh)

@@ -110,18 +110,6 @@ def dequantized(x, w, scale, G):
     return F.linear(x, dequantize(w, scale, x.dtype))
 
 
-@torch.library.custom_op("olmoe::to_float32", mutates_args=())
-def to_float32(x: torch.Tensor) -> torch.Tensor:
-    """x in float32, as a new tensor. An opaque op to inductor: a compiled step computes it once into its own
-    buffer, where a plain x.float() would be inlined, with the norm that made x, into every loop that reads it."""
-    return x.to(torch.float32, copy=True)
-
-
-@to_float32.register_fake
-def _(x):
-    return torch.empty_like(x, dtype=torch.float32)
-
-
 def int8_linear(x, w, scale, G):
     """x (n, in) times int8 w (out, in) with one scale per output: the weight cast to x's dtype (int8 values are
     exact in bf16 and float16), F.linear, then the scale on the product."""
@@ -132,16 +120,16 @@ def int8pack_mm(x, w, scale, G):
     """x (n, in) times int8 w (out, in) with one scale per output: torch._weight_int8pack_mm, except on a CPU
     from INT8_CAST_ROWS rows on (below), and for one row in a compiled step on a CPU without AMX (batch-1
     decoding, by olmoe.linear_path's rule), where it is a multiply-and-sum that inductor turns into one vectorized
-    reduction, over activations made float32 first (to_float32). In float32, inductor's loop takes 16 lanes and
-    loads 16 int8 weights in one 128-bit load; with bf16 activations in the loop it takes 32 lanes (select_tiling
-    in torch/_inductor/codegen/cpp.py) and loads int8 half a vector at a time through a masked load
+    reduction, over activations made float32 and stored first (olmoe.stored). In float32, inductor's loop takes 16
+    lanes and loads 16 int8 weights in one 128-bit load; with bf16 activations in the loop it takes 32 lanes
+    (select_tiling in torch/_inductor/codegen/cpp.py) and loads int8 half a vector at a time through a masked load
     (Vectorized<int8_t>::loadu with a count, aten/src/ATen/cpu/vec/vec512/vec512_int.h), at half the speed.
     _weight_int8pack_mm converts each weight to float and scales it before its multiply-add
     (aten/src/ATen/native/cpu/int8mm_kernel.cpp); the reduction scales each output once. The 2-layer
     OLMoE-1B-7B shape, batch 1, 2 threads, taking turns: on an AMD EPYC the int8 step decoded 77-96 tok/s
     against 66-83 with _weight_int8pack_mm; on an Intel Xeon with AMX the reduction lost, 48-50 against 58."""
     if x.shape[0] == 1 and olmoe.device_facts(x.device) == ("cpu", None) and torch.compiler.is_compiling():
-        return ((to_float32(x)[:, None, :] * w.float()).sum(-1) * scale.float()).to(x.dtype)  # (1, out)
+        return ((olmoe.stored(x.float())[:, None, :] * w.float()).sum(-1) * scale.float()).to(x.dtype)  # (1, out)
     if x.shape[0] >= INT8_CAST_ROWS and x.device.type == "cpu":
         return int8_linear(x, w, scale, G)
     return torch._weight_int8pack_mm(x, w, scale)
