@@ -54,12 +54,17 @@ class Config:
 
     def __post_init__(self):
         self.num_key_value_heads = self.num_key_value_heads or self.num_attention_heads
+        if self.head_dim is None and self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"hidden_size={self.hidden_size} is not a multiple of num_attention_heads="
+                             f"{self.num_attention_heads} (or give head_dim)")
         self.head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(f"num_attention_heads={self.num_attention_heads} is not a multiple of "
                              f"num_key_value_heads={self.num_key_value_heads}")
-        if not isinstance(getattr(torch, self.dtype, None), torch.dtype):
-            raise ValueError(f"dtype {self.dtype!r} is not a torch dtype (expected e.g. bfloat16 or float32)")
+        dtype = getattr(torch, self.dtype, None)
+        if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise ValueError(f"dtype {self.dtype!r} is not a floating-point torch dtype (expected e.g. bfloat16 or "
+                             "float32)")
         if self.rope_type not in ("default", "linear", "dynamic"):
             raise ValueError(f"rope type {self.rope_type!r} is not supported (expected default, linear or dynamic)")
 

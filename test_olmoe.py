@@ -449,3 +449,50 @@ def test_loading_peaks_near_the_weights_bytes(tmp_path):
     before, peak = map(int, r.stdout.split())
     print(f"weights {weights / 1e9:.2f} GB, peak RSS {peak / 1e9:.2f} GB, of which torch {before / 1e9:.2f} GB")
     assert peak - before <= 1.3 * weights
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Config errors name the field and what was expected
+
+
+CONFIG_ERRORS = {  # a config.json's fields -> the message that must name them
+    "hidden_size not split by the heads": (dict(hidden_size=30, num_attention_heads=4),
+                                           r"hidden_size=30 is not a multiple of num_attention_heads=4"),
+    "query heads not shared by the kv heads": (dict(num_attention_heads=4, num_key_value_heads=3),
+                                               r"num_attention_heads=4 is not a multiple of num_key_value_heads=3"),
+    "unknown dtype": (dict(dtype="float33"), r"dtype 'float33' is not a ([\w-]+ )?torch dtype"),
+    "unknown torch_dtype": (dict(torch_dtype="float33"), r"dtype 'float33' is not a ([\w-]+ )?torch dtype"),
+    "integer dtype": (dict(dtype="int64"), r"dtype 'int64' is not a ([\w-]+ )?torch dtype"),
+    "unknown activation": (dict(hidden_act="gelu"), r"hidden_act 'gelu' is not supported \(expected 'silu'\)"),
+}
+
+
+@pytest.mark.parametrize("case", CONFIG_ERRORS)
+@pytest.mark.parametrize("model_type", ["olmoe", "olmo2"])
+def test_config_errors_name_the_field(case, model_type):
+    fields, message = CONFIG_ERRORS[case]
+    with pytest.raises(ValueError, match=message):
+        olmoe.config_from_dict({**dict(model_type=model_type, hidden_size=64, num_attention_heads=4), **fields})
+
+
+@pytest.mark.parametrize("case", CONFIG_ERRORS)
+def test_loader_config_errors_name_the_file_and_the_field(good_checkpoint, tmp_path, case):
+    """read_config and load_model raise a CheckpointError that names config.json and then the field, before any
+    tensor is read."""
+    fields, message = CONFIG_ERRORS[case]
+    cfg = json.loads((good_checkpoint / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "dtype": None, "torch_dtype": None, **fields}))
+    for load in (olmoe.read_config, olmoe.load_model):
+        with pytest.raises(olmoe.CheckpointError, match=r"config.json: " + message):
+            load(tmp_path)
+
+
+def test_an_explicit_head_dim_needs_no_split_of_hidden_size():
+    """With head_dim given (as OLMo2 configs may), the heads need not divide hidden_size: no error, and the
+    attention projections take the given width."""
+    config = olmoe.config_from_dict(dict(model_type="olmo2", hidden_size=30, num_attention_heads=4, head_dim=8,
+                                         intermediate_size=16, num_hidden_layers=1, vocab_size=10))
+    assert config.head_dim == 8
+    model = olmoe.Transformer(config)
+    assert model.model.layers[0].self_attn.q_proj.weight.shape == (32, 30)
+    assert model(torch.tensor([[1, 2, 3]])).logits.shape == (1, 3, 10)
