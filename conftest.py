@@ -2,6 +2,8 @@
 the reference the tests compare against), and a byte-level BPE tokenizer trained here. Nothing is downloaded."""
 
 import json
+import os
+import random
 
 import pytest
 import torch
@@ -73,3 +75,63 @@ def gen_checkpoint(path, tokenizer_json, model_type="olmoe", **overrides):
     save(ref, path)
     (path / "tokenizer.json").write_text(tokenizer_json.read_text())
     return ref, path
+
+
+# --------------------------------------------------------------------------------------------------------------
+# One tiny training run that the tests of train.py, routing.py, evaluate.py and generate.py share
+
+TRAIN_MOE = dict(model_type="olmoe", hidden_size=32, intermediate_size=16, num_hidden_layers=2, num_attention_heads=4,
+                 num_experts=8, num_experts_per_tok=2, max_position_embeddings=128)
+TRAIN_OLMO2 = dict(model_type="olmo2", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                   num_attention_heads=4, max_position_embeddings=128)
+
+
+@pytest.fixture(scope="session")
+def train_data(tmp_path_factory):
+    """Two domains of made-up text with structure a tiny model learns in a few steps, and tiny model configs."""
+    d = tmp_path_factory.mktemp("data")
+    rng = random.Random(0)
+    words = "the a cat dog bird sees likes chases runs home tree river over under and then".split()
+    (d / "prose.txt").write_text("\n".join(" ".join(rng.choice(words) for _ in range(rng.randint(4, 12))) + "."
+                                           for _ in range(1500)))
+    code = d / "code"
+    code.mkdir()
+    for i in range(6):  # a glob of several files: whole files are held out
+        (code / f"m{i}.py").write_text("\n".join(f"def f_{rng.randint(0, 99)}(x):\n    return x * "
+                                                 f"{rng.randint(0, 9)} + {rng.randint(0, 9)}\n" for _ in range(200)))
+    for name, config in [("moe.json", TRAIN_MOE), ("olmo2.json", TRAIN_OLMO2)]:
+        (d / name).write_text(json.dumps(config))
+    return d
+
+
+def train_args(data, out, *extra, model="moe.json"):
+    """train.py's flags for a tiny run: batch 4 x 32 tokens, a BPE vocabulary of 300."""
+    return ["--text", f"prose={data / 'prose.txt'}", "--text", f"code={data / 'code' / '*.py'}", "--out", str(out),
+            "--model", str(data / model), "--vocab-size", "300", "--batch-size", "4", "--seq-len", "32",
+            "--eval-tokens", "512", "--lr", "1e-2", "--warmup-steps", "2", *extra]
+
+
+@pytest.fixture(scope="session")
+def short_run(train_data, tmp_path_factory):
+    """A tiny OLMoE trained by train.py for 30 steps, evaluated and saved every 15: the run directory, with its
+    log.jsonl, held-out text and checkpoints step-000000 (untrained), step-000015 and step-000030. Tests read it
+    and never write into it."""
+    import train
+
+    out = tmp_path_factory.mktemp("short")
+    train.main(train_args(train_data, out, "--steps", "30", "--eval-every", "15", "--save-every", "15"))
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Optional packages
+
+
+def importorskip(name):
+    """pytest.importorskip, except in CI (CI=true), which installs the optional packages on purpose: there a
+    missing one fails the test instead of hiding it as a skip."""
+    if os.environ.get("CI") == "true":
+        import importlib
+
+        return importlib.import_module(name)
+    return pytest.importorskip(name)
