@@ -297,6 +297,101 @@ def test_sampling_is_a_pure_function_of_logits_and_generator():
     assert all(p in top3[row] for row in range(4) for p in picks[:, row])
 
 
+def frequencies(logits, n=20000, seed=0, **kw):
+    """How often sample() picks each token of one row of logits (V,), over n draws made in one call: the row
+    repeated n times as a batch."""
+    picks = gen.sample(logits.repeat(n, 1), generator=torch.Generator().manual_seed(seed), **kw)  # (n,)
+    return torch.bincount(picks, minlength=logits.shape[-1]) / n  # (V,)
+
+
+@pytest.mark.parametrize("temperature", [0.5, 2.0])
+def test_sampled_frequencies_are_softmax_of_logits_over_temperature(temperature):
+    logits = torch.tensor([2.0, 1.0, 0.0, -1.0, 0.5])
+    expected = torch.exp(logits / temperature) / torch.exp(logits / temperature).sum()
+    assert (frequencies(logits, temperature=temperature) - expected).abs().max() < 0.015
+
+
+def test_top_k_samples_only_the_k_likeliest_in_their_renormalised_proportions():
+    logits = torch.tensor([0.5, 2.0, -1.0, 1.0, 0.0, 1.5])
+    kept = [1, 5, 3]  # the three largest logits
+    expected = torch.zeros(6)
+    expected[kept] = logits[kept].exp() / logits[kept].exp().sum()
+    p = frequencies(logits, temperature=1.0, top_k=3)
+    assert torch.equal(p > 0, expected > 0) and (p - expected).abs().max() < 0.015
+
+
+@pytest.mark.parametrize("top_p, kept", [(0.45, 1), (0.7, 2), (0.79, 2), (0.81, 3), (0.96, 4)])
+def test_top_p_samples_the_smallest_set_whose_mass_reaches_p(top_p, kept):
+    """Probabilities 0.5, 0.3, 0.15, 0.05 (in shuffled order): the nucleus for p = 0.7 or 0.79 is the first two
+    (their 0.8 reaches p), for p = 0.81 the first three; its tokens keep their relative proportions."""
+    probs = torch.tensor([0.05, 0.5, 0.15, 0.3])
+    ranked = [1, 3, 2, 0]
+    expected = torch.zeros(4)
+    expected[ranked[:kept]] = probs[ranked[:kept]] / probs[ranked[:kept]].sum()
+    p = frequencies(probs.log(), temperature=1.0, top_p=top_p)
+    assert torch.equal(p > 0, expected > 0) and (p - expected).abs().max() < 0.015
+
+
+def test_top_p_stops_at_the_token_whose_mass_reaches_p_exactly():
+    """Four equally likely tokens: probabilities 1/4 and their partial sums are exact in binary, so p = 1/2 is
+    reached exactly by two tokens. The smallest set reaching it is those two; a hair above 1/2 needs a third."""
+    for top_p, kept in [(0.25, 1), (0.5, 2), (0.5 + 1e-6, 3), (0.75, 3), (0.75 + 1e-6, 4)]:
+        p = frequencies(torch.zeros(4), temperature=1.0, top_p=top_p)
+        assert (p > 0).sum() == kept and (p[p > 0] - 1 / kept).abs().max() < 0.015, (top_p, p)
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p", [(2.0, 3, 1.0), (1.0, 3, 0.75), (0.5, 0, 0.6), (0.7, 5, 0.9)])
+def test_sampled_frequencies_follow_transformers_warpers(temperature, top_k, top_p):
+    """Temperature, then top-k, then top-p on what top-k kept, as transformers' sampling warpers apply them:
+    with probabilities 0.4, 0.25, 0.15, 0.1, 0.06, 0.04, top-k 3 then top-p 0.75 keeps two tokens (top-p alone
+    would keep three), and temperature 0.5 then top-p 0.6 keeps one (top-p before the temperature, two)."""
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    logits = torch.tensor([0.06, 0.4, 0.1, 0.25, 0.04, 0.15]).log()
+    warped = TemperatureLogitsWarper(temperature)(None, logits[None])
+    warped = TopKLogitsWarper(top_k)(None, warped) if top_k else warped
+    warped = TopPLogitsWarper(top_p)(None, warped) if top_p < 1 else warped
+    expected = warped.softmax(-1)[0]
+    p = frequencies(logits, temperature=temperature, top_k=top_k, top_p=top_p)
+    assert torch.equal(p > 0, expected > 0) and (p - expected).abs().max() < 0.015
+
+
+def test_generate_samples_with_the_generator_it_is_given(tmp_path, tokenizer_json):
+    """generate() draws only from its generator: the same seed gives the same tokens, whatever the global RNG
+    does in between, and another seed other tokens."""
+    _, path = gen_checkpoint(tmp_path, tokenizer_json)
+    model = olmoe.load_model(path)
+    draw = lambda seed: gen.generate(model, [[3, 1, 4]], 12, temperature=1.0,  # noqa: E731
+                                     generator=torch.Generator().manual_seed(seed))
+    first = draw(1)
+    torch.rand(100)
+    assert draw(1) == first != draw(2)
+
+
+@pytest.mark.parametrize("n, limit, slots", [(1, 4096, 64), (64, 4096, 64), (65, 4096, 128), (1000, 4096, 1024),
+                                             (1025, 4096, 2048), (70, 100, 100), (100, 100, 100)])
+def test_cache_slots_round_up_to_a_power_of_two_within_the_context(n, limit, slots):
+    assert gen.cache_slots(n, limit) == slots
+
+
+def test_generate_stats_count_the_tokens_and_bytes_of_the_run(tmp_path, tokenizer_json):
+    """Prefill tokens are the padded batch, B x longest prompt; decode tokens B per step after the first; a step
+    reads the experts that some row chose: with identical rows that is K per layer, L x K in all."""
+    _, path = gen_checkpoint(tmp_path, tokenizer_json)
+    model = olmoe.load_model(path)
+    L, K = TINY_MOE["num_hidden_layers"], TINY_MOE["num_experts_per_tok"]
+    for prompts in ([[3, 1, 4, 1, 5]], [[3, 1, 4, 1, 5]] * 3):
+        stats = {}
+        gen.generate(model, prompts, 7, stats=stats)
+        B = len(prompts)
+        assert stats["prefill_tokens"] == B * 5 and stats["decode_tokens"] == B * 6
+        assert stats["step_bytes"] == gen.bytes_per_decode_step(model, B, 5 + 7, L * K)
+        assert stats["prefill_s"] > 0 and stats["decode_s"] > 0
+    stats = {}
+    gen.generate(model, [[3, 1, 4, 1, 5], [9, 2]], 4, stats=stats)
+    assert stats["prefill_tokens"] == 2 * 5 and stats["decode_tokens"] == 2 * 3
+
+
 def run_cli(*args, env=None):
     return subprocess.run([sys.executable, "generate.py", *args], capture_output=True, text=True, timeout=300,
                           env=env)
@@ -363,16 +458,269 @@ def test_chat_prompt_renders_as_transformers_renders_it(tokenizer_json):
     assert gen.render_chat(config, "Hi there") == theirs == "<|endoftext|><|user|>\nHi there\n<|assistant|>\n"
 
 
-def test_cli_chat_wraps_the_prompt(tmp_path, tokenizer_json, capsys):
+def spy_generate(monkeypatch):
+    """Record each call of generate() that run() makes (the model and every argument), then run it."""
+    calls, real = [], gen.generate
+
+    def spy(model, prompts, max_new_tokens, **kw):
+        calls.append(dict(model=model, prompts=prompts, max_new_tokens=max_new_tokens, **kw))
+        return real(model, prompts, max_new_tokens, **kw)
+
+    monkeypatch.setattr(gen, "generate", spy)
+    return calls
+
+
+def test_cli_chat_wraps_the_prompt(tmp_path, tokenizer_json, capsys, monkeypatch):
+    """--chat: the model receives the ids of the rendered template, encoded without the tokenizer's special tokens
+    (the template writes its own bos_token), and stdout echoes the user's prompt. Without --chat it receives the
+    prompt's ids with them. This tokenizer prepends <|endoftext|>, so a doubled or a missing one shows."""
+    from tokenizers import Tokenizer, processors
+
     _, path = gen_checkpoint(tmp_path, tokenizer_json)
+    tok = Tokenizer.from_file(str(tokenizer_json))
+    bos = tok.token_to_id("<|endoftext|>")
+    tok.post_processor = processors.TemplateProcessing(single="<|endoftext|> $A", special_tokens=[("<|endoftext|>",
+                                                                                                   bos)])
+    tok.save(str(path / "tokenizer.json"))
     argv = ["--checkpoint", str(path), "--prompt", "Hi", "--max-new-tokens", "3", "--chat"]
     with pytest.raises(SystemExit):
         gen.main(argv)
     assert "has no chat_template" in capsys.readouterr().err
     config = {"chat_template": CHAT_TEMPLATE, "bos_token": "<|endoftext|>"}
     (path / "tokenizer_config.json").write_text(json.dumps(config))
+    calls = spy_generate(monkeypatch)
     gen.main(argv)
     assert capsys.readouterr().out.startswith("Hi")
+    rendered = tok.encode("<|endoftext|><|user|>\nHi\n<|assistant|>\n", add_special_tokens=False).ids
+    assert rendered.count(bos) == 1 and calls[0]["prompts"] == [rendered]
+    gen.main(argv[:-1])
+    assert calls[1]["prompts"] == [[bos] + tok.encode("Hi", add_special_tokens=False).ids]
+    assert capsys.readouterr().out.startswith("Hi")
+
+
+@pytest.fixture(scope="module")
+def sharp_checkpoint(tmp_path_factory, tokenizer_json):
+    """A tiny OLMoE whose logits spread over several units (lm_head scaled up), so that temperature, top-k and top-p
+    change the tokens sampled: a random tiny model's logits are nearly uniform. Tests read it, never write it."""
+    root = tmp_path_factory.mktemp("sharp")
+    (root / "src").mkdir(), (root / "sharp").mkdir()
+    _, src = gen_checkpoint(root / "src", tokenizer_json)
+    path = copy_checkpoint(src, root / "sharp", lambda t: {**t, "lm_head.weight": t["lm_head.weight"] * 30})
+    (path / "tokenizer.json").write_text(tokenizer_json.read_text())
+    return path
+
+
+def cli(capsys, path, *flags, prompts=("the fox",), max_new_tokens=12):
+    """Run generate.main on the CPU; return its stdout and stderr."""
+    capsys.readouterr()
+    gen.main(["--checkpoint", str(path), "--device", "cpu", "--max-new-tokens", str(max_new_tokens), *flags,
+              *[a for p in prompts for a in ("--prompt", p)]])
+    return capsys.readouterr()
+
+
+def expected_text(path, prompt, n, seed=0, **kw):
+    """What the CLI should print after the prompt: generate() on the checkpoint's model and tokenizer, with a
+    generator seeded as given, the padded vocabulary cut off."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(path / "tokenizer.json"))
+    out = gen.generate(olmoe.load_model(path), [tok.encode(prompt).ids], n, vocab_size=TOKENIZER_VOCAB,
+                       generator=torch.Generator().manual_seed(seed), **kw)[0]
+    return tok.decode(out)
+
+
+SAMPLING_FLAGS = {  # flags, generate()'s arguments they mean, the seed, and arguments whose text must differ
+    "temperature": (["--temperature", "0.7", "--seed", "3"], dict(temperature=0.7), 3, [{}, dict(temperature=1.0)]),
+    "top-k": (["--temperature", "1", "--top-k", "3", "--seed", "3"], dict(temperature=1.0, top_k=3), 3,
+              [dict(temperature=1.0)]),
+    "top-p": (["--temperature", "1", "--top-p", "0.5", "--seed", "3"], dict(temperature=1.0, top_p=0.5), 3,
+              [dict(temperature=1.0)]),
+    "top-k 1 is greedy": (["--temperature", "1", "--top-k", "1"], dict(), 0, [dict(temperature=1.0)]),
+    "top-p near 0 is greedy": (["--temperature", "1", "--top-p", "0.001"], dict(), 0, [dict(temperature=1.0)]),
+}
+
+
+@pytest.mark.parametrize("case", SAMPLING_FLAGS)
+def test_cli_sampling_flags_sample_as_generate_does(case, sharp_checkpoint, capsys):
+    """Each sampling flag reaches the sampler with its value: the CLI prints what generate() gives with those
+    arguments and a generator seeded by --seed, which is not what it gives without the flag."""
+    flags, kw, seed, others = SAMPLING_FLAGS[case]
+    expected = expected_text(sharp_checkpoint, "the fox", 12, seed, **kw)
+    assert cli(capsys, sharp_checkpoint, *flags).out == "the fox" + expected + "\n"
+    for other in others:
+        assert expected_text(sharp_checkpoint, "the fox", 12, seed, **other) != expected, other
+
+
+def test_cli_seed_fixes_the_sampled_text(sharp_checkpoint, capsys):
+    run = lambda seed: cli(capsys, sharp_checkpoint, "--temperature", "1", "--seed", seed).out  # noqa: E731
+    assert run("1") == run("1") != run("2")
+
+
+def test_cli_compile_gives_the_same_text_and_keeps_the_compiled_step(sharp_checkpoint, capsys, monkeypatch):
+    """--compile reaches generate(): the model it decodes with keeps its compiled step, for a cache of
+    cache_slots(T + max_new_tokens) = 64 slots. torch.compile is replaced by the function itself, so nothing is
+    compiled: the compiled step's equality with eager decoding is tested above."""
+    plain = cli(capsys, sharp_checkpoint).out
+    calls = spy_generate(monkeypatch)
+    monkeypatch.setattr(torch, "compile", lambda f, **_: f)
+    assert cli(capsys, sharp_checkpoint, "--compile").out == plain
+    assert calls[0]["compile"] and calls[0]["model"].compiled_decoding[0][:2] == (1, 64)
+
+
+def test_cli_moe_dispatch_naive_runs_the_naive_dispatch(sharp_checkpoint, capsys, monkeypatch):
+    runs, naive = [], olmoe.DISPATCH["naive"]
+    monkeypatch.setitem(olmoe.DISPATCH, "naive", lambda *a: runs.append(1) or naive(*a))
+    batched = cli(capsys, sharp_checkpoint).out
+    assert not runs
+    assert cli(capsys, sharp_checkpoint, "--moe-dispatch", "naive").out == batched
+    assert len(runs) == 12 * TINY_MOE["num_hidden_layers"]  # every layer of the prefill and of 11 decode steps
+
+
+@pytest.mark.parametrize("flags, dtype", [([], torch.bfloat16), (["--dtype", "float32"], torch.float32),
+                                          (["--dtype", "float16"], torch.float16)])
+def test_cli_dtype_is_the_models(tmp_path, tokenizer_json, capsys, monkeypatch, flags, dtype):
+    """--dtype sets the dtype the model decodes in; without it, the checkpoint's own (bfloat16 here)."""
+    (tmp_path / "src").mkdir(), (tmp_path / "bf16").mkdir()
+    _, src = gen_checkpoint(tmp_path / "src", tokenizer_json)
+    path = copy_checkpoint(src, tmp_path / "bf16", edit_config=lambda c: {
+        **{k: v for k, v in c.items() if k != "torch_dtype"}, "dtype": "bfloat16"})
+    (path / "tokenizer.json").write_text(tokenizer_json.read_text())
+    calls = spy_generate(monkeypatch)
+    assert cli(capsys, path, *flags, max_new_tokens=3).out.startswith("the fox")
+    assert {p.dtype for p in calls[0]["model"].parameters()} == {dtype}
+
+
+@pytest.mark.parametrize("kind, bits", [("int8", 8), ("int4", 4)])
+def test_cli_quantize_decodes_with_quantized_layers(tmp_path, tokenizer_json, capsys, monkeypatch, kind, bits):
+    """--quantize: every linear layer but the router, and the experts, are quantize's modules of that many bits,
+    and the text is what that quantized model gives. Width 128, the int4 group size."""
+    import quantize
+
+    _, path = gen_checkpoint(tmp_path, tokenizer_json, hidden_size=128, intermediate_size=128)
+    calls = spy_generate(monkeypatch)
+    out = cli(capsys, path, "--quantize", kind, max_new_tokens=4).out
+    layers = calls[0]["model"].model.layers
+    for layer in layers:
+        for m in [layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.o_proj]:
+            assert isinstance(m, quantize.QuantLinear) and m.bits == bits
+        assert isinstance(layer.mlp.experts, quantize.QuantExperts) and layer.mlp.experts.bits == bits
+        assert not isinstance(layer.mlp.gate, quantize.Quantized)
+    assert isinstance(calls[0]["model"].lm_head, quantize.QuantLinear)
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(path / "tokenizer.json"))
+    model = quantize.load_model(path, kind)
+    assert out == "the fox" + tok.decode(gen.generate(model, [tok.encode("the fox").ids], 4,
+                                                      vocab_size=TOKENIZER_VOCAB)[0]) + "\n"
+
+
+@pytest.mark.parametrize("source", ["config.json", "generation_config.json"])
+def test_cli_stops_at_eos_and_prints_no_eos_text(tmp_path, tokenizer_json, capsys, source):
+    """The eos ids come from config.json and generation_config.json: the text ends before the first one, and the
+    eos token's own text is never printed, by the stream or by the batch of prompts."""
+    _, path = gen_checkpoint(tmp_path, tokenizer_json)
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(tokenizer_json))
+    free = gen.generate(olmoe.load_model(path), [tok.encode("the fox").ids], 12, vocab_size=TOKENIZER_VOCAB)[0]
+    i = next(i for i in range(2, 12) if free[i] not in free[:i] and tok.decode([free[i]]))  # a first, visible eos
+    config = json.loads((path / source).read_text()) if source == "config.json" else {}
+    (path / source).write_text(json.dumps({**config, "eos_token_id": [free[i], TOKENIZER_VOCAB - 1]}))
+    assert cli(capsys, path).out == "the fox" + tok.decode(free[:i]) + "\n"
+    assert cli(capsys, path, prompts=["the fox", "the fox"]).out == 2 * ("the fox" + tok.decode(free[:i]) + "\n\n")
+
+
+def test_cli_prints_each_prompt_and_its_text_in_order(tmp_path, tokenizer_json, capsys):
+    """More than one prompt: each prompt then its text, a blank line after each, in the order given; nothing
+    streamed before."""
+    _, path = gen_checkpoint(tmp_path, tokenizer_json)
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(tokenizer_json))
+    prompts = ["the", "lazy dog", "café"]
+    outs = gen.generate(olmoe.load_model(path), [tok.encode(p).ids for p in prompts], 6, vocab_size=TOKENIZER_VOCAB)
+    assert cli(capsys, path, prompts=prompts, max_new_tokens=6).out == "".join(
+        p + tok.decode(o) + "\n\n" for p, o in zip(prompts, outs))
+
+
+def test_cli_streams_one_prompts_text_and_holds_back_half_characters(sharp_checkpoint, capsys, monkeypatch):
+    """One prompt: the prompt is printed at once, then the text as the tokens come, never a piece to take back.
+    Here generate() yields the two byte tokens of "é" (0xC3 0xA9, "Ã" and "©" in the byte-level alphabet), then
+    "x": the first byte alone would print as U+FFFD, so nothing is printed until the second completes it."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(sharp_checkpoint / "tokenizer.json"))
+    ids = [tok.token_to_id("Ã"), tok.token_to_id("©"), tok.token_to_id("x")]
+    pieces = []
+
+    def fake(model, prompts, n, on_token, stats, **_):
+        pieces.append(capsys.readouterr().out)
+        for i in ids:
+            on_token([i])
+            pieces.append(capsys.readouterr().out)
+        stats.update(prefill_s=0.1, prefill_tokens=2, decode_s=0.1, decode_tokens=2, step_bytes=1)
+        return [ids]
+
+    monkeypatch.setattr(gen, "generate", fake)
+    pieces.append(cli(capsys, sharp_checkpoint, prompts=["the"]).out)
+    assert pieces == ["the", "", "é", "x", "\n"]
+
+
+def test_cli_statistics_line_reports_the_runs_numbers(sharp_checkpoint, capsys, monkeypatch):
+    """stderr's line from generate()'s stats: 2 prompts decoding 40 tokens in 2 s are 20 tok/s and 10 steps/s;
+    500 MB a step at 10 steps/s is 5 GB/s. With one new token there is no decode rate (and no division by 0)."""
+    def fake(model, prompts, n, stats, **_):
+        stats.update(prefill_s=0.25, prefill_tokens=6, decode_s=2.0 if n > 1 else 0.0,
+                     decode_tokens=40 if n > 1 else 0, step_bytes=5e8)
+        return [[5]] * len(prompts)
+
+    monkeypatch.setattr(gen, "generate", fake)
+    monkeypatch.setattr(gen, "peak_memory", lambda device: 1.5e9)
+    err = cli(capsys, sharp_checkpoint, prompts=["the", "fox"]).err
+    assert err == "prefill 6 tokens in 250 ms | decode 20.0 tok/s | 5.0 GB/s | peak memory 1.50 GB (process RSS)\n"
+    err = cli(capsys, sharp_checkpoint, prompts=["the", "fox"], max_new_tokens=1).err
+    assert err.startswith("prefill 6 tokens in 250 ms | decode 0.0 tok/s | 0.0 GB/s |")
+
+
+def test_checkpoint_dir_takes_local_paths_as_they_are_and_fetches_hub_ids(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    fetched = []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download",
+                        lambda name, **kw: fetched.append((name, kw)) or str(tmp_path / "snapshot"))
+    local = tmp_path / "owner" / "name"
+    local.mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert gen.checkpoint_dir("owner/name") == local.relative_to(tmp_path)  # an existing directory wins
+    for name, path in [("./a/b", tmp_path / "a" / "b"), ("~/a", tmp_path / "a"), ("a/b/c", tmp_path / "a/b/c"),
+                       ("x", tmp_path / "x"), (str(tmp_path / "y"), tmp_path / "y")]:
+        assert gen.checkpoint_dir(name).absolute() == path, name
+    assert not fetched
+    assert gen.checkpoint_dir("allenai/OLMoE-1B-7B-0924") == tmp_path / "snapshot"
+    assert fetched == [("allenai/OLMoE-1B-7B-0924", dict(allow_patterns=["*.json", "*.safetensors"]))]
+
+
+@pytest.mark.parametrize("cuda, mps, expected", [(True, True, "cuda"), (False, True, "mps"), (False, False, "cpu")])
+def test_pick_device_defaults_to_cuda_then_mps_then_cpu(monkeypatch, cuda, mps, expected):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: mps)
+    assert gen.pick_device(None) == torch.device(expected)
+    assert gen.pick_device("cpu") == torch.device("cpu")
+
+
+def test_pick_dtype_is_the_named_one_else_the_checkpoints_native_one(monkeypatch, capsys):
+    from types import SimpleNamespace
+
+    for name, dtype in gen.DTYPES.items():
+        assert gen.pick_dtype(name, torch.device("cpu"), SimpleNamespace(dtype="bfloat16")) == dtype
+    assert gen.pick_dtype(None, torch.device("cpu"), SimpleNamespace(dtype="float32")) == torch.float32
+    assert gen.pick_dtype(None, torch.device("cpu"), SimpleNamespace(dtype="bfloat16")) == torch.bfloat16
+    assert capsys.readouterr().err == ""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (7, 5))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "Simulated T4")
+    assert gen.pick_dtype(None, torch.device("cuda"), SimpleNamespace(dtype="bfloat16")) == torch.float16
+    assert "Simulated T4 has no native bfloat16" in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")
