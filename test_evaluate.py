@@ -673,3 +673,75 @@ def test_two_gloo_processes_give_the_results_of_one(tmp_path, tokenizer_file):
                (b["context"], b["continuation"], b["tokens"], b["greedy"])
         assert a["logprob"] == pytest.approx(b["logprob"], abs=1e-4)
     assert one["tasks"] == two["tasks"]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Exact messages, the empty context's continuation, MMLU's PMI requests, the progress bar, errors under torchrun
+
+
+def no_eos_checkpoint(path, tokenizer_file):
+    """A tiny random OLMo2 (olmoe's own classes) saved with no eos_token_id anywhere, so no prefix token."""
+    config = olmoe.config_from_dict(dict(model_type="olmo2", vocab_size=640, hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=1, num_attention_heads=4, max_position_embeddings=64))
+    config.eos_token_id = None  # config_from_dict reads a None as absent: its default, 50279
+    torch.manual_seed(0)
+    olmoe.save_model(olmoe.Transformer(config), path)
+    (path / "tokenizer.json").write_text(tokenizer_file.read_text())
+    assert json.loads((path / "config.json").read_text()).get("eos_token_id") is None
+    assert not (path / "generation_config.json").exists()
+    return path
+
+
+@pytest.mark.parametrize("case", ["nothing_to_do", "no_task_named", "one_token_without_eos"])
+def test_these_errors_read_exactly(tmp_path, tokenizer_file, capsys, case):
+    expected = {"nothing_to_do": "error: nothing to do: give --tasks (olmes, or a list) and/or --text NAME=FILE",
+                "no_task_named": "error: --tasks: no task named",
+                "one_token_without_eos": "error: --text x: one token, and no eos token to predict it from: nothing "
+                                         "to score"}[case]
+    argv = {"nothing_to_do": [], "no_task_named": ["--tasks", ","],
+            "one_token_without_eos": ["--checkpoint", str(tmp_path / "ckpt"), "--text",
+                                      f"x={tmp_path / 'a.txt'}"]}[case]
+    if case == "one_token_without_eos":
+        no_eos_checkpoint(tmp_path / "ckpt", tokenizer_file)
+        (tmp_path / "a.txt").write_text("a", encoding="utf-8")  # one byte: one token of any byte-level BPE
+    code, stdout, stderr = run_main(argv, capsys)
+    assert (code, stdout, stderr) == (1, "", expected + "\n")
+
+
+def test_under_torchrun_only_rank_0_prints_the_error(capsys, monkeypatch):
+    """Every process meets the same bad input; one line in all, not one per process."""
+    monkeypatch.setenv("RANK", "1")
+    assert run_main([], capsys) == (1, "", "")
+    monkeypatch.setenv("RANK", "0")
+    code, _, stderr = run_main([], capsys)
+    assert code == 1 and stderr.startswith("error: nothing to do")
+
+
+def test_an_empty_contexts_continuation_is_encoded_without_special_tokens(tokenizer_file):
+    """The prefix token stands before it, and nothing else: no BOS of the tokenizer's post-processor."""
+    from tokenizers import Tokenizer, processors
+
+    tok = Tokenizer.from_file(str(tokenizer_file))
+    tok.post_processor = processors.TemplateProcessing(single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", 0)])
+    plain = Tokenizer.from_file(str(tokenizer_file))  # no post-processor: the text's own tokens
+    assert tok.encode("water").ids == [0] + plain.encode("water").ids  # this tokenizer would add one
+    assert evaluate.encode_pairs(tok, [("", "water"), ("", " tea")], prefix_id=0) == \
+           [([0], plain.encode("water").ids), ([0], plain.encode(" tea").ids)]
+
+
+@needs_package
+def test_mmlu_rc_requests_are_all_rc_the_pmi_ones_too(monkeypatch):
+    """The "Answer:"-only requests PMI needs belong to the RC format as the others do (results.json's "format")."""
+    importorskip("pyarrow")
+    monkeypatch.setattr(evaluate, "mmlu_subjects", lambda root: ["abstract_algebra"])
+    qs = evaluate.mmlu_requests(evaluate.packaged_data(), "rc", limit=1)
+    assert sum(q.unconditioned for q in qs) == sum(not q.unconditioned for q in qs) == 4
+    assert {q.format for q in qs} == {"rc"}
+
+
+def test_a_single_process_shows_the_scoring_progress_bar(tokenizer_file, tmp_path, capsys):
+    model = olmoe.load_model(no_eos_checkpoint(tmp_path / "ckpt", tokenizer_file))
+    capsys.readouterr()
+    scored, stats = evaluate.score_everywhere(model, [([1, 2], [3]), ([4], [5, 6])], 0, 1)
+    assert len(scored) == 2 and stats["rows"] == 2
+    assert "scoring: 100%" in capsys.readouterr().err

@@ -798,3 +798,61 @@ def test_cli_bad_input_is_one_line_error(case, cli_checkpoints, capsys):
     err = capsys.readouterr().err
     assert exit_info.value.code != 0
     assert err.count("\n") == 1 and err.startswith("error: ") and re.search(message, err), err
+
+
+def parsed_args(monkeypatch, *argv):
+    """The namespace main() hands to run() for these arguments (run is replaced: nothing is loaded)."""
+    seen = []
+    monkeypatch.setattr(gen, "run", seen.append)
+    gen.main(list(argv))
+    return seen[0]
+
+
+def test_cli_compile_is_a_flag_that_takes_no_value(monkeypatch):
+    """--compile is a switch: it is on when given, wherever it stands, and off when not, never a value to supply."""
+    assert parsed_args(monkeypatch, "--compile", "--prompt", "the").compile is True
+    assert parsed_args(monkeypatch, "--prompt", "the", "--compile").compile is True
+    assert parsed_args(monkeypatch, "--prompt", "the").compile is False
+
+
+def test_cli_moe_dispatch_takes_batched_or_naive_by_name(monkeypatch, capsys):
+    for name in ("batched", "naive"):
+        assert parsed_args(monkeypatch, "--prompt", "the", "--moe-dispatch", name).moe_dispatch == name
+    assert parsed_args(monkeypatch, "--prompt", "the").moe_dispatch == "batched"
+    with pytest.raises(SystemExit) as exit_info:
+        parsed_args(monkeypatch, "--prompt", "the", "--moe-dispatch", "grouped")
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "invalid choice" in err and "grouped" in err, err
+
+
+def test_cli_quantize_refuses_other_kinds_before_loading_anything(monkeypatch, capsys):
+    """--quantize int8 and int4 reach run(); any other kind is argparse's usage error (exit 2), naming the choices,
+    before a checkpoint is even looked for."""
+    for kind in ("int8", "int4"):
+        assert parsed_args(monkeypatch, "--prompt", "the", "--quantize", kind).quantize == kind
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        parsed_args(monkeypatch, "--prompt", "the", "--quantize", "int3")
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "invalid choice" in err and re.search(r"int3.*int8.*int4", err), err
+
+
+@pytest.mark.parametrize("bos_token, rendered_bos", [
+    (None, ""),  # "bos_token": null, as some tokenizer_config.json files have
+    ({"content": "<|endoftext|>", "special": True}, "<|endoftext|>"),  # an AddedToken written as a dict
+    ({"special": True}, ""),  # a dict without content
+])
+def test_chat_template_renders_a_missing_special_token_as_nothing(bos_token, rendered_bos):
+    """A bos_token that is null, or a dict without "content", renders as the empty string (transformers leaves
+    such a token out, and Jinja would print "None"); an AddedToken dict renders as its content."""
+    config = {"chat_template": CHAT_TEMPLATE, "bos_token": bos_token, "eos_token": None}
+    assert gen.render_chat(config, "Hi there") == rendered_bos + "<|user|>\nHi there\n<|assistant|>\n"
+
+
+def test_synchronizer_waits_on_the_devices_own_queue():
+    """CUDA and MPS queue work asynchronously, so a timing waits on that device's synchronize; a CPU has nothing
+    queued, and its synchronizer does nothing."""
+    assert gen.synchronizer(torch.device("cuda")) is torch.cuda.synchronize
+    assert gen.synchronizer(torch.device("mps")) is torch.mps.synchronize
+    cpu = gen.synchronizer(torch.device("cpu"))
+    assert cpu not in (torch.cuda.synchronize, torch.mps.synchronize) and cpu() is None

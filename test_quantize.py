@@ -421,5 +421,44 @@ def test_unknown_kind_is_a_clear_error(moe_checkpoint):
         quantize.load_model(moe_checkpoint, "int3")
 
 
+@pytest.mark.parametrize("in_features, tiles", [(256, 8), (128, 8), (192, 4), (64, 4), (160, 2), (96, 2), (32, 2)])
+def test_tinygemm_packs_the_most_k_tiles_that_divide_the_inputs(in_features, tiles):
+    """tinygemm takes 2, 4 or 8 k-tiles of 16 inputs: the most of those whose 16 * tiles divides the inputs."""
+    assert quantize.tinygemm_inner_k_tiles(in_features) == tiles
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_float_shape_is_the_unpacked_weights_shape(bits):
+    """The (..., out, in) of the float weight a matrix replaces, which choose_kernel's shape limits read: int8
+    stores one input a byte, int4 two."""
+    linear = quantize.QuantLinear(64, 256, bits, 128, torch.float32)
+    experts = quantize.QuantExperts(8, 256, 128, bits, 128, torch.float32)
+    assert linear.float_shape("weight") == (64, 256)
+    assert experts.float_shape("gate_up_proj") == (8, 256, 256) and experts.float_shape("down_proj") == (8, 256, 128)
+
+
+def test_a_raising_kernels_fallback_line_quotes_the_errors_first_line(monkeypatch, capsys):
+    """The stderr line of a kernel that raised its check names the error's type and the first line of its message
+    (at most 120 characters of it), so a user can tell a missing kernel from a refused shape."""
+    first = "no int8 kernel on this build " + "x" * 120
+    monkeypatch.setattr(torch, "_weight_int8pack_mm",
+                        lambda *a: (_ for _ in ()).throw(RuntimeError(first + "\nsecond line")))
+    layer = quantize.QuantLinear(64, 256, 8, 128, torch.bfloat16, "cpu")
+    layer.load("weight", (), torch.randn(64, 256))
+    quantize.use_kernels(torch.nn.Sequential(layer))
+    err = capsys.readouterr().err
+    assert f"(RuntimeError: {first[:120]}); using the portable path" in err and "second line" not in err, err
+    assert layer.kernels == {"weight": "dequant"}
+
+
+def test_a_wrong_kernels_reported_difference_is_its_largest_absolute_error(monkeypatch):
+    """A kernel whose product is off by a known amount per output, -3 rising to 1: the check reports the largest
+    |kernel - dequantized| of the probe's products, 3 (the most negative error; the largest signed one is 1)."""
+    real = torch._weight_int8pack_mm
+    monkeypatch.setattr(torch, "_weight_int8pack_mm", lambda x, w, s: real(x, w, s) + torch.linspace(-3, 1, 64))
+    why = quantize.check_kernel("int8pack", 8, 128, torch.float32, torch.device("cpu"))
+    assert why == "its product differs from the dequantized weight's by up to 3"
+
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))

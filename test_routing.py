@@ -597,3 +597,110 @@ def test_tour_notebook_runs_top_to_bottom(short_run, monkeypatch, capsys):
     plt.close("all")
     assert set(namespace["texts"]) == {"prose", "code"} and namespace["chunk"] == 32  # the run's held-out text
     assert "What training did: " + str(trained_run.parent / "step-000000") in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Single functions called in the test's own body (so that a mutation run associates them), on data small enough
+# to count by hand: collect over a stand-in model, token_text, report and raw_json on hand-made Stats, and the
+# command line without matplotlib.
+
+
+class _FixedRouter:
+    """A stand-in MoE model (L = 1, E = 4, V = 8, K = 2) whose routing is fixed by the token id: token x's router
+    ranks expert x % 4 first and (x + 1) % 4 second, and the model predicts token (x + 1) % 8 next."""
+
+    config = SimpleNamespace(num_hidden_layers=1, num_experts=4, vocab_size=8, num_experts_per_tok=2)
+    model = SimpleNamespace(embed_tokens=SimpleNamespace(weight=torch.zeros(1)))
+
+    def __call__(self, x):  # x (1, n)
+        t = x[0]
+        router = 4.0 * torch.nn.functional.one_hot(t % 4, 4) + 2.0 * torch.nn.functional.one_hot((t + 1) % 4, 4)
+        logits = torch.nn.functional.one_hot((t + 1) % 8, 8).float()
+        return SimpleNamespace(logits=logits[None], router_logits=(router[None],))
+
+
+def test_collect_counts_each_token_ids_occurrences_and_its_experts_over_chunks():
+    ids = [5, 5, 7, 5, 1, 5, 5, 0, 5, 5, 5, 5, 5, 2]  # token 5 ten times, over chunks of 3
+    s = routing.collect(_FixedRouter(), ids, 2, chunk_len=3)
+    seen = collections.Counter(ids)
+    assert s.n_in.tolist() == [seen[x] for x in range(8)]  # N_x: occurrences, never negative
+    nxt = collections.Counter((x + 1) % 8 for x in ids)
+    assert s.n_out.tolist() == [nxt[y] for y in range(8)]
+    # token x chose experts {x % 4, (x + 1) % 4}
+    assert s.vocab_in.tolist() == [[seen[x] if e in (x % 4, (x + 1) % 4) else 0 for e in range(4)] for x in range(8)]
+    share = routing.vocab_specialization(s.vocab_in, s.n_in)
+    assert share[5].tolist() == [0.0, 1.0, 1.0, 0.0] and share[7].isnan().all()  # seen 10 times, and once
+
+
+class _Tokenizer:
+    """decode of one id -> a fixed text; ids at and past 4 are padded rows."""
+
+    texts = {0: "a|b", 1: "`x`", 2: "it's\n", 3: "|"}
+
+    def decode(self, ids):
+        return self.texts[ids[0]]
+
+    def get_vocab_size(self):
+        return 4
+
+
+def test_token_text_is_the_repr_escaped_text_in_backticks_with_pipes_escaped():
+    tok = _Tokenizer()
+    assert routing.token_text(tok, 0) == "`a\\|b`"  # a table cell's | escaped
+    assert routing.token_text(tok, 1) == "`'x'`"  # no backtick inside the code span
+    assert routing.token_text(tok, 2) == "`it's\\n`"  # the newline written as \n
+    assert routing.token_text(tok, 3) == "`\\|`"
+    assert routing.token_text(tok, 6) == "`<id 6>`"  # a padded row of the model's vocabulary
+
+
+def _hand_stats(choices, E=8, V=4, shared=None):
+    """One domain's Stats from its (L, N, k) choices; the model's K = k; no token seen min_count times."""
+    L, N, k = choices.shape
+    z = torch.zeros(V, E, dtype=torch.long)
+    return routing.Stats(N, routing.expert_counts(choices, E), routing.coactivation_counts(choices, E),
+                         routing.expert_counts(choices, E), torch.full((L, E), N / E, dtype=torch.float64),
+                         z, z[:, 0], z, z[:, 0], shared=shared)
+
+
+_TRAINED = torch.tensor([[[0, 1, 2], [0, 1, 3], [4, 5, 6]], [[7, 6, 5], [7, 6, 4], [0, 1, 2]]])  # (L=2, N=3, k=3)
+_UNTRAINED = torch.tensor([[[3, 4, 5], [6, 7, 0], [1, 2, 3]], [[2, 3, 4], [5, 6, 7], [0, 1, 2]]])
+
+
+def _hand_report(**kw):
+    stats = {"prose": _hand_stats(_TRAINED, shared=torch.tensor([[6, 3]])),
+             "code": _hand_stats(_UNTRAINED, shared=torch.tensor([[9, 9]]))}
+    baseline = {"prose": _hand_stats(_UNTRAINED), "code": _hand_stats(_TRAINED)}
+    return routing.report(stats, _Tokenizer(), label="trained", compare_label=["earlier"], k=3, K=3, layer=1,
+                          baseline=baseline, baseline_label="untrained", **kw)
+
+
+def test_report_states_the_random_coactivation_baseline_k_minus_1_over_e_minus_1():
+    text = _hand_report()
+    # k = 3 of E = 8: a token's other 2 experts are 2 of the 7 others
+    assert f"Random routing gives (k-1)/(E-1) = {2 / 7:.3f}." in text
+
+
+def test_every_markdown_table_in_the_report_follows_a_blank_line():
+    lines = _hand_report().split("\n")
+    headers = [i for i in range(1, len(lines)) if lines[i].startswith("|") and lines[i - 1][:1] != "|"]
+    assert len(headers) == 6  # load, domains, co-activation, tokens, saturation, what training did
+    assert all(lines[i - 1] == "" and lines[i + 1].startswith("|---") for i in headers), \
+        [lines[i - 1] for i in headers]
+
+
+def test_raw_json_records_the_layer_of_the_token_tables():
+    stats = {"prose": _hand_stats(_TRAINED)}
+    for layer in (0, 1):
+        raw = routing.raw_json(stats, label="x", compare_label=None, k=3, K=3, layer=layer, baseline=stats,
+                               baseline_label="b")
+        assert raw["vocab_layer"] == layer and raw["baseline"]["vocab_layer"] == layer
+
+
+def test_cli_without_matplotlib_writes_report_and_says_no_figures_were_drawn(tmp_path, routing_checkpoint,
+                                                                           monkeypatch, capsys):
+    monkeypatch.setitem(__import__("sys").modules, "matplotlib", None)  # import matplotlib raises ImportError
+    routing.main(["--checkpoint", str(routing_checkpoint), *write_texts(tmp_path), "--top-k", "2", "--max-tokens",
+                  "8", "--device", "cpu", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert "note: matplotlib is not installed, so no figures were drawn (pip install matplotlib)\n" in err
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["report.md", "routing.json"]

@@ -614,3 +614,91 @@ def test_compare_runs_draws_several_runs_and_names_a_missing_log(short_run, one_
     assert (tmp_path / "runs.png").stat().st_size > 10_000
     line, _ = run_expecting_error(["--compare-runs", str(tmp_path), "--out", str(tmp_path / "x.png")], capsys)
     assert "no log.jsonl there" in line
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Details a user sees: which flags a resumed run reports, the evaluation line, presets, the context, routing counts
+
+
+def test_config_difference_ignores_the_router_coefficients_and_dtype_but_not_the_shape():
+    """The router coefficients record the run's --lb-coef and --z-coef, and dtype how weights are stored: none of
+    them makes another model, so a run may resume with other values; any other field does."""
+    here = olmoe.config_from_dict({**TRAIN_MOE, "vocab_size": 64})
+    ckpt = olmoe.config_from_dict({**TRAIN_MOE, "vocab_size": 64, "router_aux_loss_coef": 0.5,
+                                   "router_z_loss_coef": 0.25, "dtype": "bfloat16"})
+    assert (ckpt.router_aux_loss_coef, ckpt.router_z_loss_coef, ckpt.dtype) != \
+           (here.router_aux_loss_coef, here.router_z_loss_coef, here.dtype)
+    assert train.config_difference(here, ckpt) is None
+    other = olmoe.config_from_dict({**TRAIN_MOE, "vocab_size": 64, "num_experts": 4})
+    assert train.config_difference(here, other) == "num_experts 8 here, 4 in the checkpoint"
+
+
+def test_resuming_an_earlier_step_with_another_lb_coef_notes_only_that_flag_and_replaces_the_later_step(
+        train_data, tmp_path, capsys):
+    """--resume DIR/step-000001 of a finished 2-step run, with --lb-coef 0.02 instead of 0.01: allowed (the same
+    model), one note naming just the changed flag, and step 2 saved again in place of the old one, whole, with
+    nothing left beside it."""
+    out = tmp_path / "run"
+    flags = ["--steps", "2", "--save-every", "1", "--eval-every", "0"]
+    train.main(args(train_data, out, *flags))
+    capsys.readouterr()
+    train.main(args(train_data, out, *flags, "--lb-coef", "0.02", "--resume", str(out / "step-000001")))
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note:")]
+    assert notes == ["note: resuming with other flags than the run had: {'lb_coef': (0.01, 0.02)}"]
+    assert sorted(p.name for p in out.iterdir() if "step" in p.name) == ["step-000000", "step-000001", "step-000002"]
+    step = out / "step-000002"
+    assert torch.load(step / "train_state.pt", weights_only=True)["args"]["lb_coef"] == 0.02  # the new one
+    assert olmoe.read_config(step).router_aux_loss_coef == pytest.approx(0.02 / 2)  # paper convention, K = 2
+    assert olmoe.load_model(step) is not None
+
+
+def test_the_evaluation_line_lists_each_layers_largest_expert_share_separated_by_spaces(train_data, tmp_path,
+                                                                                        capsys):
+    out = tmp_path / "run"
+    train.main(args(train_data, out, "--steps", "1", "--eval-every", "1", "--save-every", "1"))
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
+    log = records(out)
+    assert len(lines) == len(log) == 2
+    for line, record in zip(lines, log):
+        shares = re.search(r" \| largest expert share per layer (0\.\d{3}) (0\.\d{3})$", line)  # 2 layers
+        assert shares, line
+        assert line.startswith(f"step {record['step']} | {record['step'] * 4 * 32} tokens | ")
+        assert [float(s) for s in shares.groups()] == pytest.approx(record["max_share"], abs=5e-4)  # the logged ones
+
+
+def test_presets_train_by_name_and_olmoe_cpu_by_default(train_data, tmp_path):
+    """No --model: the olmoe-cpu preset (64 experts, 8 per token); --model olmo2-cpu: that dense preset."""
+    for model, expected in [(None, dict(model_type="olmoe", hidden_size=128, num_experts=64, num_experts_per_tok=8)),
+                            ("olmo2-cpu", dict(model_type="olmo2", hidden_size=128, intermediate_size=512))]:
+        out = tmp_path / str(model)
+        flags = args(train_data, out, "--steps", "1", "--eval-every", "0", "--save-every", "1", "--seq-len", "8",
+                     "--batch-size", "1")
+        at = flags.index("--model")
+        flags[at:at + 2] = ["--model", model] if model else []
+        train.main(flags)
+        config = json.loads((out / "step-000001" / "config.json").read_text())
+        assert {k: config.get(k) for k in expected} == expected, model
+        assert config["num_hidden_layers"] == 4 and config["vocab_size"] == 320
+
+
+def test_a_seq_len_equal_to_the_models_context_trains(train_data, tmp_path):
+    """--seq-len may be the whole context (max_position_embeddings), and no more (see the bad inputs)."""
+    (tmp_path / "ctx16.json").write_text(json.dumps({**TRAIN_MOE, "max_position_embeddings": 16}))
+    out = tmp_path / "run"
+    flags = args(train_data, out, "--steps", "1", "--eval-every", "0", "--save-every", "1", "--seq-len", "16")
+    flags[flags.index("--model") + 1] = str(tmp_path / "ctx16.json")
+    train.main(flags)
+    assert json.loads((out / "step-000001" / "trainer_state.json").read_text()) == \
+           {"step": 1, "tokens": 1 * 4 * 16, "seq_len": 16}
+    assert json.loads((out / "step-000001" / "config.json").read_text())["max_position_embeddings"] == 16
+
+
+def test_routing_load_counts_every_expert_of_each_layer_even_with_fewer_tokens_than_experts():
+    """(L, E) counts of token-expert pairs, E columns whatever the number of tokens: here 3 tokens and 8 experts, layer
+    0 routing every token to experts 0 and 1, layer 1 to experts 6 and 7."""
+    E, K = 8, 2
+    low, high = torch.full((1, 3, E), -5.0), torch.full((1, 3, E), -5.0)
+    low[..., 0], low[..., 1] = 2.0, 1.0
+    high[..., 6], high[..., 7] = 1.0, 2.0
+    counts = train.routing_load([low, high], K)
+    assert counts.tolist() == [[3, 3, 0, 0, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0, 3, 3]]
