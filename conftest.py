@@ -8,6 +8,8 @@ import random
 import pytest
 import torch
 import transformers
+
+import olmoe
 from safetensors.torch import load_file, save_file
 
 TINY = dict(vocab_size=96, hidden_size=32, intermediate_size=16, num_hidden_layers=2, num_attention_heads=4,
@@ -75,6 +77,36 @@ def gen_checkpoint(path, tokenizer_json, model_type="olmoe", **overrides):
     save(ref, path)
     (path / "tokenizer.json").write_text(tokenizer_json.read_text())
     return ref, path
+
+
+# --------------------------------------------------------------------------------------------------------------
+# One MoE layer, its router and a dense oracle, for the dispatch tests of test_olmoe.py and test_fast.py
+
+
+def moe_layer(dtype=torch.float64, **overrides):
+    config = olmoe.config_from_dict({**TINY_MOE, **overrides, "model_type": "olmoe"})
+    torch.manual_seed(0)
+    moe = olmoe.SparseMoE(config).to(dtype)
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, std=0.5)
+    return moe
+
+
+def route(moe, x):
+    """The router as SparseMoE specifies it: float32 softmax, top K, optionally renormalised. (N, K) each."""
+    top_w, top_i = (x @ moe.gate.weight.T).softmax(-1, dtype=torch.float32).topk(moe.K, dim=-1)
+    if moe.norm_topk_prob:
+        top_w = top_w / top_w.sum(-1, keepdim=True)
+    return top_w.to(x.dtype), top_i
+
+
+def dense_oracle(moe, x):
+    """Every expert on every token, weighted by the router probability where the expert is in the top k, else 0."""
+    top_w, top_i = route(moe, x)
+    weight = torch.zeros(x.shape[0], moe.experts.num_experts, dtype=x.dtype).scatter(1, top_i, top_w)  # (N, E)
+    gate, up = torch.einsum("nd,eid->nei", x, moe.experts.gate_up_proj).chunk(2, dim=-1)
+    out = torch.einsum("nei,edi->ned", torch.nn.functional.silu(gate) * up, moe.experts.down_proj)  # (N, E, D)
+    return torch.einsum("ned,ne->nd", out, weight)
 
 
 # --------------------------------------------------------------------------------------------------------------

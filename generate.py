@@ -1,7 +1,9 @@
 """Generate text with OLMoE or OLMo2: python generate.py --prompt "Once upon a time"
 
-argparse -> load the checkpoint and tokenizer -> generate() -> print. Text goes to stdout, statistics to stderr.
-generate() works on token ids and is what a notebook imports; everything here is a function, nothing is global.
+argparse -> load the checkpoint and tokenizer, with fast.py's kernels unless --reference -> generate() -> print.
+Text goes to stdout, statistics to stderr. generate() fills a KV cache allocated once with the prompt (prefill), then
+takes one decode step per token (decode_one_token), as gpt-fast's generate.py; it works on token ids and is what a
+notebook imports. Everything here is a function, nothing is global.
 """
 
 import argparse
@@ -14,6 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+import fast
 import olmoe
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -70,7 +73,37 @@ class NonFiniteLogits(FloatingPointError):
     """The logits became inf or NaN: the activations overflowed the model's dtype."""
 
 
-def decode_step(model, cache, mask, tokens, pos, slot):
+class KVCache(torch.nn.Module):
+    """Keys and values of one layer for S slots, allocated once, as gpt-fast's: each new token's k, v are written at
+    its slot, and attention runs over all S slots, with a mask hiding slots not yet written (and left padding)."""
+
+    def __init__(self, B, Hkv, S, Dh, *, dtype, device):
+        super().__init__()
+        self.register_buffer("k", torch.zeros(B, Hkv, S, Dh, dtype=dtype, device=device))
+        self.register_buffer("v", torch.zeros(B, Hkv, S, Dh, dtype=dtype, device=device))
+
+    def update(self, cache_pos, k, v):
+        self.k[:, :, cache_pos] = k  # k: (B, Hkv, T, Dh) written at slots cache_pos (T,)
+        self.v[:, :, cache_pos] = v
+        return self.k, self.v  # (B, Hkv, S, Dh)
+
+
+def new_cache(model, B, S):
+    """One KVCache per layer of the model, for B rows of S slots, in the model's dtype and on its device."""
+    c, p = model.config, model.model.embed_tokens.weight
+    return [KVCache(B, c.num_key_value_heads, S, c.head_dim, dtype=p.dtype, device=p.device)
+            for _ in range(c.num_hidden_layers)]
+
+
+def prefill(model, ids, mask, pos, cache):
+    """The prompts' tokens ids (B, T) in one call, into slots 0..T-1 of the cache: the last position's logits
+    (B, V) in float32. mask (B, S) hides left padding; None when there is none, so attention takes its fastest
+    kernel."""
+    out = model(ids, attention_mask=mask, position_ids=pos, cache=cache, last_only=True)
+    return out.logits[:, -1].float()
+
+
+def decode_one_token(model, cache, mask, tokens, pos, slot):
     """One token per row: tokens, pos (B, 1) at cache slot (1,). Returns the logits (B, V) in float32 and, for
     OLMoE, the experts each row was routed to (L, B, K)."""
     out = model(tokens, attention_mask=mask, position_ids=pos, cache=cache, cache_pos=slot, last_only=True)
@@ -79,35 +112,39 @@ def decode_step(model, cache, mask, tokens, pos, slot):
 
 
 def compiled_decoding(model, B, S):
-    """The model's compiled decode step and the KV cache it writes, for B rows of S slots, and whether they are
-    new. Both are built once and kept beside the model (model.compiled_decoding), so later generate() calls of the
-    same B and cache bucket compile nothing new; a new shape, dtype or device replaces the cache (and compiles
-    once for it)."""
+    """The model's compiled decode step and the KV cache it writes, for B rows of S slots. Both are built once and
+    kept beside the model (model.compiled_decoding), so later generate() calls of the same B and cache bucket
+    compile nothing new; a new shape, dtype or device replaces the cache (and compiles once for it)."""
     p = model.model.embed_tokens.weight
     key = (B, S, p.dtype, p.device)
     kept = getattr(model, "compiled_decoding", None)
     if kept is not None and kept[0] == key:
-        return kept[1], kept[2], False
-    cache = model.new_cache(B, S)
+        return kept[1], kept[2]
+    cache = new_cache(model, B, S)
     for kv in cache:  # CUDA graphs read and write the cache in place, never through a copy
         torch._dynamo.mark_static_address(kv.k), torch._dynamo.mark_static_address(kv.v)
-    # A fresh copy of decode_step's code for each model and shape: dynamo keeps compiled variants on the code
+    # A fresh copy of decode_one_token's code for each model and shape: dynamo keeps compiled variants on the code
     # object, at most torch._dynamo.config.recompile_limit (8) of them, so one shared code object would stop
     # compiling after 8 models or shapes in a process. A copy's variants go with it when this one is replaced.
-    fresh = types.FunctionType(decode_step.__code__.replace(), decode_step.__globals__, "decode_step")
+    fresh = types.FunctionType(decode_one_token.__code__.replace(), decode_one_token.__globals__, "decode_one_token")
     if p.device.type == "cuda":
         # Replay the step as a CUDA graph, and let inductor tune its kernels' tiling, which is what fuses the MoE
         # expert gather (and the int8 dequantization) into the matmuls, as gpt-fast's mixtral-moe does.
         step = torch.compile(fresh, dynamic=False,
                              options={"triton.cudagraphs": True, "coordinate_descent_tuning": True})
     else:
-        # On a CPU, inductor's max_autotune with freezing (its C++ GEMM templates) decoded the README's 2-layer
-        # OLMoE-shaped checkpoint no faster than this default (bf16 57 against 63 tok/s, int8 and int4 within 3%)
-        # and compiles longer. At decode sizes the experts read their ids with item() (olmoe.moe_pairs):
-        # capture_scalar_outputs traces them.
+        # On a CPU, inductor's max_autotune with freezing (its C++ GEMM templates) decoded no faster than this
+        # default and compiles longer (docs/performance.md). At decode sizes the experts read their ids with item()
+        # (fast.moe_pairs): capture_scalar_outputs traces them.
         step = torch._dynamo.config.patch(capture_scalar_outputs=True)(torch.compile(fresh, dynamic=False))
     model.compiled_decoding = (key, cache, step)
-    return cache, step, True
+    # Compile and record now, outside any timing, with inputs like the real ones, in the last slot: a real token
+    # overwrites it before any query may attend it. CUDA graphs record on a later call than the first.
+    zeros = torch.zeros(B, dtype=torch.long, device=p.device)[:, None]  # (B, 1), as the decode loop passes tokens
+    for _ in range(3):
+        step(model, cache, torch.ones(B, S, dtype=torch.bool, device=p.device), zeros, zeros + 1,
+             torch.tensor([S - 1], device=p.device))
+    return cache, step
 
 
 def cache_slots(n, limit):
@@ -144,6 +181,72 @@ def synchronizer(device):
 CHECK_EVERY = 16  # decode steps between looks at eos and overflow, each look a host sync
 
 
+def check_arguments(model, prompts, max_new_tokens, temperature, top_k, top_p):
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
+        raise ValueError(f"need temperature >= 0, 0 < top_p <= 1 and top_k >= 0; got {temperature}, {top_p}, {top_k}")
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    T, context = max(map(len, prompts)), model.config.max_position_embeddings
+    if T + max_new_tokens > context:
+        raise ValueError(f"prompt ({T} tokens) plus max_new_tokens ({max_new_tokens}) exceeds the context length "
+                         f"of {context}")
+
+
+def left_padded(prompts, S, device):
+    """Prompts of different lengths as one batch, left-padded so that every row's last prompt token is at slot
+    T-1: ids (B, T); mask (B, S), False on the padding slots; positions (B, T) that count only real tokens. So each
+    row sees exactly what it would see alone."""
+    B, T = len(prompts), max(map(len, prompts))
+    ids = torch.tensor([[0] * (T - len(p)) + list(p) for p in prompts], device=device)  # (B, T)
+    mask = torch.ones(B, S, dtype=torch.bool, device=device)
+    mask[:, :T] = ids.new_tensor([[0] * (T - len(p)) + [1] * len(p) for p in prompts]).bool()  # (B, S)
+    return ids, mask, mask[:, :T].long().cumsum(-1) - 1
+
+
+def check_finite(model, finite, step):
+    """A host sync: only every CHECK_EVERY steps, or when the caller streams anyway."""
+    if not finite:
+        dtype = str(model.model.embed_tokens.weight.dtype).removeprefix("torch.")
+        raise NonFiniteLogits(f"the logits overflowed to inf/NaN in {dtype} at step {step}: run in bfloat16 "
+                              "(--dtype bfloat16) or float32")
+
+
+def decode_tokens(model, decode, cache, mask, token, pos, slot, n, pick, eos, on_token):
+    """After the first new token (B,) at positions pos (B, 1) and slot (1,), up to n - 1 more, one decode step
+    each, until every row has given one of eos (1-D). Returns the tokens, each (B,), and the experts each step
+    routed to (for the statistics)."""
+    out, done, routes = [token], torch.isin(token, eos), []
+    finite = torch.ones((), dtype=torch.bool, device=token.device)
+    for step in range(1, n):
+        pos, slot = pos + 1, slot + 1
+        logits, route = decode(model, cache, mask, token[:, None], pos, slot)
+        if route is not None:
+            routes.append(route.clone())  # a CUDA graph's outputs are overwritten by its next replay
+        finite = finite & (logits.isfinite().all(dim=-1) | done).all()  # rows past their eos do not count
+        token = pick(logits)
+        out.append(token)
+        done = done | torch.isin(token, eos)
+        if on_token or step % CHECK_EVERY == 0 or step == n - 1:
+            check_finite(model, finite, step)
+            if on_token:
+                on_token(token.tolist())
+            if done.all():
+                break
+    return out, routes
+
+
+def decode_stats(model, B, S, T, tokens, routes, t0, t1, t2):
+    """Timings, tokens and the bytes a decode step read, with the distinct (layer, expert) pairs it hit on average."""
+    hit = 0
+    if routes:
+        chosen = F.one_hot(torch.stack(routes).flatten(2), model.config.num_experts)  # (steps, L, B*K, E)
+        hit = chosen.amax(dim=2).sum().item() / len(routes)
+    return dict(prefill_s=t1 - t0, prefill_tokens=B * T, decode_s=t2 - t1, decode_tokens=B * (len(tokens) - 1),
+                step_bytes=bytes_per_decode_step(model, B, S, hit))
+
+
 @torch.no_grad()
 def generate(model, prompts, max_new_tokens, *, eos_ids=(), vocab_size=None, temperature=0.0, top_k=0, top_p=1.0,
              generator=None, compile=False, on_token=None, stats=None):
@@ -153,82 +256,32 @@ def generate(model, prompts, max_new_tokens, *, eos_ids=(), vocab_size=None, tem
     after every step with the (B,) new ids. stats, a dict, receives timings and bytes read per decode step.
     compile: torch.compile the decode step (CUDA graphs on a GPU), once per model, batch size and cache bucket.
     Raises NonFiniteLogits if the logits overflow."""
-    c, device = model.config, model.model.embed_tokens.weight.device
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
-        raise ValueError(f"need temperature >= 0, 0 < top_p <= 1 and top_k >= 0; got {temperature}, {top_p}, {top_k}")
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("every prompt needs at least one token")
+    check_arguments(model, prompts, max_new_tokens, temperature, top_k, top_p)
+    device = model.model.embed_tokens.weight.device
     B, T = len(prompts), max(map(len, prompts))
-    if T + max_new_tokens > c.max_position_embeddings:
-        raise ValueError(f"prompt ({T} tokens) plus max_new_tokens ({max_new_tokens}) exceeds the context length "
-                         f"of {c.max_position_embeddings}")
-    S = cache_slots(T + max_new_tokens, c.max_position_embeddings) if compile else T + max_new_tokens
-    if compile:
-        cache, decode, new = compiled_decoding(model, B, S)
-    else:
-        cache, decode, new = model.new_cache(B, S), decode_step, False
-
-    # Left padding lines up every row's last prompt token at slot T-1. The mask hides the padding slots, and
-    # positions count only real tokens, so each row sees exactly what it would see alone.
-    padded = any(len(p) < T for p in prompts)
-    ids = torch.tensor([[0] * (T - len(p)) + list(p) for p in prompts], device=device)  # (B, T)
-    mask = torch.ones(B, S, dtype=torch.bool, device=device)
-    mask[:, :T] = ids.new_tensor([[0] * (T - len(p)) + [1] * len(p) for p in prompts]).bool()  # (B, S)
-    pos = mask[:, :T].long().cumsum(-1) - 1  # (B, T)
-    if new:  # compile and record outside the timings, with inputs like the real ones, in the last slot:
-        for _ in range(3):  # no query ever attends it
-            decode(model, cache, mask, ids.new_zeros(B)[:, None], pos[:, -1:] + 1, torch.tensor([S - 1], device=device))
+    S = cache_slots(T + max_new_tokens, model.config.max_position_embeddings) if compile else T + max_new_tokens
+    cache, decode = compiled_decoding(model, B, S) if compile else (new_cache(model, B, S), decode_one_token)
+    ids, mask, pos = left_padded(prompts, S, device)
 
     def pick(logits):  # the padded ids are the last rows of the vocabulary: cut them off
         return sample(logits[:, :vocab_size], temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
 
-    def check(finite, step):  # a host sync: only every CHECK_EVERY steps, or when the caller streams anyway
-        if not finite:
-            dtype = str(model.model.embed_tokens.weight.dtype).removeprefix("torch.")
-            raise NonFiniteLogits(f"the logits overflowed to inf/NaN in {dtype} "
-                                  f"at step {step}: run in bfloat16 (--dtype bfloat16) or float32")
-
     sync = synchronizer(device)
     t0 = time.perf_counter()
-    # The prefill: no padding, no mask (attention takes its fastest kernel); padding needs the (B, S) mask.
-    out = model(ids, attention_mask=mask if padded else None, position_ids=pos, cache=cache, last_only=True)
-    logits = out.logits[:, -1].float()
-    check(bool(logits.isfinite().all()), 0)
+    logits = prefill(model, ids, mask if any(len(p) < T for p in prompts) else None, pos, cache)
+    check_finite(model, bool(logits.isfinite().all()), 0)
     token = pick(logits)  # (B,)
     sync()
     t1 = time.perf_counter()
-    eos = torch.tensor(list(eos_ids) or [-1], device=device)
-    out, done, finite = [token], torch.isin(token, eos), torch.ones((), dtype=torch.bool, device=device)
     if on_token:
         on_token(token.tolist())
-    pos, slot, routes = pos[:, -1:], torch.tensor([T - 1], device=device), []
-    for step in range(1, max_new_tokens):
-        pos, slot = pos + 1, slot + 1
-        logits, route = decode(model, cache, mask, token[:, None], pos, slot)
-        if route is not None:
-            routes.append(route.clone())  # a CUDA graph's outputs are overwritten by its next replay
-        finite = finite & (logits.isfinite().all(dim=-1) | done).all()  # rows past their eos do not count
-        token = pick(logits)
-        out.append(token)
-        done = done | torch.isin(token, eos)
-        if on_token or step % CHECK_EVERY == 0 or step == max_new_tokens - 1:
-            check(bool(finite), step)
-            if on_token:
-                on_token(token.tolist())
-            if done.all():
-                break
+    eos = torch.tensor(list(eos_ids) or [-1], device=device)
+    tokens, routes = decode_tokens(model, decode, cache, mask, token, pos[:, -1:], torch.tensor([T - 1], device=device),
+                                   max_new_tokens, pick, eos, on_token)
     sync()
-    t2 = time.perf_counter()
     if stats is not None:
-        hit = 0  # distinct (layer, expert) pairs a decode step read, on average
-        if routes:
-            chosen = F.one_hot(torch.stack(routes).flatten(2), c.num_experts)  # (steps, L, B*K, E)
-            hit = chosen.amax(dim=2).sum().item() / len(routes)
-        stats.update(prefill_s=t1 - t0, prefill_tokens=B * T, decode_s=t2 - t1, decode_tokens=B * (len(out) - 1),
-                     step_bytes=bytes_per_decode_step(model, B, S, hit))
-    rows = torch.stack(out, dim=1).tolist()  # (B, steps)
+        stats.update(decode_stats(model, B, S, T, tokens, routes, t0, t1, time.perf_counter()))
+    rows = torch.stack(tokens, dim=1).tolist()  # (B, steps)
     return [row[: next((i + 1 for i, x in enumerate(row) if x in eos_ids), len(row))] for row in rows]
 
 
@@ -300,6 +353,8 @@ def main(argv=None):
     p.add_argument("--quantize", choices=["int8", "int4"], default=None, help="weight-only quantization")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (CUDA graphs on GPU)")
     p.add_argument("--moe-dispatch", choices=["batched", "naive"], default="batched")
+    p.add_argument("--reference", action="store_true", help="run olmoe.py's plain modules, without fast.py's "
+                   "device-specific kernels (the same results, slower on most devices)")
     args = p.parse_args(argv)
     try:
         run(args)
@@ -352,6 +407,8 @@ def run(args):
         if device.type != "mps":
             raise
         raise ValueError(f"{device}: {e} (try --dtype float16 or float32)") from None
+    if not args.reference:
+        fast.apply(model)
 
     new_ids, printed = [], 0
 

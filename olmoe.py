@@ -1,12 +1,13 @@
 """OLMoE and OLMo2 in one file: the models, the router and its two dispatches, and a Hub checkpoint loader.
 
-OLMoE (allenai/OLMoE-1B-7B) is a sparse mixture of experts: each of its 16 layers holds 64 small MLPs
-("experts") and a router that sends every token to 8 of them. OLMo2 is its dense sibling. Both share the
-same attention (with RMSNorms on the query and key projections); they differ in where the block's norms sit
-and in what follows attention: one MLP, or a routed mixture of experts.
+OLMoE (allenai/OLMoE-1B-7B) is a sparse mixture of experts: each of its 16 layers holds 64 small MLPs ("experts")
+and a router that sends every token to 8 of them. OLMo2 is its dense sibling. Both share the same attention (with
+RMSNorms on the query and key projections); they differ in where the block's norms sit and in what follows
+attention: one MLP, or a routed mixture of experts.
 
-Read top to bottom: config -> RMSNorm -> RoPE -> linear layers -> attention (with its KV cache) -> MLP -> MoE
-router and the two dispatches -> the two blocks -> the model -> the loader.
+Read top to bottom: config -> RMSNorm -> RoPE -> attention -> MLP and experts -> the router and its two dispatches
+-> the two blocks -> the model and its losses -> the loader and the writer. Plain PyTorch, correct on every device:
+fast.py holds the device-specific kernels and swaps them in (fast.apply).
 
 Shape legend:
     B  batch               T  time (tokens in this call)     S  cache length (slots)
@@ -25,7 +26,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
+from tqdm import tqdm
 
 # --------------------------------------------------------------------------------------------------------------
 # Config
@@ -87,8 +91,7 @@ class OlmoeConfig(Config):
     norm_topk_prob: bool = False  # renormalise the K chosen probabilities to sum to 1
     clip_qkv: float | None = None
     router_aux_loss_coef: float = 0.01
-    # The OLMoE paper also trains with a router z-loss (coefficient 0.001). transformers has none, so it is
-    # reported always but added to the loss only when this is set, which keeps .loss equal to transformers'.
+    # The OLMoE paper's router z-loss: always reported, added to .loss only when set (transformers has none).
     router_z_loss_coef: float = 0.0
 
 
@@ -102,8 +105,7 @@ def config_from_dict(d: dict) -> Config:
     if d.get("hidden_act", "silu") != "silu":
         raise ValueError(f"hidden_act {d['hidden_act']!r} is not supported (expected 'silu')")
     kw = {f.name: d[f.name] for f in fields(cls) if f.name in d and d[f.name] is not None}
-    # transformers < 5 wrote rope_theta and rope_scaling={"type" or "rope_type": ..., "factor": ...};
-    # transformers 5 writes rope_parameters={"rope_type": ..., "rope_theta": ..., "factor": ...}.
+    # transformers < 5 wrote rope_theta, rope_scaling={"type" or "rope_type", "factor"}; 5 writes rope_parameters.
     rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
     kw["rope_theta"] = rope.get("rope_theta", d.get("rope_theta") or 10000.0)
     kw["rope_type"] = rope.get("rope_type", rope.get("type", "default"))
@@ -119,10 +121,8 @@ _OLMOE_1B_7B = dict(vocab_size=50304, hidden_size=2048, intermediate_size=1024, 
 _OLMO2 = dict(vocab_size=100352, max_position_embeddings=4096, rope_theta=500000.0, rms_norm_eps=1e-6,
               eos_token_id=100257, pad_token_id=100277, dtype="bfloat16")
 PRESETS = {  # name -> a function returning a fresh config
-    "OLMoE-1B-7B-0924": lambda: OlmoeConfig(**_OLMOE_1B_7B),
-    "OLMoE-1B-7B-0924-Instruct": lambda: OlmoeConfig(**_OLMOE_1B_7B),
-    "OLMoE-1B-7B-0125": lambda: OlmoeConfig(**_OLMOE_1B_7B),
-    "OLMoE-1B-7B-0125-Instruct": lambda: OlmoeConfig(**_OLMOE_1B_7B),
+    **{name: lambda: OlmoeConfig(**_OLMOE_1B_7B) for name in ("OLMoE-1B-7B-0924", "OLMoE-1B-7B-0924-Instruct",
+                                                               "OLMoE-1B-7B-0125", "OLMoE-1B-7B-0125-Instruct")},
     "OLMo-2-0425-1B": lambda: Olmo2Config(**_OLMO2, hidden_size=2048, intermediate_size=8192,
                                           num_hidden_layers=16, num_attention_heads=16),
     "OLMo-2-1124-7B": lambda: Olmo2Config(**_OLMO2, hidden_size=4096, intermediate_size=11008,
@@ -185,88 +185,7 @@ def apply_rope(x, cos, sin):
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Linear layers: nn.Linear without bias, whose product at decode takes the path linear_path picks
-
-
-class Linear(nn.Linear):
-    def __init__(self, in_features, out_features):
-        super().__init__(in_features, out_features, bias=False)
-
-    def forward(self, x):
-        return linear(x, self.weight)
-
-
-def linear(x, w):
-    """x (..., in) times w (out, in) transposed, by the product linear_path picks: (..., out)."""
-    rows = x.numel() // x.shape[-1]
-    path = linear_path(*device_facts(x.device), x.dtype, torch.compiler.is_compiling(), rows)
-    if path == "gemv":
-        return (stored(x)[..., None, :].float() * w.float()).sum(-1).to(x.dtype)  # (..., out)
-    if path == "mv":
-        return mv(w, x.reshape(-1)).view(*x.shape[:-1], w.shape[0])
-    return F.linear(x, w)
-
-
-def stored(x):
-    """x, through a view that changes nothing, for the compiler: inductor's lowering of as_strided realizes its
-    input (torch/_inductor/lowering.py), so what made x (a norm, RoPE) is computed once into a buffer, not again
-    inside a reduction that reads x once for each weight row or cache slot."""
-    return x.as_strided(x.shape, x.stride())
-
-
-def linear_path(device_type, capability, dtype, compiling, rows):
-    """Which product a linear layer takes, from device_facts (capability "amx": a CPU with AMX tiles). Which reads
-    weights fastest at one row was measured on two CPUs, and they disagree (README, "Which kernel runs where"):
-    mv    one row in bf16 on a CPU with AMX: torch.mv, whose bf16 kernel sums each output's row of weights in
-          float32 (bf16_gemv_trans in aten/src/ATen/native/cpu/ReducedPrecisionFloatGemvFastPathKernel.cpp, which
-          gemv in aten/src/ATen/native/BlasKernel.cpp takes). On the Intel Xeon with AMX it read weights faster
-          than F.linear (oneDNN) and than gemv. AMX marks that class of machine: neither uses it at one row.
-    gemv  one row in bf16, compiled, on a CPU without AMX: the product as a multiply-and-sum, which inductor turns
-          into one vectorized reduction, faster than F.linear on the AMD EPYC that measured it.
-          quantize.int8pack_mm takes the same kind of reduction.
-    mm    everything else: F.linear."""
-    if device_type != "cpu" or dtype != torch.bfloat16 or rows != 1:
-        return "mm"
-    return "mv" if capability == "amx" else "gemv" if compiling else "mm"
-
-
-@torch.library.custom_op("olmoe::mv", mutates_args=())
-def mv(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """torch.mv(w, x) in x's dtype, as autocast would cast a linear layer's weight. An opaque op to inductor,
-    which would otherwise decompose it into its own reduction (gemv's)."""
-    return torch.mv(w.to(x.dtype), x)
-
-
-@mv.register_fake
-def _(w, x):
-    return x.new_empty(w.shape[0])
-
-
-def _mv_backward(ctx, g):
-    w, x = ctx.saved_tensors
-    return torch.outer(g, x), torch.mv(w.to(g.dtype).mT, g)
-
-
-mv.register_autograd(_mv_backward, setup_context=lambda ctx, inputs, output: ctx.save_for_backward(*inputs))
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Attention, with a KV cache for generation
-
-
-class KVCache(nn.Module):
-    """Keys and values of one layer for S slots, allocated once. Generation writes each new token's k, v at its
-    slot and attends over all S slots, with a mask hiding slots not yet written (and left padding)."""
-
-    def __init__(self, B, Hkv, S, Dh, *, dtype, device):
-        super().__init__()
-        self.register_buffer("k", torch.zeros(B, Hkv, S, Dh, dtype=dtype, device=device))
-        self.register_buffer("v", torch.zeros(B, Hkv, S, Dh, dtype=dtype, device=device))
-
-    def update(self, cache_pos, k, v):
-        self.k[:, :, cache_pos] = k  # k: (B, Hkv, T, Dh) written at slots cache_pos (T,)
-        self.v[:, :, cache_pos] = v
-        return self.k, self.v  # (B, Hkv, S, Dh)
+# Attention. Generation passes each layer a KV cache (generate.KVCache), whose update writes k, v at their slots.
 
 
 class Attention(nn.Module):
@@ -277,10 +196,10 @@ class Attention(nn.Module):
         super().__init__()
         D, H, Hkv, Dh = config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim
         self.H, self.Hkv, self.Dh, self.clip_qkv = H, Hkv, Dh, clip_qkv
-        self.q_proj = Linear(D, H * Dh)
-        self.k_proj = Linear(D, Hkv * Dh)
-        self.v_proj = Linear(D, Hkv * Dh)
-        self.o_proj = Linear(H * Dh, D)
+        self.q_proj = nn.Linear(D, H * Dh, bias=False)
+        self.k_proj = nn.Linear(D, Hkv * Dh, bias=False)
+        self.v_proj = nn.Linear(D, Hkv * Dh, bias=False)
+        self.o_proj = nn.Linear(H * Dh, D, bias=False)
         self.q_norm = norm(H * Dh, config.rms_norm_eps)
         self.k_norm = norm(Hkv * Dh, config.rms_norm_eps)
 
@@ -299,48 +218,21 @@ class Attention(nn.Module):
             k_all, v_all = cache.update(cache_pos, k, v)  # (B, Hkv, S, Dh)
             if mask is not None:  # queries that need earlier slots read the cache; a fresh prefill needs only k, v
                 k, v = k_all, v_all
-        y = attend(q, k, v, mask)  # (B, H, T, Dh)
+        y = self.attend(q, k, v, mask)  # (B, H, T, Dh)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.H * self.Dh))
 
-
-def attend(q, k, v, mask):
-    """Softmax attention of q (B, H, T, Dh) over k, v (B, Hkv, S, Dh). mask: None for plain causal attention
-    among this call's own tokens, else (B or 1, 1, T, S), True where a query may attend.
-
-    Which SDPA kernel runs is decided by what we pass (aten/src/ATen/native/transformers/cuda/sdp_utils.cpp):
-    the flash kernel takes no explicit mask at all, so the common case (one prompt, or prompts of equal length,
-    and no cache to read) passes none and says is_causal. A mask together with enable_gqa is accepted by neither
-    flash nor memory-efficient attention and falls to the math kernel, whose float32 scores grow as H*T*S
-    (out of memory near 8-16k tokens for OLMo-2-32B's 40 query heads); so with a mask, K/V heads are repeated
-    to H for the memory-efficient kernel. A decode step (T = 1) keeps enable_gqa: its scores are only H*S."""
-    H, Hkv, T = q.shape[1], k.shape[1], q.shape[2]
-    if T == 1 and mask is not None and attention_path(*device_facts(q.device)) == "sums":
-        return attend_one(q, k, v, mask)
-    if mask is None:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=H != Hkv)
-    if H != Hkv and T > 1:
-        k, v = k.repeat_interleave(H // Hkv, dim=1), v.repeat_interleave(H // Hkv, dim=1)  # (B, H, S, Dh)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=k.shape[1] != H)
-
-
-def attention_path(device_type, capability):
-    """How a decode step (one query per row, a mask over the cache) attends, from device_facts:
-    sums  on a CPU without AMX: attend_one, which inductor fuses into reductions over the cache when compiled; on
-          the AMD EPYC that measured it, faster compiled and eager than SDPA's CPU flash kernel (README, "Which
-          kernel runs where").
-    sdpa  everywhere else: F.scaled_dot_product_attention (a CPU with AMX was not measured)."""
-    return "sums" if device_type == "cpu" and capability is None else "sdpa"
-
-
-def attend_one(q, k, v, mask):
-    """attend for one query per row (T = 1), written out in float32 as SDPA's math: q (B, H, 1, Dh), k, v (B, Hkv,
-    S, Dh), mask (B or 1, 1, 1, S). The H / Hkv query heads that share a key/value head are that head's rows."""
-    B, H, _, Dh = q.shape
-    Hkv = k.shape[1]
-    q = stored(q)  # its norm and RoPE computed once, not for each cache slot
-    scores = q.reshape(B, Hkv, H // Hkv, Dh).float() @ k.float().mT * Dh ** -0.5  # (B, Hkv, H/Hkv, S)
-    p = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
-    return (p @ v.float()).to(q.dtype).reshape(B, H, 1, Dh)
+    def attend(self, q, k, v, mask):
+        """Softmax attention of q (B, H, T, Dh) over k, v (B, Hkv, S, Dh); mask None (causal among this call's tokens)
+        or (B or 1, 1, T, S), True where a query may attend. What we pass decides SDPA's kernel (aten/src/ATen/native/
+        transformers/cuda/sdp_utils.cpp): flash takes no mask, so the common case passes none. A mask with enable_gqa
+        falls to the math kernel, whose float32 scores grow as H*T*S (out of memory near 8-16k tokens for
+        OLMo-2-32B), so then K/V are repeated to H heads; a decode step (T = 1) keeps enable_gqa: its scores are H*S."""
+        H, Hkv, T = q.shape[1], k.shape[1], q.shape[2]
+        if mask is None:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=H != Hkv)
+        if H != Hkv and T > 1:
+            k, v = k.repeat_interleave(H // Hkv, dim=1), v.repeat_interleave(H // Hkv, dim=1)  # (B, H, S, Dh)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=k.shape[1] != H)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -351,18 +243,17 @@ class MLP(nn.Module):
     def __init__(self, config: Config):
         super().__init__()
         D, I = config.hidden_size, config.intermediate_size
-        self.gate_proj = Linear(D, I)
-        self.up_proj = Linear(D, I)
-        self.down_proj = Linear(I, D)
+        self.gate_proj = nn.Linear(D, I, bias=False)
+        self.up_proj = nn.Linear(D, I, bias=False)
+        self.down_proj = nn.Linear(I, D, bias=False)
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class Experts(nn.Module):
-    """E SwiGLU MLPs stacked. Each expert's gate and up projections (I, D) in the checkpoint are stored as one
-    (2I, D) matrix, rows [0, I) gate and [I, 2I) up, so one matmul computes both. Calling it runs the chosen
-    dispatch (below) over the experts."""
+    """E SwiGLU MLPs stacked, each expert's gate and up projections (I, D) as one (2I, D) matrix, rows [0, I) gate
+    and [I, 2I) up, so one matmul computes both. Calling it runs the chosen dispatch (below) over the experts."""
 
     def __init__(self, E, D, I, dispatch="batched"):
         super().__init__()
@@ -375,22 +266,38 @@ class Experts(nn.Module):
     def forward(self, x, top_w, top_i):
         return DISPATCH[self.dispatch](x, top_w, top_i, self)  # (N, D)
 
-    def mm(self, name, x, e):
-        """x (n, in) times expert e's matrix `name` (gate_up_proj or down_proj), transposed, by linear: (n, out)."""
-        return linear(x, getattr(self, name)[e])
-
 
 # --------------------------------------------------------------------------------------------------------------
-# MoE: the router and the two dispatches
-#
-# The router scores all E experts for each token, keeps the K best, and weights their outputs by the softmax
-# probability. A dispatch then runs each token through its K experts and sums the weighted outputs. The two
-# dispatches below compute the same function with the same signature:
-#   moe_naive    loops over experts, gathers the tokens routed to each, and adds their weighted outputs back.
-#                It is the specification: easy to check against the paper, but it does Python work and a host
-#                sync (torch.where) per expert, and its matmuls are as small as each expert's share of tokens.
-#   moe_batched  computes the same sum with the fastest kernel this device has for this many tokens: the
-#                choice is moe_path's, and each path it can pick follows it.
+# MoE: the router scores all E experts for each token, keeps the K best, and weights their outputs by the softmax
+# probability. A dispatch then runs each token through its K experts and sums the weighted outputs.
+
+
+class SparseMoE(nn.Module):
+    def __init__(self, config: OlmoeConfig, dispatch: str = "batched"):
+        super().__init__()
+        self.K, self.norm_topk_prob = config.num_experts_per_tok, config.norm_topk_prob
+        self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False)  # the router, (E, D)
+        self.experts = Experts(config.num_experts, config.hidden_size, config.intermediate_size, dispatch)
+
+    def forward(self, x):
+        B, T, D = x.shape
+        x = x.view(B * T, D)  # (N, D)
+        logits = self.gate(x)  # (N, E)
+        # Softmax in float32: in bf16, near-equal probabilities would round together and the top-k choice
+        # (and the weights) would depend on rounding rather than on the router.
+        probs = logits.softmax(dim=-1, dtype=torch.float32)  # (N, E)
+        top_w, top_i = probs.topk(self.K, dim=-1)  # (N, K)
+        if self.norm_topk_prob:
+            top_w = top_w / top_w.sum(dim=-1, keepdim=True)
+        y = self.experts(x, top_w.to(x.dtype), top_i)  # (N, D)
+        return y.view(B, T, D), logits.view(B, T, -1)
+
+
+# The two dispatches compute the same function with the same signature:
+#   moe_naive    loops over experts, gathers the tokens routed to each, and adds their weighted outputs back: the
+#                specification, but a host sync (torch.where) per expert, and matmuls as small as each one's share.
+#   moe_batched  sorts the token-expert pairs by expert, so that each expert's tokens are one contiguous slice, and
+#                multiplies every slice by its expert in one grouped matmul. fast.py picks other kernels per device.
 
 
 def moe_naive(x, top_w, top_i, experts: Experts):
@@ -407,82 +314,10 @@ def moe_naive(x, top_w, top_i, experts: Experts):
     return y
 
 
-def moe_batched(x, top_w, top_i, experts: Experts):
-    """Same inputs and result as moe_naive, by the path moe_path picks for this device and this many tokens."""
-    N, K = top_i.shape
-    path = moe_path(*device_facts(x.device), compute_dtype(x), torch.compiler.is_compiling(), N, K, experts.num_experts)
-    return MOE_PATHS[path](x, top_w, top_i, experts)
-
-
-def compute_dtype(x):
-    """The dtype x's matmuls run in: under autocast (mixed-precision training) its dtype, though x itself arrives in
-    float32 from the norm before the experts. F.grouped_mm is not autocast-aware (pytorch#174763, as transformers'
-    integrations/moe.py notes), so grouped_mm casts to it itself."""
-    return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-
-
-def device_facts(device):
-    """(device type, capability): all the kernel choices need to know of the hardware. capability is CUDA's compute
-    capability; for a CPU, "amx" if it has AMX tiles (Intel Xeons since Sapphire Rapids; asked once at import, as
-    inductor's cpu_vec_isa.py asks it, since dynamo cannot trace the call); else None. Under torch.compile,
-    get_device_properties is folded to a constant (constant_fold_functions in torch/_dynamo/variables/torch.py),
-    so asking costs nothing inside a compiled step. AMD GPUs (ROCm) also call themselves "cuda"; they are "rocm"
-    here, since their capability numbers mean other hardware."""
-    if device.type == "cuda" and torch.version.hip:
-        return "rocm", None
-    if device.type == "cpu":
-        return "cpu", "amx" if CPU_HAS_AMX else None
-    if device.type != "cuda":
-        return device.type, None
-    p = torch.cuda.get_device_properties(device)
-    return "cuda", (p.major, p.minor)
-
-
-CPU_HAS_AMX = torch.cpu._is_amx_tile_supported()
-
-
-def moe_path(device_type, capability, dtype, compiling, N, K, E):
-    """Which MoE kernel runs, from facts about the device, for N tokens with K of E experts each.
-
-    grouped   one fused grouped matmul over the pairs sorted by expert (torch.nn.functional.grouped_mm). It is
-              one kernel only on a CPU and on CUDA capability 9.x/10.x in bf16 (_grouped_mm_cuda in
-              aten/src/ATen/native/cuda/Blas.cpp); on sm80/sm89/sm75 and MPS it falls back to offs.cpu() and a
-              matmul per group: a host sync, which crashes CUDA graph capture (pytorch#169970). Its compile-time
-              shape function takes bf16 only (meta_grouped_mm in torch/_meta_registrations.py), so float32 is
-              eager-only. AMD GPUs (ROCm) do not fuse it either.
-    gathered  few pairs (N*K < E), compiled, on a GPU: each pair's expert weights are gathered and multiplied in
-              one fused kernel, so only the chosen experts are read and nothing leaves the device.
-    pairs     the same few pairs, compiled, on a CPU: a product per pair (linear's: torch.mv with AMX, inductor's
-              reduction without), on its expert's weights in place. It decoded faster than gathered on the Intel
-              Xeon, and read the experts as fast or faster on the AMD EPYC (README, "Which kernel runs where").
-    dense     a GPU's many pairs, compiled, with no fused grouped kernel: every expert for every token, the
-              unchosen ones weighted 0. It reads each expert once (at a decode batch of 64 nearly all are hit
-              anyway) and needs no host sync, at E/K times the FLOPs: worth it up to DENSE_MAX_TOKENS tokens.
-              A CPU, compute-bound, would pay for the FLOPs, and has no CUDA graph to break.
-    loop      otherwise: a matmul per expert that has tokens, after one host sync for the group bounds.
-              Under torch.compile it runs outside the graph (a graph break, never inside a CUDA graph)."""
-    fused_grouped = hasattr(F, "grouped_mm") and (  # torch >= 2.10
-        device_type == "cpu" and (dtype == torch.bfloat16 or dtype == torch.float32 and not compiling)
-        or device_type == "cuda" and capability[0] in (9, 10) and dtype == torch.bfloat16)
-    if compiling and N * K < E:
-        return "pairs" if device_type == "cpu" else "gathered"
-    if fused_grouped:
-        return "grouped"
-    if compiling and device_type != "cpu" and N <= DENSE_MAX_TOKENS:
-        return "dense"
-    return "loop"
-
-
-# Past this many tokens, dense's E/K-fold FLOPs outweigh its single read of the experts: at N tokens it does
-# about N FLOPs per weight byte in bf16, and GPUs reach their matmul peak near 200-300 FLOPs per byte.
-DENSE_MAX_TOKENS = 256
-
-
-def moe_grouped(x, top_w, top_i, experts: Experts, matmul=None):
-    """Sort the pairs by expert, so each expert's tokens are one contiguous slice, and multiply all slices by
-    their experts in one grouped matmul (no Python per expert, no host sync)."""
+def moe_batched(x, top_w, top_i, experts: Experts, matmul=None):
+    """Same inputs and result as moe_naive. matmul: the grouped product, by default grouped_mm_eager."""
     K = top_i.shape[1]
-    matmul = matmul or grouped_mm
+    matmul = matmul or grouped_mm_eager
     flat = top_i.flatten()  # (P,) expert of each pair, pair p = token p // K, slot p % K
     order = flat.argsort(stable=True)  # pairs sorted by expert
     ends = torch.searchsorted(flat[order], torch.arange(1, experts.num_experts + 1, device=x.device))  # (E,)
@@ -494,12 +329,19 @@ def moe_grouped(x, top_w, top_i, experts: Experts, matmul=None):
 
 
 def grouped_mm(x, w, ends):
-    """Rows ends[e-1]:ends[e] of x (P, in) times expert e's w[e].T, with w (E, out, in): one kernel. Returns (P, out).
-    The kernel wants each row's bytes a multiple of 16; a shape that is not takes the loop."""
-    if any(s * x.element_size() % 16 for s in (x.shape[1], w.shape[1])):
-        return loop_mm(x, w, ends)
+    """Rows ends[e-1]:ends[e] of x (P, in) times expert e's w[e].T, with w (E, out, in): (P, out). F.grouped_mm
+    (torch >= 2.10) takes 16- and 32-bit floats and rows of a multiple of 16 bytes; anything else takes the loop."""
     dtype = compute_dtype(x)
+    if not hasattr(F, "grouped_mm") or dtype not in (torch.float32, torch.bfloat16, torch.float16) \
+            or any(s * x.element_size() % 16 for s in (x.shape[1], w.shape[1])):
+        return loop_mm(x, w, ends)
     return F.grouped_mm(x.to(dtype), w.to(dtype).transpose(-2, -1), offs=ends.int())
+
+
+# F.grouped_mm is one kernel only on a CPU and CUDA 9.x/10.x in bf16 (aten/src/ATen/native/cuda/Blas.cpp); elsewhere
+# it syncs with the host, crashing CUDA graph capture (pytorch#169970), and compiled it takes bf16 only
+# (torch/_meta_registrations.py). So the reference runs it eagerly, between compiled graphs.
+grouped_mm_eager = torch.compiler.disable(grouped_mm)
 
 
 @torch.compiler.disable  # a host sync: under torch.compile, run it eagerly between graphs
@@ -509,71 +351,12 @@ def loop_mm(x, w, ends):
     return torch.cat([x[a:b] @ w[e].T for e, (a, b) in enumerate(zip([0] + ends[:-1], ends)) if b > a])
 
 
-def moe_loop(x, top_w, top_i, experts: Experts):
-    return moe_grouped(x, top_w, top_i, experts, matmul=loop_mm)
+def compute_dtype(x):
+    """The dtype x's matmuls run in: autocast's, when on (F.grouped_mm does not follow autocast: pytorch#174763)."""
+    return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
 
 
-def moe_gathered(x, top_w, top_i, experts: Experts):
-    """One matrix-vector product per token-expert pair, with the pair's expert gathered. Compiled, inductor fuses
-    the gather into the products (on CUDA when coordinate_descent_tuning is on, as gpt-fast's mixtral-moe sets
-    it), so each chosen expert is read once; eager, the gather would copy the experts first."""
-    gate, up = torch.einsum("nd,nkid->nki", x, experts.gate_up_proj[top_i]).chunk(2, dim=-1)  # (N, K, I) each
-    h = torch.einsum("nki,nkdi->nkd", F.silu(gate) * up, experts.down_proj[top_i])  # (N, K, D)
-    return torch.einsum("nkd,nk->nd", h, top_w)
-
-
-def moe_pairs(x, top_w, top_i, experts: Experts):
-    """One product per token-expert pair, by experts.mm on the expert's own weights (quantize.QuantExperts, with
-    packed ones, takes this path too). The expert id is read with item(), which generate's compiled step traces as
-    a symbolic integer (capture_scalar_outputs): w[e] is then a view, where a tensor index would copy the expert
-    first. On a CPU reading it costs nothing; on a GPU it would be a sync inside a CUDA graph. Each token's pairs
-    are summed in ascending expert order, as moe_grouped sums them."""
-    top_i, order = top_i.sort(dim=-1)
-    top_w = top_w.gather(1, order)
-    rows = []
-    for n in range(top_i.shape[0]):
-        y = torch.zeros_like(x[n:n + 1])  # (1, D)
-        for k in range(top_i.shape[1]):
-            e = top_i[n, k].item()
-            torch._check(e >= 0), torch._check(e < experts.num_experts)  # so that w[e] needs no bounds guard
-            gate, up = experts.mm("gate_up_proj", x[n:n + 1], e).chunk(2, dim=-1)  # (1, I) each
-            y = y + experts.mm("down_proj", F.silu(gate) * up, e) * top_w[n, k]
-        rows.append(y)
-    return torch.cat(rows)
-
-
-def moe_dense(x, top_w, top_i, experts: Experts):
-    """Every expert on every token, each output weighted by the token's router weight for it (0 if unchosen)."""
-    w = torch.zeros(x.shape[0], experts.num_experts, dtype=x.dtype, device=x.device).scatter(1, top_i, top_w)  # (N, E)
-    gate, up = torch.einsum("nd,eid->nei", x, experts.gate_up_proj).chunk(2, dim=-1)  # (N, E, I) each
-    h = torch.einsum("nei,edi->ned", F.silu(gate) * up, experts.down_proj)  # (N, E, D)
-    return torch.einsum("ned,ne->nd", h, w)
-
-
-MOE_PATHS = {"grouped": moe_grouped, "gathered": moe_gathered, "pairs": moe_pairs, "dense": moe_dense,
-             "loop": moe_loop}
 DISPATCH = {"naive": moe_naive, "batched": moe_batched}
-
-
-class SparseMoE(nn.Module):
-    def __init__(self, config: OlmoeConfig, dispatch: str = "batched"):
-        super().__init__()
-        self.K, self.norm_topk_prob = config.num_experts_per_tok, config.norm_topk_prob
-        self.gate = Linear(config.hidden_size, config.num_experts)  # the router
-        self.experts = Experts(config.num_experts, config.hidden_size, config.intermediate_size, dispatch)
-
-    def forward(self, x):
-        B, T, D = x.shape
-        x = x.view(B * T, D)  # (N, D)
-        logits = self.gate(x)  # (N, E)
-        # Softmax in float32: in bf16, near-equal probabilities would round together and the top-k choice
-        # (and the weights) would depend on rounding rather than on the router.
-        probs = logits.softmax(dim=-1, dtype=torch.float32)  # (N, E)
-        top_w, top_i = probs.topk(self.K, dim=-1)  # (N, K)
-        if self.norm_topk_prob:
-            top_w = top_w / top_w.sum(dim=-1, keepdim=True)
-        y = self.experts(x, top_w.to(x.dtype), top_i)  # (N, D)
-        return y.view(B, T, D), logits.view(B, T, -1)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -636,22 +419,15 @@ class Transformer(nn.Module):
             layers=nn.ModuleList(block(config, moe_dispatch) for _ in range(config.num_hidden_layers)),
             norm=norm(config.hidden_size, config.rms_norm_eps),
         ))
-        self.lm_head = Linear(config.hidden_size, config.vocab_size)  # (V, D)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)  # (V, D)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-
-    def new_cache(self, B, S, *, dtype=None, device=None):
-        """One KVCache per layer for B rows of S slots."""
-        c, p = self.config, self.model.embed_tokens.weight
-        return [KVCache(B, c.num_key_value_heads, S, c.head_dim, dtype=dtype or p.dtype, device=device or p.device)
-                for _ in range(c.num_hidden_layers)]
 
     def forward(self, input_ids, labels=None, *, attention_mask=None, position_ids=None, cache=None,
                 cache_pos=None, last_only=False) -> Output:
         """input_ids (B, T). attention_mask (B, T), or (B, S) with a cache: 1 for real tokens, 0 for padding.
-        position_ids (B, T): RoPE positions, by default the slots. cache: from new_cache. cache_pos (T,): the
-        slots this call's tokens take in it, attending to every earlier slot; None (the default) is a prefill
-        into slots 0..T-1 of an empty cache. labels (B, T): next-token targets, -100 ignored."""
+        position_ids (B, T): RoPE positions, by default the slots. cache: one per layer; cache_pos (T,): the slots
+        this call's tokens take in it (None: a prefill into an empty one). labels (B, T): targets, -100 ignored."""
         B, T = input_ids.shape
         c = self.config
         fresh = cache_pos is None  # no cache, or a prefill into an empty one: the tokens see only each other
@@ -700,9 +476,9 @@ def router_rows(router_logits, attention_mask=None):
 
 
 def load_balancing_loss(logits, m, K):
-    """Switch Transformer's load-balancing loss as transformers computes it: E * sum_e f_e * p_e, where f_e is
-    the share of tokens that chose expert e among their K (summing to K) and p_e its mean router probability,
-    both over all layers' tokens. It is smallest when tokens spread evenly over the experts."""
+    """Switch Transformer's load-balancing loss as transformers computes it: E * sum_e f_e * p_e, f_e the share of
+    tokens that chose expert e among their K (summing to K), p_e its mean router probability, over all layers'
+    tokens. It is smallest when tokens spread evenly over the experts."""
     E = logits.shape[-1]
     probs = logits.softmax(dim=-1)  # (L*N, E), in the logits' dtype, as transformers does
     chosen = probs.topk(K, dim=-1).indices  # (L*N, K)
@@ -774,12 +550,9 @@ def _shard_files(path: Path) -> list[Path]:
 
 
 def _read_tensors(file: Path, reopen_bytes=2**28):
-    """Yield (name, tensor) one at a time from a safetensors file, so only one tensor is in memory at once.
-    safetensors maps the file into memory, and every page a read touches stays resident until the file is
-    closed: reading a 2 GB file in one opening adds 2 GB to the process's peak memory. So the file is closed
-    and opened again after every reopen_bytes read, which bounds that to about reopen_bytes."""
-    from safetensors import safe_open
-
+    """Yield (name, tensor) one at a time from a safetensors file. safetensors maps the file into memory, and every
+    page a read touches stays resident until the file is closed (a 2 GB file read in one opening adds 2 GB to the
+    peak), so the file is closed and opened again after every reopen_bytes read."""
     try:
         with safe_open(file, framework="pt", device="cpu") as f:
             names, i = list(f.keys()), 0
@@ -797,14 +570,10 @@ def _read_tensors(file: Path, reopen_bytes=2**28):
 
 
 def load_model(path, *, device=None, dtype=None, moe_dispatch="batched", prepare=None) -> Transformer:
-    """Load a Hub-layout checkpoint directory (one model.safetensors, or shards named by
-    model.safetensors.index.json). The model is built on the meta device (no memory), allocated once on
-    `device` in `dtype` (default: the checkpoint's own, as config.json records it), and filled one checkpoint
-    tensor at a time, cast as it goes, so two copies of the weights never exist.
-
-    prepare(model), if given, runs on the meta-device model before its storage is allocated, to swap modules
-    (quantize.py does). A module that has a method load(attr, index, tensor) stores its checkpoint tensors
-    itself: the loader hands it each one, as read, instead of copying it into the parameter."""
+    """Load a Hub-layout checkpoint directory (model.safetensors, or shards named by model.safetensors.index.json),
+    built on the meta device, allocated once on `device` in `dtype` (default: the checkpoint's own), and filled one
+    tensor at a time, cast as it goes: two copies never exist. prepare(model) runs on the meta-device model, to swap
+    modules (quantize.py does); a module with a method load(attr, index, tensor) stores its tensors itself."""
     path = Path(path)
     config = read_config(path)
     dtype = dtype or getattr(torch, config.dtype)
@@ -818,11 +587,8 @@ def load_model(path, *, device=None, dtype=None, moe_dispatch="batched", prepare
     if config.tie_word_embeddings:  # to_empty gives each module its own new tensor: tie them again
         model.lm_head.weight = model.model.embed_tokens.weight
 
-    from tqdm import tqdm
-
     files = _shard_files(path)
-    size = {f: f.stat().st_size if f.is_file() else 0 for f in files}
-    total = sum(size.values())
+    total = sum(f.stat().st_size for f in files if f.is_file())
     bar = tqdm(total=total, unit="B", unit_scale=True, desc="loading", file=sys.stderr, leave=False,
                disable=total < 2**30)  # a bar for loads of a gigabyte or more
     remaining = set(layout)
@@ -843,7 +609,7 @@ def load_model(path, *, device=None, dtype=None, moe_dispatch="batched", prepare
                 else:
                     getattr(module, attr)[index].copy_(t)
             remaining.discard(name)
-        bar.update(size[file])
+        bar.update(file.stat().st_size)
     bar.close()
     if remaining:
         missing = sorted(remaining)
@@ -852,16 +618,10 @@ def load_model(path, *, device=None, dtype=None, moe_dispatch="batched", prepare
     return model.eval()
 
 
-ARCHITECTURES = {"olmoe": "OlmoeForCausalLM", "olmo2": "Olmo2ForCausalLM"}  # transformers' class of each
-
-
 def save_model(model: Transformer, path, *, shard_bytes=2**31):
-    """Write a model as a Hub-layout checkpoint directory that load_model and transformers' from_pretrained both
-    read: config.json, and the weights in the model's dtype with the experts unstacked (hub_layout read
-    backwards), in one model.safetensors or, past shard_bytes, in shards named by model.safetensors.index.json.
-    Each file's tensors are copied out only while it is written, so saving costs at most one shard of memory."""
-    from safetensors.torch import save_file
-
+    """A Hub-layout checkpoint directory that load_model and transformers' from_pretrained both read: config.json,
+    the weights in the model's dtype with the experts unstacked (hub_layout read backwards), in model.safetensors or,
+    past shard_bytes, shards named by model.safetensors.index.json; each file's tensors copied only while written."""
     path, c = Path(path), model.config
     path.mkdir(parents=True, exist_ok=True)
     tensors = {name: model.get_parameter(p)[i] for name, (p, i, _) in hub_layout(model).items()}  # views
@@ -882,7 +642,8 @@ def save_model(model: Transformer, path, *, shard_bytes=2**31):
     rope = dict(rope_type=c.rope_type, rope_theta=c.rope_theta)
     if c.rope_type != "default":
         rope["factor"] = c.rope_factor
-    d.update(model_type=c.model_type, architectures=[ARCHITECTURES[c.model_type]], hidden_act="silu",
+    arch = {"olmoe": "OlmoeForCausalLM", "olmo2": "Olmo2ForCausalLM"}[c.model_type]  # transformers' class
+    d.update(model_type=c.model_type, architectures=[arch], hidden_act="silu",
              dtype=str(model.model.embed_tokens.weight.dtype).removeprefix("torch."), rope_parameters=rope,
              rope_theta=c.rope_theta, rope_scaling=rope if c.rope_type != "default" else None)  # transformers < 5
     (path / "config.json").write_text(json.dumps(d, indent=2) + "\n")

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import fast
 import olmoe
 
 # --------------------------------------------------------------------------------------------------------------
@@ -119,8 +120,8 @@ def int8_linear(x, w, scale, G):
 def int8pack_mm(x, w, scale, G):
     """x (n, in) times int8 w (out, in) with one scale per output: torch._weight_int8pack_mm, except on a CPU
     from INT8_CAST_ROWS rows on (below), and for one row in a compiled step on a CPU without AMX (batch-1
-    decoding, by olmoe.linear_path's rule), where it is a multiply-and-sum that inductor turns into one vectorized
-    reduction, over activations made float32 and stored first (olmoe.stored). In float32, inductor's loop takes 16
+    decoding, by fast.linear_path's rule), where it is a multiply-and-sum that inductor turns into one vectorized
+    reduction, over activations made float32 and stored first (fast.stored). In float32, inductor's loop takes 16
     lanes and loads 16 int8 weights in one 128-bit load; with bf16 activations in the loop it takes 32 lanes
     (select_tiling in torch/_inductor/codegen/cpp.py) and loads int8 half a vector at a time through a masked load
     (Vectorized<int8_t>::loadu with a count, aten/src/ATen/cpu/vec/vec512/vec512_int.h), at half the speed.
@@ -128,8 +129,8 @@ def int8pack_mm(x, w, scale, G):
     (aten/src/ATen/native/cpu/int8mm_kernel.cpp); the reduction scales each output once. The 2-layer
     OLMoE-1B-7B shape, batch 1, 2 threads, taking turns: on an AMD EPYC the int8 step decoded 77-96 tok/s
     against 66-83 with _weight_int8pack_mm; on an Intel Xeon with AMX the reduction lost, 48-50 against 58."""
-    if x.shape[0] == 1 and olmoe.device_facts(x.device) == ("cpu", None) and torch.compiler.is_compiling():
-        return ((olmoe.stored(x.float())[:, None, :] * w.float()).sum(-1) * scale.float()).to(x.dtype)  # (1, out)
+    if x.shape[0] == 1 and fast.device_facts(x.device) == ("cpu", None) and torch.compiler.is_compiling():
+        return ((fast.stored(x.float())[:, None, :] * w.float()).sum(-1) * scale.float()).to(x.dtype)  # (1, out)
     if x.shape[0] >= INT8_CAST_ROWS and x.device.type == "cpu":
         return int8_linear(x, w, scale, G)
     return torch._weight_int8pack_mm(x, w, scale)
@@ -292,7 +293,7 @@ class QuantLinear(Quantized):
 class QuantExperts(Quantized):
     """olmoe.Experts with quantized stacked weights, gate_up_proj (E, 2I, D) and down_proj (E, D, I). Its forward
     loops over the experts that have tokens and runs each one's own packed weights; compiled on a CPU at decode
-    sizes, olmoe.moe_pairs does the same per pair inside the graph. No expert is ever dequantized (olmoe's grouped
+    sizes, fast.moe_pairs does the same per pair inside the graph. No expert is ever dequantized (the grouped
     and gathered dispatches need float weights for all E experts or a gathered copy)."""
 
     def __init__(self, E, D, I, bits, group_size, dtype, device="meta", **kw):
@@ -303,10 +304,10 @@ class QuantExperts(Quantized):
     def forward(self, x, top_w, top_i):
         """x (N, D); top_w, top_i (N, K): router weights and expert ids. Returns (N, D), as olmoe.moe_naive does."""
         N, K = top_i.shape
-        path = olmoe.moe_path(*olmoe.device_facts(x.device), x.dtype, torch.compiler.is_compiling(), N, K,
+        path = fast.moe_path(*fast.device_facts(x.device), x.dtype, torch.compiler.is_compiling(), N, K,
                               self.num_experts)
         if path == "pairs":  # a CPU at decode sizes, compiled: in the graph, each pair's packed expert read in place
-            return olmoe.moe_pairs(x, top_w, top_i, self)
+            return fast.moe_pairs(x, top_w, top_i, self)
         return self.looped(x, top_w, top_i)
 
     # A host sync and a loop whose trip count depends on the routing: under torch.compile, run it eagerly between
@@ -334,20 +335,22 @@ class QuantExperts(Quantized):
 
 
 def swap_in_quantized(model, bits, group_size, clip_search=False):
-    """The prepare hook: on the meta device, replace every nn.Linear and every olmoe.Experts by a quantized one,
-    except the router (mlp.gate: E x D, tiny, and it picks the experts) and a tied lm_head (it is the embedding)."""
+    """The prepare hook: on the meta device, replace every nn.Linear and every olmoe.Experts by a quantized one
+    (fast.swap, the mechanism fast.apply uses too), except the router (mlp.gate: E x D, tiny, and it picks the
+    experts) and a tied lm_head (it is the embedding)."""
     dtype = model.model.embed_tokens.weight.dtype  # the model's dtype (prepare runs after model.to(dtype))
-    for parent_name, parent in list(model.named_modules()):
-        for name, child in list(parent.named_children()):
-            where = f"{parent_name}.{name}".lstrip(".")
-            if isinstance(child, olmoe.Experts):
-                E, I2, D = child.gate_up_proj.shape
-                setattr(parent, name, QuantExperts(E, D, I2 // 2, bits, group_size, dtype, where=where,
-                                                   clip_search=clip_search))
-            elif isinstance(child, nn.Linear) and not (isinstance(parent, olmoe.SparseMoE) and name == "gate") \
-                    and child.weight is not model.model.embed_tokens.weight:
-                setattr(parent, name, QuantLinear(child.out_features, child.in_features, bits, group_size, dtype,
-                                                  where=where, clip_search=clip_search))
+
+    def quantized(where, child, parent):
+        if isinstance(child, olmoe.Experts):
+            E, I2, D = child.gate_up_proj.shape
+            return QuantExperts(E, D, I2 // 2, bits, group_size, dtype, where=where, clip_search=clip_search)
+        if isinstance(child, nn.Linear) and not (isinstance(parent, olmoe.SparseMoE) and where.endswith(".gate")) \
+                and child.weight is not model.model.embed_tokens.weight:
+            return QuantLinear(child.out_features, child.in_features, bits, group_size, dtype, where=where,
+                               clip_search=clip_search)
+        return None
+
+    fast.swap(model, quantized)
 
 
 def use_kernels(model):
@@ -357,7 +360,7 @@ def use_kernels(model):
     if not modules:
         return
     device = next(modules[0].buffers()).device
-    facts, verdicts = olmoe.device_facts(device), {"dequant": "dequant"}
+    facts, verdicts = fast.device_facts(device), {"dequant": "dequant"}
     for m in modules:
         for name, kernel in m.choose(*facts).items():
             if kernel not in verdicts:

@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 import benchmark
 import evaluate
+import fast
 import generate
 import olmoe
 import quantize
@@ -24,16 +25,16 @@ from conftest import gen_checkpoint
 
 def test_self_check_passes_on_this_device():
     results = benchmark.check_paths(torch.device("cpu"), models=("OLMoE",), batches=(8,))
-    assert len(results) == 3 + 3 * len(olmoe.MOE_PATHS)
+    assert len(results) == 3 + 3 * len(fast.MOE_PATHS)
     assert [what for what, ok, _ in results if not ok] == []
 
 
 def test_self_checks_float32_row_fails_when_the_moe_path_this_device_takes_is_wrong(monkeypatch):
     """The float32 row compares this device's model with the CPU's naive dispatch, not with itself: on a CPU the
     two were once the same model, and a wrong MoE path passed as exact."""
-    path = olmoe.moe_path(*olmoe.device_facts(torch.device("cpu")), torch.float32, False, 2 * 64, 8, 64)
-    right = olmoe.MOE_PATHS[path]
-    monkeypatch.setitem(olmoe.MOE_PATHS, path, lambda *args: right(*args) + 1e-2)
+    path = fast.moe_path(*fast.device_facts(torch.device("cpu")), torch.float32, False, 2 * 64, 8, 64)
+    right = fast.MOE_PATHS[path]
+    monkeypatch.setitem(fast.MOE_PATHS, path, lambda *args: right(*args) + 1e-2)
     results = {what: (ok, detail) for what, ok, detail in
                benchmark.check_paths(torch.device("cpu"), models=("OLMoE",), batches=())}
     ok, detail = next(v for what, v in results.items() if "float32 logits" in what)
@@ -237,8 +238,8 @@ def test_cpu_table_takes_each_sides_better_run_and_their_ratios(tiny, monkeypatc
     assert ("* llama.cpp's prefill with --repack 0" in out) == llama
     # each precision twice, in fresh processes of cpu_one, sharing an inductor cache of their own
     assert [cmd[-1] for cmd, _ in calls] == ["bf16", "bf16", "int8", "int8", "int4", "int4"]
-    assert all(cmd[:2] == [sys.executable, "-c"] and "benchmark.cpu_one(sys.argv[1], sys.argv[2], 32, 512)" in cmd[2]
-               and cmd[3] == str(checkpoint) for cmd, _ in calls)
+    assert all(cmd[:2] == [sys.executable, "-c"] and cmd[3] == str(checkpoint)
+               and "benchmark.cpu_one(sys.argv[1], sys.argv[2], 32, 512, False)" in cmd[2] for cmd, _ in calls)
     caches = [cache for _, cache in calls]
     assert caches[0] == caches[1] != caches[2] == caches[3] != caches[4] == caches[5] != caches[0]
 

@@ -12,9 +12,16 @@ import torch.nn.functional as F
 import transformers
 from torch._inductor.utils import run_and_get_code
 
+import fast
 import generate as gen
 import olmoe
 from conftest import MODEL_VOCAB, TINY, TINY_MOE, TOKENIZER_VOCAB, copy_checkpoint, gen_checkpoint
+
+
+def load(path, fast_paths):
+    """olmoe.py's model of the checkpoint, alone (the reference) or with fast.py's kernels, as generate.py runs it."""
+    model = olmoe.load_model(path)
+    return fast.apply(model) if fast_paths else model
 
 
 def greedy_by_recomputing(model, prompt, n):
@@ -26,9 +33,10 @@ def greedy_by_recomputing(model, prompt, n):
 
 
 @pytest.mark.parametrize("model_type", ["olmoe", "olmo2"])
-def test_cached_decoding_equals_recomputing_the_sequence(tmp_path, tokenizer_json, model_type):
+@pytest.mark.parametrize("fast_paths", [False, True])
+def test_cached_decoding_equals_recomputing_the_sequence(tmp_path, tokenizer_json, model_type, fast_paths):
     _, path = gen_checkpoint(tmp_path, tokenizer_json, model_type)
-    model = olmoe.load_model(path)
+    model = load(path, fast_paths)
     prompt = [5, 17, 42, 7, 99]
     with torch.no_grad():
         expected = greedy_by_recomputing(model, prompt, 20)
@@ -36,106 +44,26 @@ def test_cached_decoding_equals_recomputing_the_sequence(tmp_path, tokenizer_jso
 
 
 @pytest.mark.parametrize("model_type", ["olmoe", "olmo2"])
-def test_batch_of_prompts_equals_each_prompt_alone(tmp_path, tokenizer_json, model_type):
+@pytest.mark.parametrize("fast_paths", [False, True])
+def test_batch_of_prompts_equals_each_prompt_alone(tmp_path, tokenizer_json, model_type, fast_paths):
     _, path = gen_checkpoint(tmp_path, tokenizer_json, model_type)
-    model = olmoe.load_model(path)
+    model = load(path, fast_paths)
     prompts = [[3, 1, 4, 1, 5, 9, 2], [6], [5, 3, 5, 8]]
     alone = [gen.generate(model, [p], 12)[0] for p in prompts]
     assert gen.generate(model, prompts, 12) == alone
 
 
 @pytest.mark.parametrize("model_type", ["olmoe", "olmo2"])
-def test_greedy_output_equals_transformers_generate(tmp_path, tokenizer_json, model_type):
+@pytest.mark.parametrize("fast_paths", [False, True])
+def test_greedy_output_equals_transformers_generate(tmp_path, tokenizer_json, model_type, fast_paths):
     ref, path = gen_checkpoint(tmp_path, tokenizer_json, model_type)
-    model = olmoe.load_model(path)
+    model = load(path, fast_paths)
     from tokenizers import Tokenizer
 
     prompt = Tokenizer.from_file(str(tokenizer_json)).encode("the lazy fox").ids
     theirs = ref.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=24, pad_token_id=0,
                           suppress_tokens=list(range(TOKENIZER_VOCAB, MODEL_VOCAB)))[0, len(prompt):].tolist()
     assert gen.generate(model, [prompt], 24, vocab_size=TOKENIZER_VOCAB) == [theirs]
-
-
-@pytest.mark.parametrize("device", [("cpu", None), ("cpu", "amx"), ("cuda", (8, 0))])
-@pytest.mark.parametrize("prompts", [[[3, 1, 4, 1, 5], [9, 2]], [[3, 1, 4], [1, 5], [9], [2, 6], [5, 3]]])
-def test_compiled_decode_step_gives_the_same_tokens(tmp_path, tokenizer_json, monkeypatch, device, prompts):
-    """torch.compile of the decode step (CUDA graphs on a GPU) is a fast path of the same function. With 2 rows
-    of K = 2 of E = 8 experts the compiled step multiplies each pair by its expert (pairs on a CPU, gathered on a
-    GPU); with 5 rows a CPU loops over the experts (a graph break), and an A100 computes them all (dense). Only the
-    CPU's loop breaks the graph. Every device is simulated, this CPU too."""
-    from torch._dynamo.utils import counters
-
-    monkeypatch.setattr(olmoe, "device_facts", lambda _: device)
-    _, path = gen_checkpoint(tmp_path, tokenizer_json)
-    model = olmoe.load_model(path)
-    torch._dynamo.reset()
-    counters.clear()
-    assert gen.generate(model, prompts, 10, compile=True) == gen.generate(model, prompts, 10)
-    assert (sum(counters["graph_break"].values()) > 0) == (device != ("cuda", (8, 0)) and len(prompts) == 5)
-
-
-@pytest.mark.parametrize("model_type", ["olmoe", "olmo2"])
-@pytest.mark.parametrize("rows", [1, 2])
-@pytest.mark.parametrize("cpu", [None, "amx"])
-def test_compiled_bf16_decode_step_computes_eager_logits(tmp_path, tokenizer_json, monkeypatch, model_type, rows, cpu):
-    """bf16, compiled against eager, both fed the same tokens (the sampler is replaced): each step's logits within
-    bf16's rounding. One row on a CPU without AMX takes olmoe.linear_path's "gemv" in every linear layer; with AMX
-    (simulated), its "mv" (torch.mv), also in the experts, which take moe_pairs. Greedy tokens are not compared: in
-    bf16 a tiny random model's top logits tie within rounding, and they part even where every kernel is the same
-    (with gemv turned off, the default compiled path did so here)."""
-    monkeypatch.setattr(olmoe, "device_facts", lambda _: ("cpu", cpu))
-    _, path = gen_checkpoint(tmp_path, tokenizer_json, model_type)
-    model = olmoe.load_model(path, dtype=torch.bfloat16)
-    forced = torch.tensor([[7, 3, 9, 12, 5, 8, 2, 11, 6, 4]] * rows)
-
-    def run(compile):
-        logits = []
-
-        def sample(x, **_):
-            logits.append(x.float())
-            return forced[:, len(logits) - 1].contiguous()  # as sample returns: a strided column would recompile
-
-        monkeypatch.setattr(gen, "sample", sample)
-        gen.generate(model, [[3, 1, 4, 1, 5]] * rows, forced.shape[1], compile=compile)
-        return torch.stack(logits)
-
-    eager, compiled = run(False), run(True)
-    assert (compiled - eager).abs().max() <= 0.02 * eager.abs().max()
-
-
-@pytest.mark.parametrize("cpu", [None, "amx"])
-def test_the_one_row_paths_are_the_linear_product(monkeypatch, cpu):
-    """linear_path's choice, and what gemv (a CPU without AMX) and mv (with AMX) compute, compiled and eager: x @ w.T,
-    against float32 F.linear, and mv's gradients against F.linear's."""
-    assert olmoe.linear_path("cpu", None, torch.bfloat16, True, 1) == "gemv"
-    assert olmoe.linear_path("cpu", "amx", torch.bfloat16, True, 1) == olmoe.linear_path(
-        "cpu", "amx", torch.bfloat16, False, 1) == "mv"
-    for facts in [("cpu", None, torch.bfloat16, False, 1), ("cpu", None, torch.bfloat16, True, 2),
-                  ("cpu", None, torch.float32, True, 1), ("cpu", "amx", torch.bfloat16, True, 2),
-                  ("cpu", "amx", torch.float32, False, 1), ("cuda", (9, 0), torch.bfloat16, True, 1),
-                  ("mps", None, torch.bfloat16, True, 1)]:
-        assert olmoe.linear_path(*facts) == "mm", facts
-    torch.manual_seed(0)
-    layer = olmoe.Linear(256, 96).to(torch.bfloat16)
-    x = torch.randn(1, 1, 256, dtype=torch.bfloat16)
-    monkeypatch.setattr(olmoe, "device_facts", lambda _: ("cpu", cpu))
-    ref = F.linear(x.float(), layer.weight.float())
-    with torch.no_grad():
-        compiled, code = run_and_get_code(torch.compile(layer), x)
-        for y in (compiled, layer(x)):
-            assert y.shape == (1, 1, 96) and y.dtype == torch.bfloat16
-            torch.testing.assert_close(y.float(), ref, rtol=1e-2, atol=1e-2)
-    assert ("torch.ops.olmoe.mv" in code[0]) == (cpu == "amx")  # torch.mv's kernel, not inductor's reduction
-    if cpu == "amx":  # mv's backward, and a float32 weight under bf16 autocast (cast as autocast casts it)
-        x.requires_grad_()
-        layer(x).square().sum().backward()
-        gx, gw = x.grad, layer.weight.grad
-        x.grad = layer.weight.grad = None
-        F.linear(x, layer.weight).square().sum().backward()
-        torch.testing.assert_close((gx, gw), (x.grad, layer.weight.grad), rtol=2e-2, atol=2e-2)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            y = layer.float()(x)
-        torch.testing.assert_close(y.float(), ref, rtol=1e-2, atol=1e-2)
 
 
 def test_compiling_goes_on_past_dynamo_recompile_limit(tmp_path, tokenizer_json):
@@ -160,7 +88,7 @@ def test_compiled_decoding_is_kept_and_new_lengths_compile_nothing(tmp_path, tok
     from torch._dynamo.utils import counters
 
     _, path = gen_checkpoint(tmp_path, tokenizer_json)
-    model = olmoe.load_model(path)
+    model = fast.apply(olmoe.load_model(path))  # one graph per step, as generate.py runs it
     gen.generate(model, [[3, 1, 4, 1, 5]], 10, compile=True)
     step = model.compiled_decoding[2]
     counters.clear()
@@ -574,6 +502,18 @@ def test_cli_moe_dispatch_naive_runs_the_naive_dispatch(sharp_checkpoint, capsys
     assert not runs
     assert cli(capsys, sharp_checkpoint, "--moe-dispatch", "naive").out == batched
     assert len(runs) == 12 * TINY_MOE["num_hidden_layers"]  # every layer of the prefill and of 11 decode steps
+
+
+def test_cli_runs_fast_paths_unless_reference(sharp_checkpoint, capsys, monkeypatch):
+    """By default the CLI decodes with fast.py's modules; --reference with olmoe.py's own, to the same text."""
+    calls = spy_generate(monkeypatch)
+    fast_text = cli(capsys, sharp_checkpoint).out
+    reference_text = cli(capsys, sharp_checkpoint, "--reference").out
+    classes = [{type(m) for m in call["model"].modules()} for call in calls]
+    assert {fast.Attention, fast.Experts, fast.Linear} <= classes[0]
+    assert not {fast.Attention, fast.Experts, fast.Linear} & classes[1]
+    assert {olmoe.Attention, olmoe.Experts, torch.nn.Linear} <= classes[1]
+    assert reference_text == fast_text
 
 
 @pytest.mark.parametrize("flags, dtype", [([], torch.bfloat16), (["--dtype", "float32"], torch.float32),

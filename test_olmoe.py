@@ -12,12 +12,16 @@ import torch
 import transformers
 
 import benchmark
+import fast
 import olmoe
-from conftest import TINY, TINY_MOE, copy_checkpoint, hf_model, save, tokens
+from conftest import TINY, TINY_MOE, copy_checkpoint, dense_oracle, hf_model, moe_layer, route, save, tokens
 
 
-def max_logit_error(ref, path, ids, **load_kwargs):
+def max_logit_error(ref, path, ids, fast_paths=False, **load_kwargs):
+    """The largest difference between transformers' logits and olmoe.py's model's, alone or with fast.py's kernels."""
     ours = olmoe.load_model(path, **load_kwargs)
+    if fast_paths:
+        fast.apply(ours)
     with torch.no_grad():
         return (ref(ids).logits - ours(ids).logits).abs().max().item()
 
@@ -45,11 +49,12 @@ PARITY_CASES = {
 
 @pytest.mark.parametrize("case", PARITY_CASES)
 @pytest.mark.parametrize("dispatch", ["batched", "naive"])
-def test_logits_match_transformers(tmp_path, case, dispatch):
+@pytest.mark.parametrize("fast_paths", [False, True])
+def test_logits_match_transformers(tmp_path, case, dispatch, fast_paths):
     model_type, overrides = PARITY_CASES[case]
     ref = hf_model(model_type, **overrides)
-    err = max_logit_error(ref, save(ref, tmp_path), tokens(T=20), moe_dispatch=dispatch)
-    print(f"{case} {dispatch}: max |logit error| {err:.2e}")
+    err = max_logit_error(ref, save(ref, tmp_path), tokens(T=20), fast_paths, moe_dispatch=dispatch)
+    print(f"{case} {dispatch} {'fast' if fast_paths else 'reference'}: max |logit error| {err:.2e}")
     assert err < 1e-5
 
 
@@ -144,49 +149,19 @@ def test_rmsnorms_round_like_transformers_in_bf16():
 # The mixture of experts: naive == batched == a dense oracle
 
 
-def moe_layer(dtype=torch.float64, **overrides):
-    config = olmoe.config_from_dict({**TINY_MOE, **overrides, "model_type": "olmoe"})
-    torch.manual_seed(0)
-    moe = olmoe.SparseMoE(config).to(dtype)
-    for p in moe.parameters():
-        torch.nn.init.normal_(p, std=0.5)
-    return moe
-
-
-def route(moe, x):
-    """The router as SparseMoE specifies it: float32 softmax, top K, optionally renormalised. (N, K) each."""
-    top_w, top_i = (x @ moe.gate.weight.T).softmax(-1, dtype=torch.float32).topk(moe.K, dim=-1)
-    if moe.norm_topk_prob:
-        top_w = top_w / top_w.sum(-1, keepdim=True)
-    return top_w.to(x.dtype), top_i
-
-
-def dense_oracle(moe, x):
-    """Every expert on every token, weighted by the router probability where the expert is in the top k, else 0."""
-    top_w, top_i = route(moe, x)
-    weight = torch.zeros(x.shape[0], moe.experts.num_experts, dtype=x.dtype).scatter(1, top_i, top_w)  # (N, E)
-    gate, up = torch.einsum("nd,eid->nei", x, moe.experts.gate_up_proj).chunk(2, dim=-1)
-    out = torch.einsum("nei,edi->ned", torch.nn.functional.silu(gate) * up, moe.experts.down_proj)  # (N, E, D)
-    return torch.einsum("ned,ne->nd", out, weight)
-
-
 @pytest.mark.parametrize("N", [1, 3, 50])
 @pytest.mark.parametrize("norm_topk_prob", [False, True])
-def test_every_dispatch_and_moe_path_equals_the_dense_oracle(N, norm_topk_prob):
+def test_both_dispatches_equal_the_dense_oracle(N, norm_topk_prob):
     moe = moe_layer(norm_topk_prob=norm_topk_prob)
     x = torch.randn(1, N, TINY["hidden_size"], dtype=torch.float64)
     expected = dense_oracle(moe, x[0])
     for dispatch in ["naive", "batched"]:
         moe.experts.dispatch = dispatch
         torch.testing.assert_close(moe(x)[0][0], expected, rtol=1e-12, atol=1e-12)
-    for name, path in olmoe.MOE_PATHS.items():
-        if name == "grouped":  # the fused kernel takes float32 and bf16, not float64
-            got = path(x[0].float(), *[t.float() if t.is_floating_point() else t for t in route(moe, x[0])],
-                       copy.deepcopy(moe.experts).float()).double()
-            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5, msg=name)
-        else:
-            torch.testing.assert_close(path(x[0], *route(moe, x[0]), moe.experts), expected, rtol=1e-12,
-                                       atol=1e-12, msg=name)
+    # the batched dispatch's grouped matmul, where it is one kernel (float32; float64 takes the loop above)
+    got = olmoe.moe_batched(x[0].float(), *[t.float() if t.is_floating_point() else t for t in route(moe, x[0])],
+                            copy.deepcopy(moe.experts).float()).double()
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_grouped_matmul_kernel_equals_the_loop_over_experts():
@@ -195,118 +170,6 @@ def test_grouped_matmul_kernel_equals_the_loop_over_experts():
     rows = torch.cat([x[a:b] @ w[e].T for e, (a, b) in enumerate([(0, 7), (7, 7), (7, 20), (20, 33), (33, 40)])])
     torch.testing.assert_close(olmoe.loop_mm(x, w, ends), rows)
     torch.testing.assert_close(olmoe.grouped_mm(x, w, ends), rows, rtol=1e-5, atol=1e-5)
-
-
-# (device type, compute capability, dtype, compiled, N tokens) -> the MoE path, for OLMoE's K = 8 of E = 64.
-# Written out from PyTorch's facts as moe_path's docstring states them, one device class at a time.
-BF16, F16, F32 = torch.bfloat16, torch.float16, torch.float32
-EXPECTED_MOE_PATH = [
-    (("cpu", None, BF16, False, 1), "grouped"),  # CPUs have a fused grouped_mm, bf16 and float32 eager
-    (("cpu", None, F32, False, 64), "grouped"),
-    (("cpu", None, F32, True, 1), "pairs"),  # compiled decoding: a product on each chosen expert in place
-    (("cpu", "amx", F32, True, 1), "pairs"),
-    (("cpu", "amx", BF16, True, 7), "pairs"),  # 56 pairs, fewer than the 64 experts
-    (("cpu", "amx", BF16, True, 8), "grouped"),
-    (("cpu", None, F32, True, 64), "loop"),  # compiled float32: grouped_mm's shape function is bf16-only
-    (("cpu", None, BF16, True, 64), "grouped"),
-    (("cuda", (9, 0), BF16, False, 1), "grouped"),  # H100: the fused CUDA kernel
-    (("cuda", (10, 0), BF16, True, 64), "grouped"),  # B200
-    (("cuda", (9, 0), BF16, True, 1), "gathered"),
-    (("cuda", (9, 0), F16, False, 64), "loop"),  # the fused kernel is bf16-only
-    (("cuda", (8, 0), BF16, False, 1), "loop"),  # A100: grouped_mm would sync the host per call
-    (("cuda", (8, 0), BF16, True, 1), "gathered"),  # ... and crash CUDA graph capture
-    (("cuda", (8, 0), BF16, True, 64), "dense"),
-    (("cuda", (8, 0), BF16, True, 2048), "loop"),  # a long compiled prefill: E/K times the FLOPs is too many
-    (("cuda", (8, 9), BF16, True, 8), "dense"),  # RTX 4090, L4: a decode batch of 8
-    (("cuda", (7, 5), F16, False, 8), "loop"),  # T4
-    (("cuda", (7, 5), F16, True, 1), "gathered"),
-    (("cuda", (12, 0), BF16, False, 8), "loop"),  # RTX 50: not a device the fused kernel is built for
-    (("mps", None, BF16, False, 8), "loop"),
-    (("mps", None, F16, True, 64), "dense"),
-    (("rocm", None, BF16, False, 8), "loop"),  # AMD: grouped_mm is not fused in ROCm builds
-]
-
-
-@pytest.mark.parametrize("facts, path", EXPECTED_MOE_PATH)
-def test_moe_path_is_the_right_kernel_for_each_device(facts, path):
-    device_type, capability, dtype, compiled, N = facts
-    assert olmoe.moe_path(device_type, capability, dtype, compiled, N, 8, 64) == path
-
-
-@pytest.mark.parametrize("facts, path", [
-    (("cpu", None), "sums"),  # a CPU without AMX: SDPA's flash kernel was 1.6-10x slower at T = 1
-    (("cpu", "amx"), "sdpa"),  # not measured with AMX
-    (("cuda", (9, 0)), "sdpa"),
-    (("mps", None), "sdpa"),
-])
-def test_attention_path_is_the_right_kernel_for_each_device(facts, path):
-    assert olmoe.attention_path(*facts) == path
-
-
-@pytest.mark.parametrize("H, Hkv, B", [(4, 4, 1), (4, 2, 3), (6, 1, 2)])
-def test_one_query_attention_equals_sdpa(H, Hkv, B):
-    """attend_one, the decode step's attention written out, is SDPA's function: with MHA and GQA, per-row masks
-    (left padding, unwritten slots), in float32 and bf16."""
-    g = torch.Generator().manual_seed(0)
-    S, Dh = 10, 16
-    q = torch.randn(B, H, 1, Dh, generator=g)
-    k, v = torch.randn(2, B, Hkv, S, Dh, generator=g)
-    mask = torch.rand(B, 1, 1, S, generator=g) < 0.6
-    mask[..., 4] = True  # every row sees at least one slot
-    for dtype, tol in [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)]:
-        ref = torch.nn.functional.scaled_dot_product_attention(
-            q.to(dtype), k.to(dtype), v.to(dtype), attn_mask=mask, enable_gqa=H != Hkv)
-        y = olmoe.attend_one(q.to(dtype), k.to(dtype), v.to(dtype), mask)
-        assert y.dtype == dtype
-        torch.testing.assert_close(y.float(), ref.float(), rtol=tol, atol=tol)
-
-
-def test_amd_gpus_are_not_taken_for_nvidia_ones(monkeypatch):
-    """ROCm calls its devices "cuda", and an MI300 reports capability 9.4: the probe must not read that as an H100."""
-    monkeypatch.setattr(torch.version, "hip", "6.2")
-    assert olmoe.device_facts(torch.device("cuda")) == ("rocm", None)
-
-
-@pytest.mark.parametrize("device", [("cpu", None), ("cuda", (9, 0)), ("cuda", (8, 0)), ("cuda", (7, 5)), ("mps", None)])
-def test_simulated_devices_run_their_path_and_agree(device, monkeypatch):
-    """Pretend the CPU is another device (the probe answers for it); moe_batched takes that device's path,
-    which runs here on the CPU and gives the naive dispatch's output."""
-    monkeypatch.setattr(olmoe, "device_facts", lambda _: device)
-    taken = []
-    for name, fn in list(olmoe.MOE_PATHS.items()):
-        monkeypatch.setitem(olmoe.MOE_PATHS, name, lambda *a, _n=name, _f=fn: taken.append(_n) or _f(*a))
-    moe = moe_layer(torch.bfloat16, hidden_size=64, intermediate_size=32, num_experts=64, num_experts_per_tok=8)
-    x = torch.randn(5, 64, dtype=torch.bfloat16)
-    top_w, top_i = route(moe, x)
-    y = olmoe.moe_batched(x, top_w, top_i, moe.experts)
-    assert taken == [olmoe.moe_path(*device, torch.bfloat16, False, 5, 8, 64)]
-    ref = olmoe.moe_naive(x.double(), top_w.double(), top_i, copy.deepcopy(moe.experts).double())
-    assert (y.double() - ref).norm() / ref.norm() < 1e-2  # bf16 rounding only
-
-
-@pytest.mark.parametrize("device", [("cpu", None), ("cuda", (9, 0))])
-def test_mixed_precision_training_takes_the_autocast_dtypes_path(device, monkeypatch):
-    """Under bf16 autocast the experts' inputs and weights are float32 (master weights, a float32 norm before
-    them), but their matmuls run in bf16: the path is the one for bf16 (grouped on an H100, not float32's loop),
-    and it gives the naive dispatch's output and gradients to bf16 rounding."""
-    monkeypatch.setattr(olmoe, "device_facts", lambda _: device)
-    taken = []
-    for name, fn in list(olmoe.MOE_PATHS.items()):
-        monkeypatch.setitem(olmoe.MOE_PATHS, name, lambda *a, _n=name, _f=fn: taken.append(_n) or _f(*a))
-    moe = moe_layer(torch.float32, hidden_size=64, intermediate_size=32, num_experts=64, num_experts_per_tok=8)
-    x = torch.randn(40, 64)
-    top_w, top_i = (t.detach() for t in route(moe, x))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        y = olmoe.moe_batched(x, top_w, top_i, moe.experts)
-    assert taken == ["grouped"] and y.dtype == torch.bfloat16
-    y.float().square().sum().backward()
-    grads = [p.grad.clone() for p in moe.experts.parameters()]
-    ref = olmoe.moe_naive(x.double(), top_w.double(), top_i, copy.deepcopy(moe.experts).double())
-    assert (y.double() - ref).norm() / ref.norm() < 1e-2
-    moe.experts.zero_grad()
-    olmoe.moe_naive(x, top_w, top_i, moe.experts).square().sum().backward()
-    for g, p in zip(grads, moe.experts.parameters()):
-        assert p.grad.dtype == torch.float32 and (g - p.grad).norm() / p.grad.norm() < 3e-2
 
 
 def test_gradients_equal_across_dispatches(tmp_path):

@@ -1,5 +1,5 @@
 """Tests for quantize.py: weight-only int8 and int4. References come from the schemes' definitions, never
-from quantize.py; GPU kernels that cannot run here are simulated (olmoe.device_facts, and a plain model of
+from quantize.py; GPU kernels that cannot run here are simulated (fast.device_facts, and a plain model of
 tinygemm's contract)."""
 
 import sys
@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import fast
 import olmoe
 import quantize
 from conftest import hf_model, save, tokens
@@ -261,14 +262,14 @@ def test_clip_search_in_the_loader_rounds_every_group_no_worse_and_clips_some(mo
 @pytest.mark.parametrize("cpu", [None, "amx"])
 def test_compiled_decoding_gives_the_same_tokens(moe_checkpoint, monkeypatch, kind, rows, cpu):
     """1 or 2 rows x K = 2 of E = 8 experts: the experts' packed weights are read inside the compiled step
-    (olmoe.moe_pairs), one graph with no break; 5 rows: the experts loop eagerly between graphs. One row on a
+    (fast.moe_pairs), one graph with no break; 5 rows: the experts loop eagerly between graphs. One row on a
     CPU without AMX also takes int8pack_mm's reduction in every int8 layer; with AMX (simulated), the packed
     kernel. Greedy tokens as eager's."""
     import generate
     from torch._dynamo.utils import counters
 
-    monkeypatch.setattr(olmoe, "device_facts", lambda _: ("cpu", cpu))
-    model = quantize.load_model(moe_checkpoint, kind)
+    monkeypatch.setattr(fast, "device_facts", lambda _: ("cpu", cpu))
+    model = fast.apply(quantize.load_model(moe_checkpoint, kind))  # as generate.py runs it
     prompts = [[1, 2, 3], [4, 5], [6], [7, 8, 9, 10], [11, 12]][:rows]  # padded: the mask path too
     torch._dynamo.reset()
     counters.clear()
@@ -279,7 +280,7 @@ def test_compiled_decoding_gives_the_same_tokens(moe_checkpoint, monkeypatch, ki
 def test_int8pack_mm_at_one_compiled_row_is_the_packed_kernels_product(monkeypatch):
     """The reduction a compiled step on a CPU without AMX takes for one row, against _weight_int8pack_mm itself,
     in bf16."""
-    monkeypatch.setattr(olmoe, "device_facts", lambda _: ("cpu", None))
+    monkeypatch.setattr(fast, "device_facts", lambda _: ("cpu", None))
     torch.manual_seed(0)
     q, scale = quantize.quantize(torch.randn(96, 256), 8, scale_dtype=torch.bfloat16)
     x = torch.randn(1, 256, dtype=torch.bfloat16)
@@ -313,7 +314,7 @@ def test_what_is_quantized_and_what_is_not(tmp_path, tied):
     layer = model.model.layers[0]
     assert isinstance(layer.self_attn.q_proj, quantize.QuantLinear)
     assert isinstance(layer.mlp.experts, quantize.QuantExperts)
-    assert type(layer.mlp.gate) is olmoe.Linear  # the router picks the experts: it stays in float
+    assert type(layer.mlp.gate) is torch.nn.Linear  # the router picks the experts: it stays in float
     if tied:
         assert model.lm_head.weight is model.model.embed_tokens.weight  # tied: it is the embedding
     layers = [f"model.layers.{i}." for i in range(2)]
@@ -371,7 +372,7 @@ def test_a_simulated_gpu_loads_its_kernels_and_gives_the_portable_answer(moe_che
     ids = tokens()
     expected = {k: portable_model(moe_checkpoint, k, dtype=dtype)(ids).logits for k in ("int8", "int4")}
     fake_tinygemm(monkeypatch)
-    monkeypatch.setattr(olmoe, "device_facts", lambda device: facts)
+    monkeypatch.setattr(fast, "device_facts", lambda device: facts)
     for kind, kernel in (("int8", int8), ("int4", int4)):
         model = quantize.load_model(moe_checkpoint, kind, dtype=dtype)
         experts = model.model.layers[0].mlp.experts
@@ -399,7 +400,7 @@ def wrong_by_half(kernel):
     ("int4", lambda mp: mp.setattr(torch, "_weight_int4pack_mm_for_cpu",
                                    wrong_by_half(torch._weight_int4pack_mm_for_cpu))),
     # CUDA's tinygemm simulated on a CPU, for real: its packer has no CPU kernel and raises
-    ("int4", lambda mp: mp.setattr(olmoe, "device_facts", lambda device: ("cuda", (8, 0)))),
+    ("int4", lambda mp: mp.setattr(fast, "device_facts", lambda device: ("cuda", (8, 0)))),
 ])
 def test_a_kernel_that_fails_its_check_falls_back_with_one_stderr_line(moe_checkpoint, monkeypatch, capsys, kind,
                                                                         sabotage):

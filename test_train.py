@@ -411,10 +411,9 @@ def test_bfloat16_autocast_changes_step_one_slightly_from_float32(one_step):
 
 
 def test_gradients_flow_through_the_batched_dispatch_in_float32():
-    """Training uses the batched dispatch, on a CPU the fused grouped matmul in float32: its gradients equal the
-    naive dispatch's (the specification), every expert weight receives one."""
+    """Training uses the batched dispatch (olmoe.py's, which on a CPU runs F.grouped_mm's fused kernel in float32):
+    its gradients equal the naive dispatch's (the specification), every expert weight receives one."""
     config = olmoe.config_from_dict({**TRAIN_MOE, "vocab_size": 64})
-    assert olmoe.moe_path(*olmoe.device_facts(torch.device("cpu")), torch.float32, False, 48, 2, 8) == "grouped"
     ids = torch.randint(0, 64, (2, 24), generator=torch.Generator().manual_seed(0))
     grads = {}
     for dispatch in ["naive", "batched"]:
