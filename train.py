@@ -5,9 +5,9 @@
     torchrun --nproc_per_node 8 train.py ... --fsdp          # data parallel; --fsdp also shards the model
     python train.py ... --resume runs/small                  # continue from the run's last checkpoint, exactly
 
-Like nanoGPT's train.py, the whole run is one function read top to bottom (`train`), after the pieces it uses:
-presets -> text and tokens (tokenizer, token file, get_batch) -> the router losses -> learning rate ->
-evaluation -> checkpoints -> the training loop -> the command line.
+Read like nanoGPT's train.py: the pieces first (presets -> text and tokens (tokenizer, token file, get_batch) ->
+the router losses -> learning rate -> evaluation -> checkpoints), then the run: set_up does everything before the
+first step, and train() is the loop, one comment per phase; the command line last.
 
 The recipe (allenai/OLMoE, configs/OLMoE-1B-7B-0924.yml) is the default: AdamW lr 4e-4, betas (0.9, 0.95), eps 1e-8,
 weight decay 0.1 on every parameter, linear warmup then cosine to 0.1x the peak, gradient clipping at 1.0,
@@ -26,10 +26,12 @@ import signal
 import sys
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
@@ -40,7 +42,7 @@ import olmoe
 # Presets for training from scratch. The vocabulary size comes from the tokenizer trained on the text.
 #
 # olmoe-cpu keeps OLMoE's design (64 experts, 8 per token, QK-norm, SwiGLU experts, both router losses) at a
-# size a 2-core CPU trains in about 10 minutes; the README gives the measured time and loss. olmo2-cpu is its
+# size a 2-core CPU trains in about 10 minutes; docs/training.md gives the measured time and loss. olmo2-cpu is its
 # dense sibling with the same attention. The released shapes (olmoe.PRESETS) can be trained from scratch too.
 
 PRESETS = {
@@ -366,59 +368,84 @@ def init_weights(model, seed):
                 torch.nn.init.trunc_normal_(p, std=0.02, a=-0.06, b=0.06)
 
 
-def train(args):
+def check_args(args):
+    """The flags' own limits, before anything runs."""
     for flag in ("steps", "batch_size", "seq_len", "save_every", "vocab_size", "eval_tokens"):
         if getattr(args, flag) < 1:
             raise TrainError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: expected at least 1")
     if not 0 < args.val_fraction < 1 or args.eval_every < 0:
         raise TrainError(f"need 0 < --val-fraction < 1 and --eval-every >= 0, got {args.val_fraction} and "
                          f"{args.eval_every}")
-    # Processes: one, or as many as torchrun started (RANK, WORLD_SIZE set), each on its own device.
-    distributed = "RANK" in os.environ
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    is_main = rank == 0
-    if args.batch_size % world:
-        raise TrainError(f"--batch-size {args.batch_size} does not divide over {world} processes")
-    micro = args.micro_batch_size or args.batch_size // world
-    if (args.batch_size // world) % micro:
-        raise TrainError(f"--micro-batch-size {micro} does not divide the {args.batch_size // world} sequences "
-                         f"each of the {world} processes takes per step")
-    device = generate.pick_device(args.device)
-    if distributed:
-        import torch.distributed as dist
-
-        if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                device_id=device if device.type == "cuda" else None)
-    accumulate = args.batch_size // world // micro  # micro-batches per process per optimizer step
     if args.model and args.init:
         raise TrainError("--model and --init exclude each other: --model trains a preset from scratch, --init "
                          "continues from a checkpoint")
     if args.model and args.model not in PRESETS and not (args.model.endswith(".json") and Path(args.model).is_file()):
         raise TrainError(f"--model {args.model!r}: unknown preset (expected one of {', '.join(PRESETS)}, "
                          "or a config.json file of your own)")
-    if args.fsdp and not distributed:
+    if args.dtype not in (None, "float32", "bfloat16"):
+        raise TrainError(f"--dtype {args.dtype!r}: expected float32 or bfloat16")
+
+
+@dataclass
+class Run:
+    """What set_up decides and every step reads: the processes, the text's tokens, the model and its optimizer."""
+    args: argparse.Namespace
+    out: Path
+    rank: int  # this process, of world (torchrun's RANK and WORLD_SIZE; 0 of 1 without torchrun)
+    world: int
+    device: torch.device
+    dtype: torch.dtype  # bfloat16: autocast; the weights and AdamW's state stay float32
+    micro: int  # sequences per forward pass
+    accumulate: int  # micro-batches per process per optimizer step
+    domains: list
+    tokenizer: object
+    config: olmoe.Config
+    tokens: np.ndarray  # the token file, memory-mapped: training tokens, then each domain's held-out ones
+    index: dict  # where each split lies in it (tokens.json)
+    init: Path | None  # the checkpoint fine-tuned, if any
+    model: torch.nn.Module  # wrapped for DDP or FSDP when several processes train
+    optimizer: torch.optim.Optimizer
+    step: int  # the optimizer steps the weights hold
+    resumed: Path | None  # the checkpoint this run continues, if any
+
+    @property
+    def distributed(self):  # started by torchrun
+        return "RANK" in os.environ
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.dtype == torch.bfloat16)
+
+
+def set_up_processes(args):
+    """One process, or as many as torchrun started (RANK, WORLD_SIZE set), each on its own device. Returns rank,
+    world, device, micro-batch size and micro-batches per step."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if args.batch_size % world:
+        raise TrainError(f"--batch-size {args.batch_size} does not divide over {world} processes")
+    micro = args.micro_batch_size or args.batch_size // world
+    if (args.batch_size // world) % micro:
+        raise TrainError(f"--micro-batch-size {micro} does not divide the {args.batch_size // world} sequences "
+                         f"each of the {world} processes takes per step")
+    if args.fsdp and "RANK" not in os.environ:
         raise TrainError("--fsdp shards over processes: start it with torchrun --nproc_per_node N")
-    # bf16 autocast where the device has native bf16 (CUDA from Ampere on), float32 otherwise unless asked.
-    native_bf16 = device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
-    dtype_name = args.dtype or ("bfloat16" if native_bf16 else "float32")
-    if dtype_name not in ("float32", "bfloat16"):
-        raise TrainError(f"--dtype {dtype_name!r}: expected float32 or bfloat16")
-    compute_dtype = getattr(torch, dtype_name)
+    device = generate.pick_device(args.device)
+    if "RANK" in os.environ:
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                device_id=device if device.type == "cuda" else None)
+    return rank, world, device, micro, args.batch_size // world // micro
 
-    def autocast():
-        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=compute_dtype == torch.bfloat16)
 
-    out = Path(args.out)
-    resume = find_checkpoint(args.resume) if args.resume else None
-    if not resume and any(out.glob("step-*")):
-        raise TrainError(f"--out {out} already holds checkpoints ({sorted(out.glob('step-*'))[-1].name}): pass "
-                         f"--resume {out} to continue that run, or choose another --out")
-
-    # The text, split per domain into training and held-out documents; the held-out ones are also written to
-    # DIR/heldout/NAME.txt, for routing.py or evaluate.py to read text the model never trained on.
+def set_up_text(args, out, is_main, distributed):
+    """The text, split per domain into training and held-out documents (the held-out ones also written to
+    DIR/heldout/NAME.txt, for routing.py or evaluate.py), the tokenizer (the checkpoint's, or one trained on the
+    training text) and the model's config."""
     domains = read_domains(args.text)
     splits = {name: split_domain(docs, args.val_fraction) for name, docs in domains.items()}
     for name, (tr, held) in splits.items():
@@ -429,32 +456,72 @@ def train(args):
         (out / "heldout").mkdir(parents=True, exist_ok=True)
         for name, (_, held) in splits.items():
             (out / "heldout" / f"{name}.txt").write_text("\n".join(held), encoding="utf-8")
-
-    # The tokenizer (the checkpoint's, or one trained on the training text) and the model's config.
     init = generate.checkpoint_dir(args.init) if args.init else None
     if init:
-        tokenizer = generate.load_tokenizer(init)[0]
-        config = olmoe.read_config(init)
-    else:
-        # Trained on the first process and read by the others. The training is deterministic, so a resumed run
-        # trains the very tokenizer its checkpoint holds (checked below).
-        if is_main:
-            out.mkdir(parents=True, exist_ok=True)
-            train_tokenizer([d for tr, _ in splits.values() for d in tr], args.vocab_size).save(
-                str(out / "tokenizer.json"))
-        if distributed:
-            dist.barrier()
-        from tokenizers import Tokenizer
+        return splits, generate.load_tokenizer(init)[0], olmoe.read_config(init), init
+    # Trained on the first process and read by the others. The training is deterministic, so a resumed run
+    # trains the very tokenizer its checkpoint holds (checked in set_up).
+    if is_main:
+        train_tokenizer([d for tr, _ in splits.values() for d in tr], args.vocab_size).save(
+            str(out / "tokenizer.json"))
+    if distributed:
+        dist.barrier()
+    from tokenizers import Tokenizer
 
-        tokenizer = Tokenizer.from_file(str(out / "tokenizer.json"))
-        if args.model and args.model.endswith(".json"):
-            config = olmoe.config_from_dict(json.loads(Path(args.model).read_text()))
-        else:
-            config = PRESETS[args.model or "olmoe-cpu"]()
-        V = tokenizer.get_vocab_size()
-        config.vocab_size = -(-V // 64) * 64  # padded to a multiple of 64, as the released models are
-        config.eos_token_id, config.pad_token_id = tokenizer.token_to_id(EOS), tokenizer.token_to_id(PAD)
-        config.dtype = "float32"
+    tokenizer = Tokenizer.from_file(str(out / "tokenizer.json"))
+    if args.model and args.model.endswith(".json"):
+        config = olmoe.config_from_dict(json.loads(Path(args.model).read_text()))
+    else:
+        config = PRESETS[args.model or "olmoe-cpu"]()
+    config.vocab_size = -(-tokenizer.get_vocab_size() // 64) * 64  # padded to a multiple of 64, as released models
+    config.eos_token_id, config.pad_token_id = tokenizer.token_to_id(EOS), tokenizer.token_to_id(PAD)
+    config.dtype = "float32"
+    return splits, tokenizer, config, None
+
+
+def set_up_model(args, config, device, world, dtype, checkpoint):
+    """The model in float32 (the master weights: from the checkpoint, else initialised), wrapped for DDP, or sharded
+    by FSDP2 (bf16 compute, float32 reduction; each block one all-gather), and AdamW on every parameter."""
+    if checkpoint:
+        model = olmoe.load_model(checkpoint, device="cpu", dtype=torch.float32).train()
+    else:
+        model = olmoe.Transformer(config)
+        init_weights(model, args.seed)
+    if args.fsdp:  # fully_shard moves each shard to the device itself: the whole model never is on one
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        mesh = init_device_mesh(device.type, (world,))
+        # Our blocks return router logits as a view; nothing modifies a block's outputs in place, as it warns of.
+        warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+        policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+        for layer in model.model.layers:
+            fully_shard(layer, mesh=mesh, mp_policy=policy)
+        fully_shard(model, mesh=mesh, mp_policy=policy)
+    else:
+        model.to(device)
+        if "RANK" in os.environ:
+            model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda"
+                                                              else None)
+    return model, torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), eps=1e-8,
+                                    weight_decay=args.weight_decay)
+
+
+def set_up(args) -> Run:
+    """Everything before the first step: processes, text, tokenizer and config, the token file, the model and its
+    optimizer, and what --resume restores. Each user error is a TrainError raised before any work is lost."""
+    check_args(args)
+    rank, world, device, micro, accumulate = set_up_processes(args)
+    is_main, distributed = rank == 0, "RANK" in os.environ
+    # bf16 autocast where the device has native bf16 (CUDA from Ampere on), float32 otherwise unless asked.
+    native_bf16 = device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
+    dtype = getattr(torch, args.dtype or ("bfloat16" if native_bf16 else "float32"))
+    out = Path(args.out)
+    resume = find_checkpoint(args.resume) if args.resume else None
+    if not resume and any(out.glob("step-*")):
+        raise TrainError(f"--out {out} already holds checkpoints ({sorted(out.glob('step-*'))[-1].name}): pass "
+                         f"--resume {out} to continue that run, or choose another --out")
+    splits, tokenizer, config, init = set_up_text(args, out, is_main, distributed)
     if config.model_type == "olmoe":  # the coefficients trained with, in the convention the config's readers use:
         # transformers' aux loss reads K at balance, the paper's 1, so the paper's lb_coef is lb_coef / K there
         K = config.num_experts_per_tok
@@ -466,115 +533,162 @@ def train(args):
     if args.seq_len > config.max_position_embeddings:
         raise TrainError(f"--seq-len {args.seq_len} is beyond the model's context of "
                          f"{config.max_position_embeddings} tokens")
-    if resume:
-        ckpt_config = olmoe.read_config(resume)
-        if diff := config_difference(config, ckpt_config):
-            raise TrainError(f"--resume {resume}: another model config ({diff})")
-        if generate.load_tokenizer(resume)[0].to_str() != tokenizer.to_str():
-            raise TrainError(f"--resume {resume}: another tokenizer than this run's (the checkpoint's "
-                             "tokenizer.json differs: same --text, --vocab-size and --init?)")
-
-    # The token file, made once by the first process.
+    if resume and (diff := config_difference(config, olmoe.read_config(resume))):
+        raise TrainError(f"--resume {resume}: another model config ({diff})")
+    if resume and generate.load_tokenizer(resume)[0].to_str() != tokenizer.to_str():
+        raise TrainError(f"--resume {resume}: another tokenizer than this run's (the checkpoint's "
+                         "tokenizer.json differs: same --text, --vocab-size and --init?)")
     out.mkdir(parents=True, exist_ok=True)
-    if is_main:
-        index = build_token_file(out, tokenizer, eos, splits)
+    if is_main:  # the token file, made once by the first process
+        build_token_file(out, tokenizer, eos, splits)
     if distributed:
         dist.barrier()
-        index = json.loads((out / "tokens.json").read_text())
+    index = json.loads((out / "tokens.json").read_text())
     tokens = np.memmap(out / "tokens.bin", dtype=index["dtype"], mode="r")
-    n_train = index["train"][1]
-    if n_train <= args.seq_len:
-        raise TrainError(f"only {n_train} training tokens: too few for one window of --seq-len {args.seq_len}")
-
-    # The model in float32 (the master weights), and AdamW on every parameter.
-    if resume or init:
-        model = olmoe.load_model(resume or init, device="cpu", dtype=torch.float32).train()
-    else:
-        model = olmoe.Transformer(config)
-        init_weights(model, args.seed)
-    if not args.fsdp:  # fully_shard moves each shard to the device itself: the whole model never is on one
-        model.to(device)
-    if args.fsdp:
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-        mesh = init_device_mesh(device.type, (world,))
-        # Our blocks return router logits as a view; nothing modifies a block's outputs in place, as it warns of.
-        warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
-        # bf16 compute, float32 gradient reduction and master weights; each block is one all-gather.
-        policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
-        for layer in model.model.layers:
-            fully_shard(layer, mesh=mesh, mp_policy=policy)
-        fully_shard(model, mesh=mesh, mp_policy=policy)
-    elif distributed:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
-    raw = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
-    eval_model = model if args.fsdp else raw  # FSDP needs every process in the forward; DDP's wrapper is for training
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), eps=1e-8,
-                                  weight_decay=args.weight_decay)
-    step = 0
+    if index["train"][1] <= args.seq_len:
+        raise TrainError(f"only {index['train'][1]} training tokens: too few for one window of --seq-len "
+                         f"{args.seq_len}")
+    model, optimizer = set_up_model(args, config, device, world, dtype, resume or init)
+    run = Run(args, out, rank, world, device, dtype, micro, accumulate, list(splits), tokenizer, config, tokens,
+              index, init, model, optimizer, 0, resume)
     if resume:
-        state = torch.load(resume / "train_state.pt", map_location="cpu", weights_only=True)
-        if state["optimizer"] is not None:  # None: the untrained model's checkpoint, step 0
-            load_optimizer_state(model, optimizer, state["optimizer"], args.fsdp)
-        step = state["step"]
-        torch.set_rng_state(state["rng"])
-        changed = {k: (v, getattr(args, k, None)) for k, v in state["args"].items()
-                   if k not in ("resume", "out", "steps", "save_every", "eval_every", "device")
-                   and v != getattr(args, k, None)}
-        if changed and is_main:
-            print(f"note: resuming with other flags than the run had: {changed}", file=sys.stderr)
+        restore(run, resume)
+    return run
 
-    K = getattr(config, "num_experts_per_tok", 0)
-    moe = config.model_type == "olmoe"
-    warmup = args.warmup_steps if args.warmup_steps is not None else min(2000, args.steps // 10)
-    tokens_per_step = args.batch_size * args.seq_len
-    flops_per_step = 6 * active_params(config) * tokens_per_step
-    peak = matmul_peak(device, compute_dtype) * world
-    log_file = out / "log.jsonl"
-    if is_main:
-        print(f"{config.model_type} {sum(p.numel() for p in raw.parameters()) / 1e6:.2f}M parameters "
-              f"({active_params(config) / 1e6:.2f}M active), {n_train} training tokens, {world} process(es) on "
-              f"{device.type}, {dtype_name}; {args.batch_size} x {args.seq_len} tokens per step "
-              f"({accumulate} micro-batch(es) of {micro} per process)", file=sys.stderr)
 
-    def checkpoint(step):
-        weights, opt_state = full_state(model, optimizer, args.fsdp)
-        if is_main:
-            train_state = dict(step=step, rng=torch.get_rng_state(), args=vars(args), world_size=world)
-            save_checkpoint(out, step, config, weights, opt_state, tokenizer, train_state)
-        if distributed:
-            dist.barrier()
-        return out / f"step-{step:06d}"
+def restore(run, checkpoint):
+    """--resume: the optimizer's state, the step and the random state the checkpoint was saved with."""
+    state = torch.load(checkpoint / "train_state.pt", map_location="cpu", weights_only=True)
+    if state["optimizer"] is not None:  # None: the untrained model's checkpoint, step 0
+        load_optimizer_state(run.model, run.optimizer, state["optimizer"], run.args.fsdp)
+    run.step = state["step"]
+    torch.set_rng_state(state["rng"])
+    changed = {k: (v, getattr(run.args, k, None)) for k, v in state["args"].items()
+               if k not in ("resume", "out", "steps", "save_every", "eval_every", "device")
+               and v != getattr(run.args, k, None)}
+    if changed and run.is_main:
+        print(f"note: resuming with other flags than the run had: {changed}", file=sys.stderr)
 
-    def log(step, train_loss, extra):
-        model.eval()
-        val, counts = evaluate(eval_model, tokens, index, args.seq_len, micro, args.eval_tokens, autocast, K)
-        model.train()
-        record = dict(step=step, tokens=step * tokens_per_step, train_loss=train_loss, **extra,
-                      lr=get_lr(max(step, 1), args.lr, warmup, args.steps),
-                      val={d: v["loss"] for d, v in val.items()}, val_bpb={d: v["bpb"] for d, v in val.items()})
+
+def raw_model(run):
+    """The model itself, unwrapped from DDP (FSDP2 shards it in place)."""
+    return run.model.module if isinstance(run.model, torch.nn.parallel.DistributedDataParallel) else run.model
+
+
+def forward_backward(run, step):
+    """The gradients of one optimizer step: this process's share of the step's windows, in micro-batches whose
+    gradients add up (reduced over the processes once, after the last). Returns the step's mean cross-entropy,
+    load-balancing loss and z-loss over all processes."""
+    args, share = run.args, run.args.batch_size // run.world
+    x, y = get_batch(run.tokens, run.index["train"][1], args.seq_len, args.batch_size, args.seed, step)  # (B, T)
+    x, y = x[run.rank * share:(run.rank + 1) * share], y[run.rank * share:(run.rank + 1) * share]
+    sums = torch.zeros(3, device=run.device)  # cross-entropy, load balancing, z-loss: means over micro-batches
+    for i in range(run.accumulate):
+        last = i == run.accumulate - 1
+        if args.fsdp:
+            run.model.set_requires_gradient_sync(last)
+        elif run.distributed:
+            run.model.require_backward_grad_sync = last
+        xb, yb = x[i * run.micro:(i + 1) * run.micro].to(run.device), y[i * run.micro:(i + 1) * run.micro]
+        with run.autocast():
+            output = run.model(xb)
+        ce = F.cross_entropy(output.logits.flatten(0, 1).float(), yb.to(run.device).flatten())
+        lb = z = torch.zeros((), device=run.device)
+        if run.config.model_type == "olmoe":
+            K = run.config.num_experts_per_tok
+            lb = balance_loss_paper(output.router_logits, K) if args.lb_convention == "paper" else output.aux_loss
+            z = output.z_loss
+        ((ce + args.lb_coef * lb + args.z_coef * z) / run.accumulate).backward()
+        sums += torch.stack([ce.detach(), lb.detach(), z.detach()]) / run.accumulate
+    if run.distributed:
+        dist.all_reduce(sums)
+        sums /= run.world
+    return sums.tolist()
+
+
+def log_evaluation(run, step, train_loss, extra):
+    """Validation loss and bits per byte of each domain, and the experts' load: one line of log.jsonl and stdout."""
+    args, K = run.args, getattr(run.config, "num_experts_per_tok", 0)
+    run.model.eval()
+    eval_model = run.model if args.fsdp else raw_model(run)  # FSDP needs every process; DDP's wrapper is for training
+    val, counts = evaluate(eval_model, run.tokens, run.index, args.seq_len, run.micro, args.eval_tokens, run.autocast,
+                           K)
+    run.model.train()
+    warmup = warmup_steps(args)
+    record = dict(step=step, tokens=step * args.batch_size * args.seq_len, train_loss=train_loss, **extra,
+                  lr=get_lr(max(step, 1), args.lr, warmup, args.steps),
+                  val={d: v["loss"] for d, v in val.items()}, val_bpb={d: v["bpb"] for d, v in val.items()})
+    if counts is not None:
+        record["max_share"], record["entropy_bits"] = load_summary(counts, K)
+    if run.is_main:
+        with open(run.out / "log.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        trained = f"train {train_loss:.3f} | " if train_loss is not None else ""
+        line = (f"step {step} | {record['tokens']} tokens | {trained}val "
+                + ", ".join(f"{d} {v['loss']:.3f} ({v['bpb']:.3f} bpb)" for d, v in val.items()))
         if counts is not None:
-            record["max_share"], record["entropy_bits"] = load_summary(counts, K)
-        if is_main:
-            with open(log_file, "a") as f:
-                f.write(json.dumps(record) + "\n")
-            trained = f"train {train_loss:.3f} | " if train_loss is not None else ""
-            line = (f"step {step} | {record['tokens']} tokens | {trained}val "
-                    + ", ".join(f"{d} {v['loss']:.3f} ({v['bpb']:.3f} bpb)" for d, v in val.items()))
-            if counts is not None:
-                line += " | largest expert share per layer " + " ".join(f"{s:.3f}" for s in record["max_share"])
-            tqdm.write(line, file=sys.stdout)
+            line += " | largest expert share per layer " + " ".join(f"{s:.3f}" for s in record["max_share"])
+        tqdm.write(line, file=sys.stdout)
 
-    bar = tqdm(total=args.steps, initial=step, desc="training", unit="step", file=sys.stderr, disable=not is_main,
-               dynamic_ncols=True)
+
+def save(run, step):
+    """DIR/step-NNNNNN: the weights and the optimizer's state gathered whole (every process takes part), written
+    by the first process."""
+    weights, opt_state = full_state(run.model, run.optimizer, run.args.fsdp)
+    if run.is_main:
+        train_state = dict(step=step, rng=torch.get_rng_state(), args=vars(run.args), world_size=run.world)
+        save_checkpoint(run.out, step, run.config, weights, opt_state, run.tokenizer, train_state)
+    if run.distributed:
+        dist.barrier()
+    return run.out / f"step-{step:06d}"
+
+
+def warmup_steps(args):
+    return args.warmup_steps if args.warmup_steps is not None else min(2000, args.steps // 10)
+
+
+def describe(run):
+    """The line a run starts with: the model, the data, the processes and the batch."""
+    c, n = run.config, sum(p.numel() for p in raw_model(run).parameters())
+    return (f"{c.model_type} {n / 1e6:.2f}M parameters ({active_params(c) / 1e6:.2f}M active), "
+            f"{run.index['train'][1]} training tokens, {run.world} process(es) on {run.device.type}, "
+            f"{str(run.dtype).removeprefix('torch.')}; {run.args.batch_size} x {run.args.seq_len} tokens per step "
+            f"({run.accumulate} micro-batch(es) of {run.micro} per process)")
+
+
+def finish(run):
+    """The curves of the run, and (several processes) leaving together."""
+    c = run.config
+    if run.is_main and (run.out / "log.jsonl").is_file():
+        what = f"{c.model_type}, {sum(p.numel() for p in raw_model(run).parameters()) / 1e6:.1f}M parameters" + (
+            f" ({c.num_experts} experts, {c.num_experts_per_tok} per token)" if c.model_type == "olmoe" else "")
+        origin = f"fine-tuned from {run.args.init}" if run.init else "from scratch"
+        plot(run.out / "log.jsonl", run.out / "curves.png", f"run {run.out.name}: {what}, {origin}, on "
+             f"{', '.join(run.domains)}", balanced=1 / c.num_experts if c.model_type == "olmoe" else None)
+    if run.distributed:
+        # All ranks leave together. FSDP2's DTensor caches keep the gloo process group alive past
+        # destroy_process_group, into interpreter shutdown; a rank that got there while rank 0 was still plotting
+        # aborted there ("terminate called without an active exception") in 6 of 324 runs of the two-process
+        # test under load, and in none of 220 with this barrier.
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def train(args):
+    run = set_up(args)
+    step, tokens_per_step = run.step, args.batch_size * args.seq_len
+    flops_per_step = 6 * active_params(run.config) * tokens_per_step
+    peak = matmul_peak(run.device, run.dtype) * run.world
+    sync = generate.synchronizer(run.device)
+    if run.is_main:
+        print(describe(run), file=sys.stderr)
+    bar = tqdm(total=args.steps, initial=step, desc="training", unit="step", file=sys.stderr,
+               disable=not run.is_main, dynamic_ncols=True)
     if step == 0 and args.eval_every:
-        log(0, None, {})
-    last_saved, done = resume, step  # done: the last step whose update the weights hold
-    if step == 0 and not init:  # the untrained model, to compare the trained one's routing with
-        last_saved = checkpoint(0)
-    sync = generate.synchronizer(device)
-    per_process = args.batch_size // world
+        log_evaluation(run, 0, None, {})
+    last_saved, done = run.resumed, step  # done: the last step whose update the weights hold
+    if step == 0 and not run.init:  # the untrained model, to compare the trained one's routing with
+        last_saved = save(run, 0)
     # Ctrl-C finishes the step under way, saves it and exits. The handler only raises a flag, so that a second
     # SIGINT cannot break into the saving: a terminal's Ctrl-C reaches torchrun's workers twice, once directly
     # and once forwarded by torchrun.
@@ -584,58 +698,35 @@ def train(args):
         while step < args.steps:
             step += 1
             t0 = time.perf_counter()
-            lr = get_lr(step, args.lr, warmup, args.steps)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            # The step's windows, the same in every process; each process takes its own share of them.
-            x, y = get_batch(tokens, n_train, args.seq_len, args.batch_size, args.seed, step)  # (B, T) each
-            x, y = x[rank * per_process:(rank + 1) * per_process], y[rank * per_process:(rank + 1) * per_process]
-            sums = torch.zeros(3, device=device)  # cross-entropy, load balancing, z-loss: means over micro-batches
-            for i in range(accumulate):
-                last = i == accumulate - 1  # gradients are reduced over the processes once, after the last one
-                if args.fsdp:
-                    model.set_requires_gradient_sync(last)
-                elif distributed:
-                    model.require_backward_grad_sync = last
-                xb, yb = x[i * micro:(i + 1) * micro].to(device), y[i * micro:(i + 1) * micro].to(device)
-                with autocast():
-                    output = model(xb)
-                ce = F.cross_entropy(output.logits.flatten(0, 1).float(), yb.flatten())
-                lb = z = torch.zeros((), device=device)
-                if moe:
-                    lb = balance_loss_paper(output.router_logits, K) if args.lb_convention == "paper" \
-                        else output.aux_loss
-                    z = output.z_loss
-                loss = ce + args.lb_coef * lb + args.z_coef * z
-                (loss / accumulate).backward()
-                sums += torch.stack([ce.detach(), lb.detach(), z.detach()]) / accumulate
-            if distributed:
-                dist.all_reduce(sums)
-                sums /= world
-            ce_, lb_, z_ = sums.tolist()
-            if not math.isfinite(ce_ + lb_ + z_):
+            # determine and set the learning rate for this iteration
+            for group in run.optimizer.param_groups:
+                group["lr"] = get_lr(step, args.lr, warmup_steps(args), args.steps)
+            # forward backward, with gradient accumulation over micro-batches; stop before a non-finite update
+            ce, lb, z = forward_backward(run, step)
+            if not math.isfinite(ce + lb + z):
                 bar.close()
                 kept = f"the last good checkpoint is {last_saved}" if last_saved else "no checkpoint was saved yet"
-                raise TrainError(f"the loss became {ce_ + lb_ + z_} at step {step}; stopped before updating the "
+                raise TrainError(f"the loss became {ce + lb + z} at step {step}; stopped before updating the "
                                  f"weights, and {kept}. Lower --lr or raise --warmup-steps (in bfloat16, try float32)")
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            # clip the gradient, update the weights
+            grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), args.grad_clip)
+            run.optimizer.step()
+            run.optimizer.zero_grad(set_to_none=True)
             done = step
             sync()
             dt = time.perf_counter() - t0
             bar.update(1)
-            bar.set_postfix(loss=f"{ce_:.3f}", tok_s=f"{tokens_per_step / dt:.0f}",
+            bar.set_postfix(loss=f"{ce:.3f}", tok_s=f"{tokens_per_step / dt:.0f}",
                             mfu=f"{flops_per_step / dt / peak:.1%}")
+            # evaluate, log and save
             if args.eval_every and (step % args.eval_every == 0 or step == args.steps):
-                if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
-                    grad_norm = grad_norm.full_tensor()
-                log(step, ce_, dict(lb_loss=lb_, z_loss=z_, grad_norm=grad_norm.item(),
-                                    tokens_per_s=tokens_per_step / dt, mfu=flops_per_step / dt / peak))
+                grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP
+                log_evaluation(run, step, ce, dict(lb_loss=lb, z_loss=z, grad_norm=grad_norm.item(),
+                                                   tokens_per_s=tokens_per_step / dt, mfu=flops_per_step / dt / peak))
             if step % args.save_every == 0 or step == args.steps:
-                last_saved = checkpoint(step)
-            stop = torch.tensor(float(bool(interrupted)), device=device)
-            if distributed:  # every process stops at the same step, whichever saw the Ctrl-C
+                last_saved = save(run, step)
+            stop = torch.tensor(float(bool(interrupted)), device=run.device)
+            if run.distributed:  # every process stops at the same step, whichever saw the Ctrl-C
                 dist.all_reduce(stop, op=dist.ReduceOp.MAX)
             if stop.item():
                 raise KeyboardInterrupt
@@ -643,28 +734,16 @@ def train(args):
         # Ctrl-C: keep what was trained. A step interrupted before optimizer.step() (a KeyboardInterrupt raised
         # before the handler was in place) left the weights as the step before it had them.
         bar.close()
-        if done and last_saved != out / f"step-{done:06d}":
-            if is_main:
+        if done and last_saved != run.out / f"step-{done:06d}":
+            if run.is_main:
                 print(f"\ninterrupted: saving step {done}", file=sys.stderr)
-            optimizer.zero_grad(set_to_none=True)
-            checkpoint(done)
+            run.optimizer.zero_grad(set_to_none=True)
+            save(run, done)
         raise
     finally:
         signal.signal(signal.SIGINT, previous_handler)
     bar.close()
-    if is_main and log_file.is_file():
-        what = f"{config.model_type}, {sum(p.numel() for p in raw.parameters()) / 1e6:.1f}M parameters" + (
-            f" ({config.num_experts} experts, {K} per token)" if moe else "")
-        origin = f"fine-tuned from {args.init}" if init else "from scratch"
-        plot(log_file, out / "curves.png", f"run {out.name}: {what}, {origin}, on {', '.join(domains)}",
-             balanced=1 / config.num_experts if moe else None)
-    if distributed:
-        # All ranks leave together. FSDP2's DTensor caches keep the gloo process group alive past
-        # destroy_process_group, into interpreter shutdown; a rank that got there while rank 0 was still plotting
-        # aborted there ("terminate called without an active exception") in 6 of 324 runs of the two-process
-        # test under load, and in none of 220 with this barrier.
-        dist.barrier()
-        dist.destroy_process_group()
+    finish(run)
     return last_saved
 
 
