@@ -409,8 +409,8 @@ class Run:
     resumed: Path | None  # the checkpoint this run continues, if any
 
     @property
-    def distributed(self):  # started by torchrun
-        return "RANK" in os.environ
+    def distributed(self):
+        return started_by_torchrun()
 
     @property
     def is_main(self):
@@ -418,6 +418,11 @@ class Run:
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.dtype == torch.bfloat16)
+
+
+def started_by_torchrun():
+    """Whether torchrun started this process (it sets RANK, WORLD_SIZE and LOCAL_RANK): then it has peers."""
+    return "RANK" in os.environ
 
 
 def set_up_processes(args):
@@ -430,10 +435,10 @@ def set_up_processes(args):
     if (args.batch_size // world) % micro:
         raise TrainError(f"--micro-batch-size {micro} does not divide the {args.batch_size // world} sequences "
                          f"each of the {world} processes takes per step")
-    if args.fsdp and "RANK" not in os.environ:
+    if args.fsdp and not started_by_torchrun():
         raise TrainError("--fsdp shards over processes: start it with torchrun --nproc_per_node N")
     device = generate.pick_device(args.device)
-    if "RANK" in os.environ:
+    if started_by_torchrun():
         if device.type == "cuda":
             device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
             torch.cuda.set_device(device)
@@ -500,7 +505,7 @@ def set_up_model(args, config, device, world, dtype, checkpoint):
         fully_shard(model, mesh=mesh, mp_policy=policy)
     else:
         model.to(device)
-        if "RANK" in os.environ:
+        if started_by_torchrun():
             model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda"
                                                               else None)
     return model, torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), eps=1e-8,
@@ -512,7 +517,7 @@ def set_up(args) -> Run:
     optimizer, and what --resume restores. Each user error is a TrainError raised before any work is lost."""
     check_args(args)
     rank, world, device, micro, accumulate = set_up_processes(args)
-    is_main, distributed = rank == 0, "RANK" in os.environ
+    is_main, distributed = rank == 0, started_by_torchrun()
     # bf16 autocast where the device has native bf16 (CUDA from Ampere on), float32 otherwise unless asked.
     native_bf16 = device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
     dtype = getattr(torch, args.dtype or ("bfloat16" if native_bf16 else "float32"))
