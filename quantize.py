@@ -344,7 +344,7 @@ def swap_in_quantized(model, bits, group_size, clip_search=False):
         if isinstance(child, olmoe.Experts):
             E, I2, D = child.gate_up_proj.shape
             return QuantExperts(E, D, I2 // 2, bits, group_size, dtype, where=where, clip_search=clip_search)
-        if isinstance(child, nn.Linear) and not (isinstance(parent, olmoe.SparseMoE) and where.endswith(".gate")) \
+        if isinstance(child, nn.Linear) and not (isinstance(parent, olmoe.SparseMoE) and child is parent.gate) \
                 and child.weight is not model.model.embed_tokens.weight:
             return QuantLinear(child.out_features, child.in_features, bits, group_size, dtype, where=where,
                                clip_search=clip_search)
