@@ -159,10 +159,13 @@ def short_run(train_data, tmp_path_factory):
 # Optional packages
 
 
+IN_CI = os.environ.get("CI") == "true"  # .ci/run: the optional packages are installed on purpose
+
+
 def importorskip(name):
     """pytest.importorskip, except in CI (CI=true), which installs the optional packages on purpose: there a
     missing one fails the test instead of hiding it as a skip."""
-    if os.environ.get("CI") == "true":
+    if IN_CI:
         import importlib
 
         return importlib.import_module(name)

