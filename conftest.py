@@ -146,12 +146,13 @@ def train_args(data, out, *extra, model="moe.json"):
 @pytest.fixture(scope="session")
 def short_run(train_data, tmp_path_factory):
     """A tiny OLMoE trained by train.py for 30 steps, evaluated and saved every 15: the run directory, with its
-    log.jsonl, held-out text and checkpoints step-000000 (untrained), step-000015 and step-000030. Tests read it
-    and never write into it."""
+    log.jsonl, held-out text and checkpoints step-000000 (untrained, its weights alone), step-000015 and
+    step-000030 (both resumable). Tests read it and never write into it."""
     import train
 
     out = tmp_path_factory.mktemp("short")
-    train.main(train_args(train_data, out, "--steps", "30", "--eval-every", "15", "--save-every", "15"))
+    train.main(train_args(train_data, out, "--steps", "30", "--eval-every", "15", "--save-every", "15",
+                          "--keep-resumable", "2"))
     return out
 
 

@@ -93,7 +93,12 @@ def test_checkpoints_are_whole_hub_layout_folders(short_run):
     step = short_run / "step-000030"
     assert {p.name for p in step.iterdir()} == {"config.json", "model.safetensors", "tokenizer.json",
                                                 "generation_config.json", "train_state.pt", "trainer_state.json"}
-    assert json.loads((step / "trainer_state.json").read_text()) == {"step": 30, "tokens": 30 * 4 * 32, "seq_len": 32}
+    state = json.loads((step / "trainer_state.json").read_text())
+    assert {k: state[k] for k in ("step", "tokens", "seq_len")} == {"step": 30, "tokens": 30 * 4 * 32, "seq_len": 32}
+    assert state["args"]["steps"] == 30 and state["args"]["vocab_size"] == 300  # the run's flags, for --resume
+    # --keep-resumable 2: the optimizer's state (train_state.pt) in the last two checkpoints only
+    assert sorted(p.parent.name for p in short_run.glob("step-*/train_state.pt")) == ["step-000015", "step-000030"]
+    assert olmoe.load_model(short_run / "step-000000") is not None  # the weights alone still load
     config = json.loads((step / "config.json").read_text())
     assert config["architectures"] == ["OlmoeForCausalLM"] and config["dtype"] == "float32"
     assert config["vocab_size"] == 320  # 300 padded to a multiple of 64
@@ -162,7 +167,7 @@ def test_interrupted_and_resumed_run_equals_the_uninterrupted_one(train_data, tm
 
 
 TWO_PROCESS_FLAGS = ("--steps", "4", "--eval-every", "1", "--save-every", "2", "--batch-size", "8",
-                     "--micro-batch-size", "2")
+                     "--micro-batch-size", "2", "--keep-resumable", "2")
 
 
 @pytest.fixture(scope="module")
@@ -551,8 +556,9 @@ def run_expecting_error(argv, capsys):
     ("batch over processes", "does not divide over 2 processes"),
     ("micro-batch", "does not divide the 4 sequences"),
     ("out holds checkpoints", "already holds checkpoints"),
-    ("resume another config", "another model config"),
-    ("resume another tokenizer", "another tokenizer"),
+    ("resume another config", "differs from the run's --model"),
+    ("resume another tokenizer", "--vocab-size 290 differs from the run's --vocab-size 300"),
+    ("resume a checkpoint of weights alone", "kept its weights only (--keep-resumable); resume from"),
     ("save-every 0", "--save-every 0: expected at least 1"),
     ("batch-size 0", "--batch-size 0: expected at least 1"),
     ("seq-len 0", "--seq-len 0: expected at least 1"),
@@ -575,6 +581,7 @@ def test_bad_input_is_one_error_line(case, expected, train_data, short_run, tmp_
         "out holds checkpoints": args(train_data, short_run),
         "resume another config": args(train_data, out, "--resume", str(short_run), model="olmo2.json"),
         "resume another tokenizer": args(train_data, out, "--resume", str(short_run), "--vocab-size", "290"),
+        "resume a checkpoint of weights alone": ["--resume", str(short_run / "step-000000")],
         "save-every 0": args(train_data, out, "--save-every", "0"),
         "batch-size 0": args(train_data, out, "--batch-size", "0"),
         "seq-len 0": args(train_data, out, "--seq-len", "0"),
@@ -588,7 +595,7 @@ def test_bad_input_is_one_error_line(case, expected, train_data, short_run, tmp_
         monkeypatch.setenv("WORLD_SIZE", "2")
         monkeypatch.setenv("LOCAL_RANK", "0")
     line, err = run_expecting_error(argv, capsys)
-    assert expected in line and err.strip() == line
+    assert expected in line and err.strip().splitlines()[-1] == line  # last, on a line of its own
     assert {p.name: p.stat().st_mtime_ns for p in short_run.glob("step-*/*")} == before
 
 
@@ -632,23 +639,23 @@ def test_config_difference_ignores_the_router_coefficients_and_dtype_but_not_the
     assert train.config_difference(here, other) == "num_experts 8 here, 4 in the checkpoint"
 
 
-def test_resuming_an_earlier_step_with_another_lb_coef_notes_only_that_flag_and_replaces_the_later_step(
-        train_data, tmp_path, capsys):
-    """--resume DIR/step-000001 of a finished 2-step run, with --lb-coef 0.02 instead of 0.01: allowed (the same
-    model), one note naming just the changed flag, and step 2 saved again in place of the old one, whole, with
-    nothing left beside it."""
+def test_resume_dir_alone_continues_with_the_runs_flags_and_refuses_another_value(train_data, tmp_path, capsys):
+    """--resume DIR alone: the run's own flags (from its trainer_state.json), its directory as --out; a flag given
+    again with another value (--lb-coef) is refused naming it, and a longer --steps extends the run. The first run
+    saved every step, and kept the optimizer's state in its last checkpoint only."""
     out = tmp_path / "run"
-    flags = ["--steps", "2", "--save-every", "1", "--eval-every", "0"]
-    train.main(args(train_data, out, *flags))
-    capsys.readouterr()
-    train.main(args(train_data, out, *flags, "--lb-coef", "0.02", "--resume", str(out / "step-000001")))
-    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note:")]
-    assert notes == ["note: resuming with other flags than the run had: {'lb_coef': (0.01, 0.02)}"]
-    assert sorted(p.name for p in out.iterdir() if "step" in p.name) == ["step-000000", "step-000001", "step-000002"]
-    step = out / "step-000002"
-    assert torch.load(step / "train_state.pt", weights_only=True)["args"]["lb_coef"] == 0.02  # the new one
-    assert olmoe.read_config(step).router_aux_loss_coef == pytest.approx(0.02 / 2)  # paper convention, K = 2
-    assert olmoe.load_model(step) is not None
+    train.main(args(train_data, out, "--steps", "2", "--save-every", "1", "--eval-every", "0"))
+    assert sorted(p.parent.name for p in out.glob("step-*/train_state.pt")) == ["step-000002"]
+    line, _ = run_expecting_error(["--resume", str(out), "--lb-coef", "0.02"], capsys)
+    assert line.startswith(f"error: --lb-coef 0.02 differs from the run's --lb-coef 0.01 ({out / 'step-000002'})")
+    assert "only --steps, --save-every, --eval-every, --keep-resumable" in line
+    train.main(["--resume", str(out), "--steps", "3"])
+    assert sorted(p.name for p in out.glob("step-*")) == ["step-000000", "step-000001", "step-000002", "step-000003"]
+    state = json.loads((out / "step-000003" / "trainer_state.json").read_text())
+    assert state["tokens"] == 3 * 4 * 32 and state["args"]["steps"] == 3
+    assert {k: state["args"][k] for k in ("lb_coef", "vocab_size", "batch_size", "text")} == \
+        {"lb_coef": 0.01, "vocab_size": 300, "batch_size": 4, "text": args(train_data, out)[1:4:2]}
+    assert olmoe.load_model(out / "step-000003") is not None
 
 
 def test_the_evaluation_line_lists_each_layers_largest_expert_share_separated_by_spaces(train_data, tmp_path,
@@ -687,8 +694,8 @@ def test_a_seq_len_equal_to_the_models_context_trains(train_data, tmp_path):
     flags = args(train_data, out, "--steps", "1", "--eval-every", "0", "--save-every", "1", "--seq-len", "16")
     flags[flags.index("--model") + 1] = str(tmp_path / "ctx16.json")
     train.main(flags)
-    assert json.loads((out / "step-000001" / "trainer_state.json").read_text()) == \
-           {"step": 1, "tokens": 1 * 4 * 16, "seq_len": 16}
+    state = json.loads((out / "step-000001" / "trainer_state.json").read_text())
+    assert {k: state[k] for k in ("step", "tokens", "seq_len")} == {"step": 1, "tokens": 1 * 4 * 16, "seq_len": 16}
     assert json.loads((out / "step-000001" / "config.json").read_text())["max_position_embeddings"] == 16
 
 

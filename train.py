@@ -3,7 +3,7 @@
     python train.py --text code='py/*.py' --text prose=docs.txt --out runs/small --model olmoe-cpu --lr 3e-3
     python train.py --text chat=sft.txt --out runs/ft --init allenai/OLMoE-1B-7B-0924 --lr 1e-5
     torchrun --nproc_per_node 8 train.py ... --fsdp          # data parallel; --fsdp also shards the model
-    python train.py ... --resume runs/small                  # continue from the run's last checkpoint, exactly
+    python train.py --resume runs/small                      # continue the run from its last checkpoint, exactly
 
 Read like nanoGPT's train.py: the pieces first (presets -> text and tokens (tokenizer, token file, get_batch) ->
 the router losses -> learning rate -> evaluation -> checkpoints), then the run: set_up does everything before the
@@ -16,6 +16,7 @@ standard deviations, bf16 mixed precision (float32 master weights and optimizer 
 """
 
 import argparse
+import contextlib
 import glob
 import hashlib
 import json
@@ -287,10 +288,11 @@ def save_checkpoint(out, step, config, weights, optimizer_state, tokenizer, trai
     tokenizer.save(str(tmp / "tokenizer.json"))
     eos, pad = config.eos_token_id, config.pad_token_id
     (tmp / "generation_config.json").write_text(json.dumps(dict(eos_token_id=eos, pad_token_id=pad), indent=2))
-    torch.save(dict(train_state, optimizer=optimizer_state), tmp / "train_state.pt")
-    tokens = step * train_state["args"]["batch_size"] * train_state["args"]["seq_len"]  # for routing.py's curves
-    seq_len = train_state["args"]["seq_len"]
-    (tmp / "trainer_state.json").write_text(json.dumps(dict(step=step, tokens=tokens, seq_len=seq_len)) + "\n")
+    torch.save(dict(train_state, optimizer=optimizer_state), tmp / "train_state.pt")  # what --resume needs
+    args = train_state["args"]
+    tokens = step * args["batch_size"] * args["seq_len"]  # for routing.py's curves; seq_len for evaluate.py
+    (tmp / "trainer_state.json").write_text(json.dumps(dict(step=step, tokens=tokens, seq_len=args["seq_len"],
+                                                            args=args)) + "\n")
     if final.exists():  # the same step saved again (a resumed run): replace it only once the new one is whole
         old = out / f".{final.name}.old"
         shutil.rmtree(old, ignore_errors=True)
@@ -302,15 +304,29 @@ def save_checkpoint(out, step, config, weights, optimizer_state, tokenizer, trai
     return final
 
 
+def resumable(out):
+    """A run's checkpoints that hold what --resume needs (train_state.pt), the most recently saved last."""
+    return sorted((p.parent for p in Path(out).glob("step-*/train_state.pt")),
+                  key=lambda p: (p / "train_state.pt").stat().st_mtime)
+
+
+def prune(out, keep):
+    """Only the last `keep` checkpoints saved keep their train_state.pt, whose optimizer state is twice the weights;
+    the others keep the weights alone, which is all generate.py, routing.py and evaluate.py read."""
+    for checkpoint in resumable(out)[:-keep]:
+        (checkpoint / "train_state.pt").unlink()
+
+
 def find_checkpoint(path):
-    """--resume PATH: a step-NNNNNN checkpoint, or a run's directory (its latest checkpoint)."""
+    """--resume PATH: a step-NNNNNN checkpoint, or a run's directory (its checkpoint saved last)."""
     path = Path(path)
     if (path / "train_state.pt").is_file():
         return path
-    steps = sorted(p for p in path.glob("step-*") if (p / "train_state.pt").is_file())
-    if not steps:
-        raise TrainError(f"--resume {path}: no checkpoint with a train_state.pt there (expected DIR/step-NNNNNN "
-                         "or the run's DIR)")
+    if not (steps := resumable(path)):
+        kept = resumable(path.parent) if (path / "config.json").is_file() else []
+        raise TrainError(f"--resume {path}: " + (f"kept its weights only (--keep-resumable); resume from {kept[-1]}"
+                         if kept else "no checkpoint with a train_state.pt there (expected DIR/step-NNNNNN or the "
+                         "run's DIR)"))
     return steps[-1]
 
 
@@ -425,6 +441,27 @@ def started_by_torchrun():
     return "RANK" in os.environ
 
 
+@contextlib.contextmanager
+def saying(is_main, what):
+    """'what ...' on stderr as a phase of the set-up starts, then what it found and how long it took, on the same
+    line: a run says what it is doing from its first second. Yields a list; what is appended to it is said too."""
+    said, t0 = [], time.perf_counter()
+    if is_main:
+        print(f"{what} ...", end=" ", file=sys.stderr, flush=True)
+    try:
+        yield said
+    except BaseException:
+        if is_main:
+            print(file=sys.stderr, flush=True)  # an error starts on a line of its own
+        raise
+    if is_main:
+        print(", ".join(said + [f"{time.perf_counter() - t0:.1f} s"]), file=sys.stderr, flush=True)
+
+
+def megabytes(docs):
+    return sum(len(d.encode("utf-8", errors="replace")) for d in docs) / 1e6
+
+
 def set_up_processes(args):
     """One process, or as many as torchrun started (RANK, WORLD_SIZE set), each on its own device. Returns rank,
     world, device, micro-batch size and micro-batches per step."""
@@ -458,6 +495,9 @@ def set_up_text(args, out, is_main, distributed):
             raise TrainError(f"--text {name}: too short to hold out --val-fraction {args.val_fraction} of it and "
                              "train on the rest")
     if is_main:
+        docs = [d for ds in domains.values() for d in ds]
+        print(f"read {len(docs)} files, {megabytes(docs):.2f} MB, in {len(domains)} domains ({', '.join(domains)})",
+              file=sys.stderr)
         (out / "heldout").mkdir(parents=True, exist_ok=True)
         for name, (_, held) in splits.items():
             (out / "heldout" / f"{name}.txt").write_text("\n".join(held), encoding="utf-8")
@@ -467,8 +507,10 @@ def set_up_text(args, out, is_main, distributed):
     # Trained on the first process and read by the others. The training is deterministic, so a resumed run
     # trains the very tokenizer its checkpoint holds (checked in set_up).
     if is_main:
-        train_tokenizer([d for tr, _ in splits.values() for d in tr], args.vocab_size).save(
-            str(out / "tokenizer.json"))
+        docs = [d for tr, _ in splits.values() for d in tr]
+        with saying(is_main, f"training a byte-level BPE tokenizer of {args.vocab_size} tokens on "
+                             f"{megabytes(docs):.2f} MB"):
+            train_tokenizer(docs, args.vocab_size).save(str(out / "tokenizer.json"))
     if distributed:
         dist.barrier()
     from tokenizers import Tokenizer
@@ -545,7 +587,9 @@ def set_up(args) -> Run:
                          "tokenizer.json differs: same --text, --vocab-size and --init?)")
     out.mkdir(parents=True, exist_ok=True)
     if is_main:  # the token file, made once by the first process
-        build_token_file(out, tokenizer, eos, splits)
+        text = [d for tr, va in splits.values() for d in tr + va]
+        with saying(is_main, f"tokenizing {megabytes(text):.2f} MB into {out / 'tokens.bin'}") as said:
+            said.append(f"{build_token_file(out, tokenizer, eos, splits)['train'][1]:,} training tokens")
     if distributed:
         dist.barrier()
     index = json.loads((out / "tokens.json").read_text())
@@ -553,7 +597,8 @@ def set_up(args) -> Run:
     if index["train"][1] <= args.seq_len:
         raise TrainError(f"only {index['train'][1]} training tokens: too few for one window of --seq-len "
                          f"{args.seq_len}")
-    model, optimizer = set_up_model(args, config, device, world, dtype, resume or init)
+    with saying(is_main, f"loading {resume or init}" if resume or init else "initialising the model"):
+        model, optimizer = set_up_model(args, config, device, world, dtype, resume or init)
     run = Run(args, out, rank, world, device, dtype, micro, accumulate, list(splits), tokenizer, config, tokens,
               index, init, model, optimizer, 0, resume)
     if resume:
@@ -568,11 +613,6 @@ def restore(run, checkpoint):
         load_optimizer_state(run.model, run.optimizer, state["optimizer"], run.args.fsdp)
     run.step = state["step"]
     torch.set_rng_state(state["rng"])
-    changed = {k: (v, getattr(run.args, k, None)) for k, v in state["args"].items()
-               if k not in ("resume", "out", "steps", "save_every", "eval_every", "device")
-               and v != getattr(run.args, k, None)}
-    if changed and run.is_main:
-        print(f"note: resuming with other flags than the run had: {changed}", file=sys.stderr)
 
 
 def raw_model(run):
@@ -643,6 +683,7 @@ def save(run, step):
     if run.is_main:
         train_state = dict(step=step, rng=torch.get_rng_state(), args=vars(run.args), world_size=run.world)
         save_checkpoint(run.out, step, run.config, weights, opt_state, run.tokenizer, train_state)
+        prune(run.out, run.args.keep_resumable)
     if run.distributed:
         dist.barrier()
     return run.out / f"step-{step:06d}"
@@ -679,6 +720,10 @@ def finish(run):
         dist.destroy_process_group()
 
 
+ETA_AFTER = 10
+NO_ETA = "{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]"
+
+
 def train(args):
     run = set_up(args)
     step, tokens_per_step = run.step, args.batch_size * args.seq_len
@@ -687,13 +732,19 @@ def train(args):
     sync = generate.synchronizer(run.device)
     if run.is_main:
         print(describe(run), file=sys.stderr)
-    bar = tqdm(total=args.steps, initial=step, desc="training", unit="step", file=sys.stderr,
-               disable=not run.is_main, dynamic_ncols=True)
     if step == 0 and args.eval_every:
+        if run.is_main:
+            print(f"evaluating the untrained model on {args.eval_tokens} held-out tokens of each domain",
+                  file=sys.stderr)
         log_evaluation(run, 0, None, {})
     last_saved, done = run.resumed, step  # done: the last step whose update the weights hold
     if step == 0 and not run.init:  # the untrained model, to compare the trained one's routing with
-        last_saved = save(run, 0)
+        with saying(run.is_main, f"saving the untrained model as {run.out / 'step-000000'}"):
+            last_saved = save(run, 0)
+    # The bar starts after the untrained model's evaluation, and shows the time left only once ETA_AFTER steps have
+    # timed a step: one step's time says little of 1500.
+    bar = tqdm(total=args.steps, initial=step, desc="training", unit="step", file=sys.stderr,
+               disable=not run.is_main, dynamic_ncols=True, bar_format=NO_ETA)
     # Ctrl-C finishes the step under way, saves it and exits. The handler only raises a flag, so that a second
     # SIGINT cannot break into the saving: a terminal's Ctrl-C reaches torchrun's workers twice, once directly
     # and once forwarded by torchrun.
@@ -720,6 +771,8 @@ def train(args):
             done = step
             sync()
             dt = time.perf_counter() - t0
+            if step - run.step == ETA_AFTER:
+                bar.bar_format = None  # tqdm's own format, with the time left
             bar.update(1)
             bar.set_postfix(loss=f"{ce:.3f}", tok_s=f"{tokens_per_step / dt:.0f}",
                             mfu=f"{flops_per_step / dt / peak:.1%}")
@@ -829,19 +882,19 @@ def plot_runs(runs, png):
 # Command line
 
 
-def parse_args(argv=None):
+def parser():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--text", action="append", metavar="NAME=FILE_OR_GLOB",
                    help="a domain's name and its text files; repeat for several domains")
-    p.add_argument("--out", required=True, help="directory for the token file, checkpoints, log.jsonl and curves.png "
-                   "(with --compare-runs: the PNG to draw)")
+    p.add_argument("--out", default=None, help="directory for the token file, checkpoints, log.jsonl and curves.png "
+                   "(with --compare-runs: the PNG to draw; with --resume: the run's directory by default)")
     p.add_argument("--compare-runs", nargs="+", metavar="DIR", help="draw these runs' curves side by side into "
                    "--out, and train nothing")
     p.add_argument("--model", default=None, help=f"preset to train from scratch: {', '.join(PRESETS)} "
                    "(default olmoe-cpu), or a config.json file of your own")
     p.add_argument("--init", default=None, metavar="ID_OR_DIR", help="checkpoint to continue from or fine-tune")
-    p.add_argument("--resume", default=None, metavar="DIR", help="continue a run exactly from a checkpoint, or "
-                   "from the latest one in a run's directory")
+    p.add_argument("--resume", default=None, metavar="DIR", help="continue a run exactly, with the flags it was "
+                   "started with, from a checkpoint or the last one saved in a run's directory")
     p.add_argument("--steps", type=int, default=1000, help="optimizer steps in all")
     p.add_argument("--batch-size", type=int, default=16, help="sequences per optimizer step, over all processes")
     p.add_argument("--micro-batch-size", type=int, default=None, help="sequences per forward pass in each process "
@@ -860,17 +913,48 @@ def parse_args(argv=None):
     p.add_argument("--eval-every", type=int, default=100, help="steps between evaluations (0: never)")
     p.add_argument("--eval-tokens", type=int, default=16384, help="validation tokens per domain per evaluation")
     p.add_argument("--save-every", type=int, default=500, help="steps between checkpoints (and at the end)")
+    p.add_argument("--keep-resumable", type=int, default=1, metavar="N", help="the last N checkpoints keep the "
+                   "optimizer's state for --resume (twice the weights' size); the others keep the weights alone")
     p.add_argument("--seed", type=int, default=0, help="initialisation and the batches' windows")
     p.add_argument("--device", default=None, help="default: cuda, else mps, else cpu")
     p.add_argument("--dtype", default=None, help="float32 or bfloat16 (autocast); default bfloat16 where the device "
                    "has it natively (CUDA from Ampere on), else float32")
     p.add_argument("--fsdp", action="store_true", help="shard parameters, gradients and optimizer state (FSDP2)")
-    return p.parse_args(argv)
+    return p
+
+
+# What a resumed run may change: how long it runs, how often it saves and evaluates, and where and how its processes
+# share the work (a checkpoint is the same whatever the parallelism). Every other flag makes another run: refused.
+MAY_CHANGE = ("resume", "out", "steps", "save_every", "eval_every", "keep_resumable", "device", "micro_batch_size",
+              "fsdp")
+
+
+def parse_args(argv=None):
+    """The flags; with --resume, the run's own (saved in its checkpoints' trainer_state.json) under those given."""
+    args = parser().parse_args(argv)
+    if not args.resume or args.compare_runs:
+        if not args.out:
+            raise TrainError("--out DIR: where to write the run (or --resume DIR to continue one)")
+        return args
+    checkpoint = find_checkpoint(args.resume)
+    args.out = args.out or str(checkpoint.parent)
+    saved = json.loads((checkpoint / "trainer_state.json").read_text()).get("args")
+    if saved is None:  # a checkpoint of an older train.py: it saved no flags
+        return args
+    only_given = parser()
+    only_given.set_defaults(**dict.fromkeys(vars(args)))  # every default None: a value that is not was given
+    given = {name: value for name, value in vars(only_given.parse_args(argv)).items() if value is not None}
+    for name, value in given.items():
+        if name not in MAY_CHANGE and value != saved.get(name):
+            flag, may = "--" + name.replace("_", "-"), ", ".join("--" + f.replace("_", "-") for f in MAY_CHANGE[2:])
+            raise TrainError(f"{flag} {value} differs from the run's {flag} {saved.get(name)} ({checkpoint}): a "
+                             f"resumed run keeps its flags; only {may} may change")
+    return argparse.Namespace(**{**vars(args), **saved, **given, "out": args.out})
 
 
 def main(argv=None):
-    args = parse_args(argv)
     try:
+        args = parse_args(argv)
         if args.compare_runs:
             return plot_runs(args.compare_runs, args.out)
         if not args.text:
