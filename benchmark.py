@@ -665,16 +665,17 @@ def main(argv=None):
     a.add_argument("dir", type=Path)
     b = sub.add_parser("bpb", help="bits per byte of texts under a trained checkpoint's float32, bf16, int8 and int4 "
                                    "weights")
-    b.add_argument("checkpoint", type=Path)
+    b.add_argument("checkpoint", help="a checkpoint, or a train.py run's directory (its latest checkpoint)")
     b.add_argument("--text", action="append", required=True, metavar="NAME=FILE")
-    b.add_argument("--context", type=int, default=None, help="tokens per window (default: the model's context; "
-                   "a model trained on shorter sequences wants its --seq-len)")
+    b.add_argument("--context", type=int, default=None, help="tokens per window (default: the sequence length a "
+                   "train.py checkpoint was trained on, else the model's context)")
     for parser in (q, m, a, b):
         parser.add_argument("--threads", type=int, default=2)
     for parser in (s, t, q, m):
         parser.add_argument("--reference", action="store_true", help="olmoe.py's plain modules, without fast.py")
     for parser in (q, a, b):
-        parser.add_argument("--group-size", type=int, default=128, help="inputs per int4 scale")
+        parser.add_argument("--group-size", type=int, default=None, help="inputs per int4 scale (default: the "
+                            "largest of 128, 64 and 32 that divides every layer)")
     args = p.parse_args(argv)
     if args.command == "check":
         raise SystemExit(0 if check(gen.pick_device(args.device)) else 1)
@@ -690,7 +691,7 @@ def main(argv=None):
         return training_step(SHAPES[args.shape](), device, dtype, args.batch, args.seq_len, reference=args.reference)
     torch.set_num_threads(args.threads)
     if args.command == "quantized":
-        quantized(args.dir, args.batch, args.steps, group_size=args.group_size, reference=args.reference)
+        quantized(args.dir, args.batch, args.steps, group_size=args.group_size or 128, reference=args.reference)
     elif args.command == "cpu":
         cpu(args.dir, args.llama_cpp, args.layers, reference=args.reference)
     elif args.command == "bpb":
@@ -698,10 +699,12 @@ def main(argv=None):
         for spec in args.text:
             name, _, file = spec.partition("=")
             texts[name] = Path(file).read_text(encoding="utf-8")
-        context = args.context or olmoe.read_config(args.checkpoint).max_position_embeddings
-        bits_per_byte(args.checkpoint, texts, context, group_size=args.group_size)
+        path = gen.checkpoint_dir(str(args.checkpoint))
+        config = olmoe.read_config(path)
+        context = args.context or gen.trained_seq_len(path) or config.max_position_embeddings
+        bits_per_byte(path, texts, context, group_size=args.group_size or quantize.int4_group_size(config))
     else:
-        accuracy(args.dir, group_size=args.group_size)
+        accuracy(args.dir, group_size=args.group_size or 128)
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 import corpus
 import olmoe
-from generate import checkpoint_dir, load_tokenizer, pick_device, pick_dtype, synchronizer
+from generate import checkpoint_dir, load_tokenizer, pick_device, pick_dtype, synchronizer, trained_seq_len
 
 # --------------------------------------------------------------------------------------------------------------
 # The OLMES tasks, as data (allenai/olmes oe_eval/configs/tasks.py, "<task>:rc::olmes" and "<task>:mc::olmes")
@@ -455,9 +455,16 @@ def run(args):
     tokenizer, eos, _ = load_tokenizer(path)
     model = olmoe.load_model(path, device=device, dtype=dtype)
     prefix_id = min(eos) if eos else None
-    L = args.context or model.config.max_position_embeddings
+    trained = trained_seq_len(path)
+    L = args.context or trained or model.config.max_position_embeddings
     if not 2 <= L <= model.config.max_position_embeddings:
         raise ValueError(f"--context {L}: expected 2 to the model's context of {model.config.max_position_embeddings}")
+    if texts and trained and rank == 0 and not args.context:
+        print(f"note: --text windows of {L} tokens, the sequence length {path.name} was trained on (--context to "
+              "change it)", file=sys.stderr)
+    elif texts and trained and rank == 0 and L > trained:
+        print(f"warning: --context {L} is longer than the {trained}-token sequences {path.name} was trained on: it "
+              f"never learned to predict past {trained} tokens, so bits per byte will read worse", file=sys.stderr)
 
     pairs = encode_pairs(tokenizer, [(q.context, q.continuation) for q in requests], prefix_id)
     windows = {}
@@ -516,8 +523,8 @@ def main(argv=None):
     p.add_argument("--out", default=None, metavar="results.json", help="write every request's log-likelihood, the "
                    "scores and the run's metadata to this JSON file (about 450 MB for the full suite)")
     p.add_argument("--batch-tokens", type=int, default=8192, help="rows x padded length per forward pass")
-    p.add_argument("--context", type=int, default=None, help="--text: tokens per window (default: the model's "
-                   "context; a model trained on shorter sequences, as train.py's small ones, wants its --seq-len)")
+    p.add_argument("--context", type=int, default=None, help="--text: tokens per window (default: the sequence "
+                   "length a train.py checkpoint was trained on, else the model's context)")
     p.add_argument("--device", default=None, help="default: cuda, else mps, else cpu")
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16; default: the checkpoint's own")
     args = p.parse_args(argv)

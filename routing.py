@@ -416,7 +416,9 @@ def figures(stats, tokenizer, *, label, k, K, layer, compare_label=None, compare
     im = ax.imshow(co.numpy(), cmap="magma", interpolation="nearest")
     fig.colorbar(im, ax=ax, label="N(E_i, E_j) / N(E_i)")
     ax.set(xlabel="expert j (also chosen)", ylabel="expert i",
-           title=f"Expert co-activation (Eq. 6), layer {layer}, top {k}\n{source}")
+           title=f"Expert co-activation (Eq. 6), layer {layer}, top {k}\n" + textwrap.fill(
+               "Of the tokens that chose expert i, the share that also chose j. The diagonal is blank: an expert "
+               "always co-occurs with itself.", 80) + f"\n{source}")
     ax.title.set_fontsize(9)
     figs["coactivation.png"] = fig
 
@@ -458,8 +460,11 @@ def figures(stats, tokenizer, *, label, k, K, layer, compare_label=None, compare
             axes[row, col].title.set_fontsize(9)
     fig.colorbar(im, ax=axes, label="share of the domain's tokens ÷ uniform k/E\n"
                                     "(log2: 0 = uniform, 3 = 8x, -3 = 1/8 or less)")
-    fig.suptitle(f"Domain specialization (Eq. 7), top {k}: {r['tokens']} tokens of {', '.join(stats)}",
-                 fontsize=10)
+    title = f"Domain specialization (Eq. 7), top {k}: {r['tokens']} tokens of {', '.join(stats)}\n"
+    fig.suptitle(title + textwrap.fill(
+        f"A cell is red when the row's domain sends its tokens to that expert more often than if the router picked "
+        f"{k} of the {E} experts at random, blue when less often, white when as often.", 55 * len(panels)),
+        fontsize=10)
     figs["specialization.png"] = fig
 
     if "saturation" in r:  # Eq. 5 of each compared checkpoint, over training when their token counts are known

@@ -5,6 +5,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -357,11 +358,38 @@ def test_cli_peak_memory_is_its_own_not_its_parents(tmp_path, tokenizer_json):
     assert 0.05 < peak < 1.5, r.stdout
 
 
-def test_cli_offline_hub_id_without_cache_is_one_clear_line(tmp_path):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path))
-    r = run_cli("--checkpoint", "allenai/OLMoE-1B-7B-0924", "--prompt", "hi", env=env)
-    assert r.returncode != 0 and "Traceback" not in r.stderr
-    assert r.stderr.strip().count("\n") == 0 and "Connect once to download it" in r.stderr
+def test_cli_offline_names_the_commands_that_make_a_model_here(tmp_path):
+    """Offline, a Hub id that is not in the cache: the error gives the README's offline first run (test_docs checks
+    that the README has these commands), the last of which generates from the run; once a train.py run is in
+    runs/, one line names it instead."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
+    cli = [sys.executable, str(Path(gen.__file__).resolve()), "--checkpoint", "allenai/OLMoE-1B-7B-0924",
+           "--prompt", "hi"]
+    r = subprocess.run(cli, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert r.returncode == 1 and "Traceback" not in r.stderr and r.stdout == ""
+    first, *commands = r.stderr.strip().splitlines()
+    assert first.startswith("error: allenai/OLMoE-1B-7B-0924: not a local directory") and "Connect once" in first
+    assert "\n".join(commands) == gen.OFFLINE
+    assert commands[-1].startswith("python generate.py --checkpoint runs/olmoe-cpu ")
+    for step in ("step-000050", "step-000100"):
+        (tmp_path / "runs" / "mine" / step).mkdir(parents=True)
+        (tmp_path / "runs" / "mine" / step / "config.json").write_text("{}")
+    r = subprocess.run(cli, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert r.returncode == 1 and r.stderr.count("\n") == 1
+    assert r.stderr.rstrip().endswith("or use the model trained here: --checkpoint runs/mine")
+
+
+def test_a_train_run_directory_stands_for_its_latest_checkpoint(tmp_path, capsys):
+    """checkpoint_dir(run) is the run's latest step-NNNNNN with a config.json, said in one line; a checkpoint
+    directory is itself, silently."""
+    for step in ("step-000000", "step-000100", "step-000050", "step-000150"):
+        (tmp_path / step).mkdir()
+        if step != "step-000150":  # a step being written: no config.json yet
+            (tmp_path / step / "config.json").write_text("{}")
+    assert gen.checkpoint_dir(str(tmp_path)) == tmp_path / "step-000100"
+    assert capsys.readouterr().err == f"{tmp_path}: a train.py run; its latest checkpoint is step-000100\n"
+    assert gen.checkpoint_dir(str(tmp_path / "step-000050")) == tmp_path / "step-000050"
+    assert capsys.readouterr().err == ""
 
 
 # Shaped like OLMoE-1B-7B-Instruct's template: Jinja blocks on their own lines, trimmed as transformers does.
@@ -716,6 +744,7 @@ BAD_INPUTS = {
     "generation_config not JSON": (dict(checkpoint="bad_generation_config"), "generation_config.json: not valid JSON"),
     "beyond context": (dict(args=["--max-new-tokens", "200"]), "exceeds the context length of 128"),
     "max-new-tokens 0": (dict(args=["--max-new-tokens", "0"]), "max_new_tokens must be at least 1"),
+    "group size without int4": (dict(args=["--group-size", "64"]), "--group-size is int4's"),
     "negative temperature": (dict(args=["--temperature", "-1"]), "temperature >= 0"),
     "top-p 0": (dict(args=["--top-p", "0"]), "0 < top_p <= 1"),
     "top-p above 1": (dict(args=["--top-p", "1.5"]), "0 < top_p <= 1"),
@@ -735,9 +764,24 @@ def test_cli_bad_input_is_one_line_error(case, cli_checkpoints, capsys):
             "--prompt", spec.get("prompt", "the fox"), "--max-new-tokens", "4", *spec.get("args", [])]
     with pytest.raises(SystemExit) as exit_info:
         gen.main(argv)
-    err = capsys.readouterr().err
+    out, err = capsys.readouterr()
     assert exit_info.value.code != 0
     assert err.count("\n") == 1 and err.startswith("error: ") and re.search(message, err), err
+    assert out == ""  # checked before the prompt is echoed
+
+
+def test_cli_an_error_after_streaming_began_starts_on_its_own_line(cli_checkpoints, monkeypatch, capsys):
+    """An overflow found after some tokens were printed: stdout ends its line, so the error is not glued to it."""
+    def overflowing(model, prompts, max_new_tokens, on_token, **kw):
+        on_token([5])
+        raise gen.NonFiniteLogits("the logits overflowed")
+
+    monkeypatch.setattr(gen, "generate", overflowing)
+    with pytest.raises(SystemExit):
+        gen.main(["--checkpoint", str(cli_checkpoints["good"]), "--prompt", "the fox"])
+    out, err = capsys.readouterr()
+    assert out.startswith("the fox") and out.endswith("\n") and out.count("\n") == 1
+    assert err == "error: the logits overflowed\n"
 
 
 def parsed_args(monkeypatch, *argv):

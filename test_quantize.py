@@ -357,9 +357,13 @@ def test_quantized_loading_never_allocates_the_float_model(moe_checkpoint, monke
 
 
 def test_int4_group_size_must_divide_the_inputs(tmp_path):
+    """No group size of 128, 64 or 32 fits 16-wide experts: refused by default; a given group size is checked
+    against every matrix, naming the first that it does not divide; 16 loads."""
     path = save_hf(tmp_path, hidden_size=32, intermediate_size=16)
-    with pytest.raises(ValueError, match="lm_head: 32 inputs are not a multiple of the int4 group size 128"):
+    with pytest.raises(ValueError, match=r"none of the group sizes 128, 64 and 32 divides every layer's inputs"):
         quantize.load_model(path, "int4")
+    with pytest.raises(ValueError, match="lm_head: 32 inputs are not a multiple of the int4 group size 128"):
+        quantize.load_model(path, "int4", group_size=128)
     assert quantize.load_model(path, "int4", group_size=16)(tokens()).logits.isfinite().all()
 
 
@@ -463,3 +467,18 @@ def test_a_wrong_kernels_reported_difference_is_its_largest_absolute_error(monke
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+def test_int4_group_size_is_the_largest_of_128_64_32_that_divides_every_layers_inputs(capsys):
+    """OLMoE-1B-7B's layers (2048 and 1024 inputs) take 128, silently; train.py's olmoe-cpu (128 wide, experts 64
+    wide) takes 64, with a note naming the inputs; 96 takes 32; inputs that none divides are refused."""
+    def config(D, I, H=4):
+        return olmoe.OlmoeConfig(hidden_size=D, intermediate_size=I, num_attention_heads=H)
+
+    assert quantize.int4_group_size(config(2048, 1024, 16)) == 128 and capsys.readouterr().err == ""
+    assert quantize.int4_group_size(config(128, 64)) == 64
+    assert capsys.readouterr().err == ("note: int4 group size 64, the largest of 128, 64 and 32 that divides every "
+                                       "layer's inputs (64, 128)\n")
+    assert quantize.int4_group_size(config(96, 256)) == 32
+    with pytest.raises(ValueError, match=r"none of the group sizes 128, 64 and 32 divides every layer's inputs \(40,"):
+        quantize.int4_group_size(config(40, 64))
