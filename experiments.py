@@ -73,24 +73,29 @@ BASELINE = Variant("64 experts, 8 per token (olmoe-cpu)", "olmoe-64x8")
 EXPERIMENTS = {
     "moe_vs_dense": Experiment(
         "MoE against dense", "an MoE reaches a dense model's loss with about 2x fewer tokens at the same active "
-        "parameters (OLMoE paper, Figure 4)",
+        "parameters",
         [BASELINE, Variant("dense, same active parameters", "dense-active", steps_factor=2),
          Variant("dense, same total parameters", "dense-total")],
         better=BASELINE.label, worse="dense, same active parameters"),
     "granularity": Experiment(
         "Granularity", "more, smaller experts (64 choosing 8) beat fewer, larger ones at equal total and active "
-        "parameters (OLMoE paper, section 4.1.2)",
+        "parameters",
         [Variant("8 experts, 1 per token", "olmoe-8x1"), Variant("16 experts, 2 per token", "olmoe-16x2"),
          Variant("32 experts, 4 per token", "olmoe-32x4"), BASELINE],
         better=BASELINE.label, worse="8 experts, 1 per token"),
     "load_balancing": Experiment(
-        "Load balancing", "the load-balancing loss keeps experts in use and improves the loss (OLMoE paper, "
-        "Figure 5)",
+        "Load balancing", "the load-balancing loss keeps experts in use and improves the loss",
         [Variant("no load-balancing loss", "olmoe-64x8", ("--lb-coef", "0")), BASELINE,
          Variant("transformers' pooled loss", "olmoe-64x8", ("--lb-convention", "transformers"))],
         better=BASELINE.label, worse="no load-balancing loss"),
+    "expert_choice": Experiment(
+        "Token choice against expert choice", "dropless token choice (each token picks its K experts) beats expert "
+        "choice (each expert picks its K·N/E tokens)",
+        [BASELINE, Variant("expert choice, no load-balancing loss", "olmoe-64x8",
+                           ("--variant", "expert_choice", "--lb-coef", "0"))],
+        better=BASELINE.label, worse="expert choice, no load-balancing loss"),
     "z_loss": Experiment(
-        "Router z-loss", "the router z-loss improves stability and quality (OLMoE paper, Figure 6)",
+        "Router z-loss", "the router z-loss improves stability and quality",
         [BASELINE, Variant("no router z-loss", "olmoe-64x8", ("--z-coef", "0"))],
         better=BASELINE.label, worse="no router z-loss"),
 }
@@ -215,7 +220,8 @@ def report(experiments, runs, out, command):
         lines += [f"## {ex.title}\n", f"The paper: {ex.paper}. Here: **{verdicts[key]}** ({ex.better} against "
                   f"{ex.worse}, {len(finals[ex.better])} seed(s)).\n",
                   "| variant | final validation loss, mean ± std over seeds | seeds |", "|---|---|---|"]
-        lines += [f"| {label} | {mean_std(f)[0]:.4f} ± {mean_std(f)[1]:.4f} | {len(f)} |" for label, f in finals.items()]
+        for label, f in finals.items():
+            lines.append(f"| {label} | {mean_std(f)[0]:.4f} ± {mean_std(f)[1]:.4f} | {len(f)} |")
         if key == "moe_vs_dense":
             moe = mean_std(finals[ex.better])[0]
             dense = mean_curve(curves[ex.worse])

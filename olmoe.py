@@ -569,13 +569,13 @@ def _read_tensors(file: Path, reopen_bytes=2**28):
         raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
 
 
-def load_model(path, *, device=None, dtype=None, moe_dispatch="batched", prepare=None) -> Transformer:
+def load_model(path, *, device=None, dtype=None, moe_dispatch="batched", prepare=None, config=None) -> Transformer:
     """Load a Hub-layout checkpoint directory (model.safetensors, or shards named by model.safetensors.index.json),
-    built on the meta device, allocated once on `device` in `dtype` (default: the checkpoint's own), and filled one
-    tensor at a time, cast as it goes: two copies never exist. prepare(model) runs on the meta-device model, to swap
-    modules (quantize.py does); a module with a method load(attr, index, tensor) stores its tensors itself."""
+    built on the meta device, allocated once on `device` in `dtype` (default: the checkpoint's), filled one tensor at
+    a time, cast as it goes: two copies never exist. prepare(model) runs on the meta model to swap modules (as
+    quantize.py, variants.py do; one with load(attr, index, tensor) stores its own); config: not config.json's."""
     path = Path(path)
-    config = read_config(path)
+    config = config or read_config(path)
     dtype = dtype or getattr(torch, config.dtype)
     with torch.device("meta"):
         model = Transformer(config, moe_dispatch)

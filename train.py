@@ -38,6 +38,7 @@ from tqdm import tqdm
 
 import generate
 import olmoe
+import variants
 
 # --------------------------------------------------------------------------------------------------------------
 # Presets for training from scratch. The vocabulary size comes from the tokenizer trained on the text.
@@ -285,6 +286,8 @@ def save_checkpoint(out, step, config, weights, optimizer_state, tokenizer, trai
         model = olmoe.Transformer(config)
     model.load_state_dict(weights, assign=True)
     olmoe.save_model(model, tmp)
+    if train_state["args"].get("variant"):  # config.json names it: only variants.load_model reads it
+        variants.mark(tmp, train_state["args"]["variant"])
     tokenizer.save(str(tmp / "tokenizer.json"))
     eos, pad = config.eos_token_id, config.pad_token_id
     (tmp / "generation_config.json").write_text(json.dumps(dict(eos_token_id=eos, pad_token_id=pad), indent=2))
@@ -503,7 +506,7 @@ def set_up_text(args, out, is_main, distributed):
             (out / "heldout" / f"{name}.txt").write_text("\n".join(held), encoding="utf-8")
     init = generate.checkpoint_dir(args.init) if args.init else None
     if init:
-        return splits, generate.load_tokenizer(init)[0], olmoe.read_config(init), init
+        return splits, generate.load_tokenizer(init)[0], variants.read_config(init)[0], init
     # Trained on the first process and read by the others. The training is deterministic, so a resumed run
     # trains the very tokenizer its checkpoint holds (checked in set_up).
     if is_main:
@@ -530,10 +533,12 @@ def set_up_model(args, config, device, world, dtype, checkpoint):
     """The model in float32 (the master weights: from the checkpoint, else initialised), wrapped for DDP, or sharded
     by FSDP2 (bf16 compute, float32 reduction; each block one all-gather), and AdamW on every parameter."""
     if checkpoint:
-        model = olmoe.load_model(checkpoint, device="cpu", dtype=torch.float32).train()
+        model = variants.load_model(checkpoint, device="cpu", dtype=torch.float32).train()
     else:
         model = olmoe.Transformer(config)
         init_weights(model, args.seed)
+    if args.variant:  # an architecture no released checkpoint has (variants.py)
+        variants.apply(model, args.variant)
     if args.fsdp:  # fully_shard moves each shard to the device itself: the whole model never is on one
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -580,7 +585,7 @@ def set_up(args) -> Run:
     if args.seq_len > config.max_position_embeddings:
         raise TrainError(f"--seq-len {args.seq_len} is beyond the model's context of "
                          f"{config.max_position_embeddings} tokens")
-    if resume and (diff := config_difference(config, olmoe.read_config(resume))):
+    if resume and (diff := config_difference(config, variants.read_config(resume)[0])):
         raise TrainError(f"--resume {resume}: another model config ({diff})")
     if resume and generate.load_tokenizer(resume)[0].to_str() != tokenizer.to_str():
         raise TrainError(f"--resume {resume}: another tokenizer than this run's (the checkpoint's "
@@ -895,6 +900,8 @@ def parser():
     p.add_argument("--model", default=None, help=f"preset to train from scratch: {', '.join(PRESETS)} "
                    "(default olmoe-cpu), or a config.json file of your own")
     p.add_argument("--init", default=None, metavar="ID_OR_DIR", help="checkpoint to continue from or fine-tune")
+    p.add_argument("--variant", choices=list(variants.VARIANTS), default=None, help="an OLMoE architecture no "
+                   "released checkpoint has (variants.py); its checkpoints load with variants.load_model")
     p.add_argument("--resume", default=None, metavar="DIR", help="continue a run exactly, with the flags it was "
                    "started with, from a checkpoint or the last one saved in a run's directory")
     p.add_argument("--steps", type=int, default=1000, help="optimizer steps in all")
