@@ -166,10 +166,13 @@ def run_all(runs, data, jobs):
 # Reading their logs
 
 
+def records(run: Path):
+    return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+
+
 def curve(run: Path):
     """(tokens, mean validation loss over the domains, training seconds) at each evaluation of a run."""
-    records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
-    return [(r["tokens"], sum(r["val"].values()) / len(r["val"]), r.get("train_s", 0.0)) for r in records]
+    return [(r["tokens"], sum(r["val"].values()) / len(r["val"]), r.get("train_s", 0.0)) for r in records(run)]
 
 
 def mean_std(xs):
@@ -230,6 +233,12 @@ def report(experiments, runs, out, command):
             lines.append("\nTokens the dense model (same active parameters) needs to reach the MoE's final loss: " + (
                 f"{reach / moe_tokens:.2f}x the MoE's" if reach else
                 f"more than {dense[-1][0] / moe_tokens:.1f}x the MoE's (not reached in its run)") + ".")
+        if key == "z_loss":  # what the z-loss acts on: the size of the router's logits
+            size = {v.label: mean_std([records(run)[-1]["z_loss"] for run in runs if run.parent.name == v.name])[0]
+                    for v in ex.variants}
+            lines.append("\nThe router z-loss at the end, mean over seeds (the squared log-sum-exp of the router "
+                         "logits, averaged over tokens and layers: what it penalises): " +
+                         ", ".join(f"{z:.2f} ({label})" for label, z in size.items()) + ".")
         lines.append("")
         fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), layout="constrained")
         for label, cs in curves.items():
@@ -241,12 +250,17 @@ def report(experiments, runs, out, command):
                 highs = [max(c[i][1] for c in cs) for i in range(len(m))]
                 ax.fill_between([p[x] / (1e6 if x == 0 else 60) for p in m], lows, highs, color=line.get_color(),
                                 alpha=0.2)
+        # from the first evaluation after step 0 down: the untrained model's loss (ln V) would flatten the rest
+        top = max(mean_curve(cs)[min(1, len(cs[0]) - 1)][1] for cs in curves.values())
+        bottom = min(min(p[1] for p in c) for cs in curves.values() for c in cs)
+        for ax in axes:
+            ax.set_ylim(bottom - 0.05 * (top - bottom), top + 0.05 * (top - bottom))
         axes[0].set(xlabel="tokens trained (millions)", ylabel="validation loss, mean of 3 domains (nats/token)")
         axes[1].set(xlabel="training time, one thread (minutes)", ylabel="validation loss (nats/token)")
         axes[0].legend(fontsize=8)
         seeds = len(next(iter(curves.values())))
         fig.suptitle(f"{ex.title}: small OLMoE variants on code, prose and science (corpus.py); mean over {seeds} "
-                     "seed(s), band: lowest to highest seed", fontsize=10)
+                     "seed(s)\nband: lowest to highest seed; the untrained model's loss is off the top", fontsize=10)
         fig.savefig(out / f"{key}.png", dpi=100)
         plt.close(fig)
         lines.append(f"![{ex.title}]({key}.png)\n")

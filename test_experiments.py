@@ -2,6 +2,7 @@
 --quick suite end to end on a small slice of corpus.py's text: resumable, and every table and figure written."""
 
 import json
+import re
 import shutil
 
 import pytest
@@ -75,9 +76,12 @@ def test_the_quick_suite_runs_end_to_end_and_resumes(tmp_path, capsys):
     report = (out / "experiments.md").read_text()
     for key, ex in experiments.EXPERIMENTS.items():
         assert f"## {ex.title}\n" in report and (out / f"{key}.png").stat().st_size > 10_000
-        assert f"Here: **no verdict from one seed**" in report
+        assert "Here: **no verdict from one seed**" in report
         for v in ex.variants:
             assert f"| {v.label} | " in report
+
+    assert re.search(r"The router z-loss at the end, .*: [\d.]+ \(64 experts.*\), [\d.]+ \(no router z-loss\)\.",
+                     report)
 
     shutil.rmtree(out / "models")  # written again; nothing else is
     experiments.main(["--data", str(data), "--out", str(out), "--quick"])
