@@ -139,6 +139,7 @@ def train(run: Path, argv, data: Path):
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     t0 = time.perf_counter()
     r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    run.mkdir(parents=True, exist_ok=True)  # even when train.py stopped before making it
     (run / "train.log").write_text(r.stdout + r.stderr)
     if r.returncode:
         raise RuntimeError(f"{run}: train.py failed ({r.returncode}); its output is in {run / 'train.log'}")
