@@ -380,6 +380,23 @@ def raw_json(stats, *, label, compare_label, k, K, layer, baseline=None, baselin
 # Figures (matplotlib, optional)
 
 
+def coactivation_figure(co, layer, k, source):
+    """One layer's co-activation (E, E) as a heat map, its diagonal blank."""
+    import matplotlib.pyplot as plt
+
+    co = co.clone()
+    co.fill_diagonal_(float("nan"))  # always 1: hide it so the off-diagonal pairs get the colour range
+    fig, ax = plt.subplots(figsize=(6.5, 5.5), layout="constrained")
+    im = ax.imshow(co.numpy(), cmap="magma", interpolation="nearest")
+    fig.colorbar(im, ax=ax, label="N(E_i, E_j) / N(E_i)")
+    ax.set(xlabel="expert j (also chosen)", ylabel="expert i",
+           title=f"Expert co-activation (Eq. 6), layer {layer}, top {k}\n" + textwrap.fill(
+               "Of the tokens that chose expert i, the share that also chose j. The diagonal is blank: an expert "
+               "always co-occurs with itself.", 80) + f"\n{source}")
+    ax.title.set_fontsize(9)
+    return fig
+
+
 def figures(stats, tokenizer, *, label, k, K, layer, compare_label=None, compare_tokens=None, baseline=None,
             baseline_label=None):
     """The pictures, as {file name: matplotlib Figure}. Each says which checkpoint and which tokens it shows."""
@@ -411,17 +428,7 @@ def figures(stats, tokenizer, *, label, k, K, layer, compare_label=None, compare
                  f"{source}", fontsize=10)
     figs["domains.png"] = fig
 
-    co = r["coactivation"][layer].clone()
-    co.fill_diagonal_(float("nan"))  # always 1: hide it so the off-diagonal pairs get the colour range
-    fig, ax = plt.subplots(figsize=(6.5, 5.5), layout="constrained")
-    im = ax.imshow(co.numpy(), cmap="magma", interpolation="nearest")
-    fig.colorbar(im, ax=ax, label="N(E_i, E_j) / N(E_i)")
-    ax.set(xlabel="expert j (also chosen)", ylabel="expert i",
-           title=f"Expert co-activation (Eq. 6), layer {layer}, top {k}\n" + textwrap.fill(
-               "Of the tokens that chose expert i, the share that also chose j. The diagonal is blank: an expert "
-               "always co-occurs with itself.", 80) + f"\n{source}")
-    ax.title.set_fontsize(9)
-    figs["coactivation.png"] = fig
+    figs["coactivation.png"] = coactivation_figure(r["coactivation"][layer], layer, k, source)
 
     d, s = next(iter(stats.items()))
     S = len(s.sample_ids)
