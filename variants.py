@@ -69,14 +69,18 @@ def apply(model, name):
 def read_config(path):
     """A checkpoint's config and its variant's name (None for a released architecture)."""
     file = Path(path) / "config.json"
-    model_type = json.loads(file.read_text()).get("model_type", "") if file.is_file() else ""
+    try:
+        d = json.loads(file.read_text())
+    except (OSError, ValueError):  # missing or not JSON: olmoe.read_config says so, naming the file
+        d = {}
+    model_type = d.get("model_type", "") if isinstance(d, dict) else ""
     if not model_type.startswith(PREFIX):
-        return olmoe.read_config(path), None
+        return olmoe.read_config(path), None  # its errors, for a missing or malformed config too
     name = model_type.removeprefix(PREFIX)
     if name not in VARIANTS:
         raise olmoe.CheckpointError(f"{file}: model_type {model_type!r}: no variant {name!r} in variants.py "
                                     f"(expected one of {', '.join(VARIANTS)})")
-    return olmoe.config_from_dict(dict(json.loads(file.read_text()), model_type="olmoe")), name
+    return olmoe.config_from_dict(dict(d, model_type="olmoe")), name
 
 
 def load_model(path, **kw):
