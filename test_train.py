@@ -216,6 +216,45 @@ def test_a_run_saved_by_one_process_resumes_sharded_over_two(train_data, one_pro
     assert_same_steps(one_process, out, [3, 4])
 
 
+# Global-batch balancing: one step of a batch of 8 in one micro-batch, in 4 micro-batches of 2, or over 2 gloo processes
+# of 2 micro-batches each. Compared on step 1, from the same untrained weights: its logged losses and the gradient it
+# applied (AdamW's first exp_avg, 0.1 g), within float32's reordering. Later steps are no test of the split: AdamW's
+# first update is about lr * sign(g), and float32 noise flips the sign of gradients near 0 whatever the convention.
+# The paper's convention, per micro-batch, gives gradients about 1e-2 apart on the same comparison.
+
+GLOBAL = ("--lb-convention", "global", "--lb-coef", "0.5", "--steps", "1", "--save-every", "1", "--eval-every", "1",
+          "--batch-size", "8", "--keep-resumable", "2")  # a strong coefficient, so that a wrong count shows
+
+
+def step_one(out):
+    state = torch.load(out / "step-000001" / "train_state.pt", weights_only=True)["optimizer"]["state"]
+    return records(out)[1], {name: s["exp_avg"] for name, s in state.items()}
+
+
+@pytest.mark.parametrize("split", ["micro-batches", "processes"])
+def test_global_batch_balancing_is_one_loss_however_the_step_is_split(train_data, tmp_path, split):
+    whole, out = tmp_path / "whole", tmp_path / split
+    train.main(args(train_data, whole, *GLOBAL, "--micro-batch-size", "8"))
+    (torchrun_2 if split == "processes" else train.main)(args(train_data, out, *GLOBAL, "--micro-batch-size", "2"))
+    (log_a, grad_a), (log_b, grad_b) = step_one(whole), step_one(out)
+    for key in ["train_loss", "lb_loss", "z_loss", "grad_norm"]:
+        assert log_b[key] == pytest.approx(log_a[key], rel=1e-5), key
+    assert grad_a.keys() == grad_b.keys()
+    for name in grad_a:
+        torch.testing.assert_close(grad_b[name], grad_a[name], rtol=1e-4, atol=1e-9, msg=name)
+
+
+def test_the_paper_convention_counts_each_micro_batch_apart_and_global_counts_them_together():
+    """On 4 micro-batches' router logits, the paper's loss averaged over them is not the loss of all of them at
+    once (it counts each micro-batch's own load); balance_loss_paper of them concatenated, global's, is."""
+    g = torch.Generator().manual_seed(0)
+    parts = [[torch.randn(2, 8, 8, generator=g) * 2 for _ in range(3)] for _ in range(4)]  # 4 x L 3 x (2, 8, E 8)
+    whole = train.balance_loss_paper([torch.cat(ls) for ls in zip(*parts)], 2)
+    assert whole.item() == pytest.approx(megablocks_loss([torch.cat(ls) for ls in zip(*parts)], 2).item(), rel=1e-6)
+    per_part = sum(train.balance_loss_paper(p, 2) for p in parts) / 4
+    assert abs(per_part.item() - whole.item()) > 1e-3
+
+
 # --------------------------------------------------------------------------------------------------------------
 # The two load-balancing conventions
 

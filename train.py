@@ -166,16 +166,23 @@ def get_batch(tokens, n_train, seq_len, batch_size, seed, step):
 #                 each layer's loss is 1 at perfect balance, and the layers are averaged. 1 when balanced.
 #   transformers  olmoe.Output.aux_loss, as transformers computes it: all layers' tokens pooled into one f and p,
 #                 and f sums to K rather than 1. K (8 for OLMoE) when balanced.
+#   global        the paper's, with f counted over the whole step: every micro-batch of every process (the Qwen
+#                 team's global-batch balancing, 2025). The same loss however the batch is split; it keeps each
+#                 micro-batch's graph until the step's last forward, so micro-batches save no memory.
 # So a coefficient of 0.01 on transformers' value is about K times as strong as the paper's 0.01.
 
 
-def balance_loss_paper(router_logits, K):
-    """The paper's load-balancing loss from each layer's router logits (B, T, E): 1 at perfect balance."""
+def balance_loss_paper(router_logits, K, all_reduce=False):
+    """The paper's load-balancing loss from each layer's router logits (B, T, E): 1 at perfect balance. all_reduce:
+    the counts summed over the processes; p stays this process's (the gradients' average over them completes it)."""
     per_layer = []
     for logits in router_logits:
         probs = logits.flatten(0, 1).float().softmax(dim=-1)  # (N, E)
         N, E = probs.shape
         counts = torch.bincount(probs.topk(K, dim=-1).indices.flatten(), minlength=E)  # (E,) pairs per expert
+        if all_reduce:
+            dist.all_reduce(counts)
+            N *= dist.get_world_size()
         per_layer.append(E / (N * K) * (counts * probs.mean(dim=0)).sum())
     return torch.stack(per_layer).mean()
 
@@ -401,6 +408,8 @@ def check_args(args):
     if args.model and args.model not in PRESETS and not (args.model.endswith(".json") and Path(args.model).is_file()):
         raise TrainError(f"--model {args.model!r}: unknown preset (expected one of {', '.join(PRESETS)}, "
                          "or a config.json file of your own)")
+    if args.upcycle and not args.init:
+        raise TrainError("--upcycle E K needs --init: the dense checkpoint (an OLMoE of one expert) to upcycle")
     if args.dtype not in (None, "float32", "bfloat16"):
         raise TrainError(f"--dtype {args.dtype!r}: expected float32 or bfloat16")
 
@@ -529,11 +538,14 @@ def set_up_text(args, out, is_main, distributed):
     return splits, tokenizer, config, None
 
 
-def set_up_model(args, config, device, world, dtype, checkpoint):
-    """The model in float32 (the master weights: from the checkpoint, else initialised), wrapped for DDP, or sharded
-    by FSDP2 (bf16 compute, float32 reduction; each block one all-gather), and AdamW on every parameter."""
+def set_up_model(args, config, device, world, dtype, checkpoint, upcycle=None):
+    """The model in float32 (the master weights: from the checkpoint, upcycled if asked, else initialised), wrapped
+    for DDP, or sharded by FSDP2 (bf16 compute, float32 reduction; each block one all-gather), and AdamW on every
+    parameter."""
     if checkpoint:
         model = variants.load_model(checkpoint, device="cpu", dtype=torch.float32).train()
+        if upcycle:  # a dense model's MLP copied into every expert, a new router (variants.py)
+            model = variants.upcycle(model, *upcycle, seed=args.seed).train()
     else:
         model = olmoe.Transformer(config)
         init_weights(model, args.seed)
@@ -574,10 +586,12 @@ def set_up(args) -> Run:
         raise TrainError(f"--out {out} already holds checkpoints ({sorted(out.glob('step-*'))[-1].name}): pass "
                          f"--resume {out} to continue that run, or choose another --out")
     splits, tokenizer, config, init = set_up_text(args, out, is_main, distributed)
+    if args.upcycle:
+        config = variants.upcycle_config(config, *args.upcycle)
     if config.model_type == "olmoe":  # the coefficients trained with, in the convention the config's readers use:
         # transformers' aux loss reads K at balance, the paper's 1, so the paper's lb_coef is lb_coef / K there
         K = config.num_experts_per_tok
-        config.router_aux_loss_coef = args.lb_coef / K if args.lb_convention == "paper" else args.lb_coef
+        config.router_aux_loss_coef = args.lb_coef if args.lb_convention == "transformers" else args.lb_coef / K
         config.router_z_loss_coef = args.z_coef
     eos = config.eos_token_id[0] if isinstance(config.eos_token_id, list) else config.eos_token_id
     if eos is None:
@@ -603,7 +617,8 @@ def set_up(args) -> Run:
         raise TrainError(f"only {index['train'][1]} training tokens: too few for one window of --seq-len "
                          f"{args.seq_len}")
     with saying(is_main, f"loading {resume or init}" if resume or init else "initialising the model"):
-        model, optimizer = set_up_model(args, config, device, world, dtype, resume or init)
+        model, optimizer = set_up_model(args, config, device, world, dtype, resume or init,
+                                        upcycle=None if resume else args.upcycle)
     run = Run(args, out, rank, world, device, dtype, micro, accumulate, list(splits), tokenizer, config, tokens,
               index, init, model, optimizer, 0, resume)
     if resume:
@@ -633,6 +648,7 @@ def forward_backward(run, step):
     x, y = get_batch(run.tokens, run.index["train"][1], args.seq_len, args.batch_size, args.seed, step)  # (B, T)
     x, y = x[run.rank * share:(run.rank + 1) * share], y[run.rank * share:(run.rank + 1) * share]
     sums = torch.zeros(3, device=run.device)  # cross-entropy, load balancing, z-loss: means over micro-batches
+    kept, router_logits = 0.0, []  # global: the step's loss and router logits until its last forward
     for i in range(run.accumulate):
         last = i == run.accumulate - 1
         if args.fsdp:
@@ -645,11 +661,23 @@ def forward_backward(run, step):
         ce = F.cross_entropy(output.logits.flatten(0, 1).float(), yb.to(run.device).flatten())
         lb = z = torch.zeros((), device=run.device)
         if run.config.model_type == "olmoe":
-            K = run.config.num_experts_per_tok
-            lb = balance_loss_paper(output.router_logits, K) if args.lb_convention == "paper" else output.aux_loss
-            z = output.z_loss
-        ((ce + args.lb_coef * lb + args.z_coef * z) / run.accumulate).backward()
+            K, z = run.config.num_experts_per_tok, output.z_loss
+            if args.lb_convention == "paper":
+                lb = balance_loss_paper(output.router_logits, K)
+            elif args.lb_convention == "transformers":
+                lb = output.aux_loss
+            else:  # global: the load-balancing term waits for the step's last micro-batch
+                router_logits.append(output.router_logits)
+        loss = (ce + args.lb_coef * lb + args.z_coef * z) / run.accumulate
+        if router_logits:
+            kept = kept + loss
+        else:
+            loss.backward()
         sums += torch.stack([ce.detach(), lb.detach(), z.detach()]) / run.accumulate
+    if router_logits:  # global: each layer's logits of every micro-batch together, counted over every process
+        lb = balance_loss_paper([torch.cat(ls) for ls in zip(*router_logits)], K, all_reduce=run.distributed)
+        (kept + args.lb_coef * lb).backward()
+        sums[1] = lb.detach()
     if run.distributed:
         dist.all_reduce(sums)
         sums /= run.world
@@ -713,7 +741,8 @@ def finish(run):
     if run.is_main and (run.out / "log.jsonl").is_file():
         what = f"{c.model_type}, {sum(p.numel() for p in raw_model(run).parameters()) / 1e6:.1f}M parameters" + (
             f" ({c.num_experts} experts, {c.num_experts_per_tok} per token)" if c.model_type == "olmoe" else "")
-        origin = f"fine-tuned from {run.args.init}" if run.init else "from scratch"
+        origin = (f"upcycled from {run.args.init}" if run.args.upcycle else f"fine-tuned from {run.args.init}"
+                  if run.init else "from scratch")
         plot(run.out / "log.jsonl", run.out / "curves.png", f"run {run.out.name}: {what}, {origin}, on "
              f"{', '.join(run.domains)}", balanced=1 / c.num_experts if c.model_type == "olmoe" else None)
     if run.distributed:
@@ -744,8 +773,9 @@ def train(args):
                   file=sys.stderr)
         log_evaluation(run, 0, None, {})
     last_saved, done = run.resumed, step  # done: the last step whose update the weights hold
-    if step == 0 and not run.init:  # the untrained model, to compare the trained one's routing with
-        with saying(run.is_main, f"saving the untrained model as {run.out / 'step-000000'}"):
+    if step == 0 and (not run.init or args.upcycle):  # the untrained (or just upcycled) model, to compare with
+        with saying(run.is_main, f"saving the {'upcycled' if args.upcycle else 'untrained'} model as "
+                                 f"{run.out / 'step-000000'}"):
             last_saved = save(run, 0)
     # The bar starts after the untrained model's evaluation, and shows the time left only once ETA_AFTER steps have
     # timed a step: one step's time says little of 1500.
@@ -902,6 +932,8 @@ def parser():
     p.add_argument("--init", default=None, metavar="ID_OR_DIR", help="checkpoint to continue from or fine-tune")
     p.add_argument("--variant", choices=list(variants.VARIANTS), default=None, help="an OLMoE architecture no "
                    "released checkpoint has (variants.py); its checkpoints load with variants.load_model")
+    p.add_argument("--upcycle", type=int, nargs=2, metavar=("E", "K"), default=None, help="with --init of an OLMoE "
+                   "of one expert (a dense model): train an OLMoE of E copies of its MLP, K per token (upcycling)")
     p.add_argument("--resume", default=None, metavar="DIR", help="continue a run exactly, with the flags it was "
                    "started with, from a checkpoint or the last one saved in a run's directory")
     p.add_argument("--steps", type=int, default=1000, help="optimizer steps in all")
@@ -914,8 +946,9 @@ def parser():
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--grad-clip", type=float, default=1.0)
     p.add_argument("--lb-coef", type=float, default=0.01, help="load-balancing loss coefficient")
-    p.add_argument("--lb-convention", choices=["paper", "transformers"], default="paper",
-                   help="paper: per layer, averaged, 1 when balanced; transformers: pooled, K when balanced")
+    p.add_argument("--lb-convention", choices=["paper", "transformers", "global"], default="paper",
+                   help="paper: per layer, averaged, 1 when balanced; transformers: pooled, K when balanced; global: "
+                   "the paper's over the whole step (every micro-batch and process; no memory saved by micro-batches)")
     p.add_argument("--z-coef", type=float, default=0.001, help="router z-loss coefficient")
     p.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary trained from scratch")
     p.add_argument("--val-fraction", type=float, default=0.1, help="share of each domain held out for validation")
