@@ -217,7 +217,7 @@ def test_a_run_saved_by_one_process_resumes_sharded_over_two(train_data, one_pro
 
 
 # Global-batch balancing: one step of a batch of 8 in one micro-batch, in 4 micro-batches of 2, or over 2 gloo processes
-# of 2 micro-batches each. Compared on step 1, from the same untrained weights: its logged losses and the gradient it
+# of 2 micro-batches each (DDP, and FSDP2). Compared on step 1, from the same untrained weights: its logged losses and the gradient it
 # applied (AdamW's first exp_avg, 0.1 g), within float32's reordering. Later steps are no test of the split: AdamW's
 # first update is about lr * sign(g), and float32 noise flips the sign of gradients near 0 whatever the convention.
 # The paper's convention, per micro-batch, gives gradients about 1e-2 apart on the same comparison.
@@ -231,11 +231,12 @@ def step_one(out):
     return records(out)[1], {name: s["exp_avg"] for name, s in state.items()}
 
 
-@pytest.mark.parametrize("split", ["micro-batches", "processes"])
+@pytest.mark.parametrize("split", ["micro-batches", "ddp", "fsdp"])
 def test_global_batch_balancing_is_one_loss_however_the_step_is_split(train_data, tmp_path, split):
     whole, out = tmp_path / "whole", tmp_path / split
     train.main(args(train_data, whole, *GLOBAL, "--micro-batch-size", "8"))
-    (torchrun_2 if split == "processes" else train.main)(args(train_data, out, *GLOBAL, "--micro-batch-size", "2"))
+    flags = args(train_data, out, *GLOBAL, "--micro-batch-size", "2", *(["--fsdp"] if split == "fsdp" else []))
+    (train.main if split == "micro-batches" else torchrun_2)(flags)
     (log_a, grad_a), (log_b, grad_b) = step_one(whole), step_one(out)
     for key in ["train_loss", "lb_loss", "z_loss", "grad_norm"]:
         assert log_b[key] == pytest.approx(log_a[key], rel=1e-5), key
