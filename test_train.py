@@ -7,6 +7,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -158,6 +159,16 @@ def test_interrupted_and_resumed_run_equals_the_uninterrupted_one(train_data, tm
     assert ref.keys() == got.keys()
     for name in ref:
         assert (ref[name] - got[name]).abs().max() <= 1e-6, name
+
+
+def test_a_run_killed_after_its_last_checkpoint_logs_each_step_once_when_resumed(train_data, tmp_path):
+    """Killed after evaluating steps 3 and 4 but before saving step 4 (here: step-000004 removed), the run resumes
+    from step 2 and logs steps 3 and 4 again: log.jsonl holds each step once, the resumed run's."""
+    out = tmp_path / "run"
+    train.main(args(train_data, out, "--steps", "4", "--eval-every", "1", "--save-every", "2", "--keep-resumable", "2"))
+    shutil.rmtree(out / "step-000004")
+    train.main(["--resume", str(out)])
+    assert [r["step"] for r in records(out)] == [0, 1, 2, 3, 4]
 
 
 # --------------------------------------------------------------------------------------------------------------

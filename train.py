@@ -633,6 +633,10 @@ def restore(run, checkpoint):
         load_optimizer_state(run.model, run.optimizer, state["optimizer"], run.args.fsdp)
     run.step = state["step"]
     torch.set_rng_state(state["rng"])
+    log = run.out / "log.jsonl"
+    if run.is_main and log.is_file():  # a run killed after its last checkpoint logged steps it will now redo
+        kept = [line for line in log.read_text().splitlines() if json.loads(line)["step"] <= run.step]
+        log.write_text("".join(line + "\n" for line in kept))
 
 
 def raw_model(run):
