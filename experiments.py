@@ -241,9 +241,9 @@ def curve(run: Path, v: Variant):
 
 
 def routing_figures(run: Path):
-    """From routing.py's routing.json of a run: the routing entropy (bits; log2 E when every expert gets the same
-    share of the token-expert pairs) and the domain specialization gap (per layer, the largest difference between
-    two domains' shares of one expert's tokens, the paper's Eq. 7), each the mean over layers."""
+    """From routing.py's routing.json of a run, per layer: the routing entropy (bits; log2 E when every expert gets
+    the same share of the token-expert pairs) and the domain specialization gap (the largest difference between two
+    domains' shares of one expert's tokens, the paper's Eq. 7)."""
     r = json.loads((run / "routing" / "routing.json").read_text())
     domains = list(r["tokens"])
     entropy, gap = [], []
@@ -253,7 +253,7 @@ def routing_figures(run: Path):
         entropy.append(-sum(x * math.log2(x) for x in shares if x > 0))
         spec = [[r["expert_counts"][d][layer][e] / r["tokens"][d] for d in domains] for e in range(r["experts"])]
         gap.append(max(max(s) - min(s) for s in spec))
-    return sum(entropy) / len(entropy), sum(gap) / len(gap)
+    return entropy, gap
 
 
 def mean_std(xs):
@@ -307,13 +307,14 @@ def report(experiments, runs, out, command):
             lines.append(f"| {label} | {mean_std(f)[0]:.4f} ± {mean_std(f)[1]:.4f} | {len(f)} |")
         lines += [""] + ex.notes if ex.notes else []
         if ex.routing:
-            lines += ["", "Routing of each run's last checkpoint on its held-out text (routing.py), mean ± std over "
-                      "seeds:", "", "| variant | routing entropy, bits (mean over layers) | domain specialization "
-                      "gap (mean over layers) |", "|---|---|---|"]
+            lines += ["", "Routing of each run's last checkpoint on its held-out text (routing.py), per layer, mean "
+                      "± std over seeds:", "", "| variant | routing entropy, bits, layer 0 1 ... | domain "
+                      "specialization gap, layer 0 1 ... |", "|---|---|---|"]
             for v in ex.variants:
-                entropy, gap = zip(*[routing_figures(run) for run in runs if run.parent.name == v.name])
-                lines.append(f"| {v.label} | {mean_std(entropy)[0]:.3f} ± {mean_std(entropy)[1]:.3f} | "
-                             f"{mean_std(gap)[0]:.3f} ± {mean_std(gap)[1]:.3f} |")
+                figures = [routing_figures(run) for run in runs if run.parent.name == v.name]  # [(entropy, gap)]
+                cells = [" ".join("{:.3f}±{:.3f}".format(*mean_std(seeds)) for seeds in zip(*[f[i] for f in figures]))
+                         for i in (0, 1)]
+                lines.append(f"| {v.label} | {cells[0]} | {cells[1]} |")
         if key == "moe_vs_dense":
             moe = mean_std(finals[ex.better])[0]
             dense = mean_curve(curves[ex.worse])
