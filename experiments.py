@@ -225,6 +225,11 @@ def analyse(run: Path, data_argv):
 # Reading their logs
 
 
+def runs_of_variant(runs, v: Variant):
+    """A variant's runs, one per seed, among the run directories."""
+    return [run for run in runs if run.parent.name == v.name]
+
+
 def records(run: Path):
     return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
 
@@ -297,7 +302,7 @@ def report(experiments, runs, out, command):
     for key, ex in experiments.items():
         finals, curves = {}, {}
         for v in ex.variants:
-            curves[v.label] = [curve(run, v) for run in runs if run.parent.name == v.name]
+            curves[v.label] = [curve(run, v) for run in runs_of_variant(runs, v)]
             finals[v.label] = [c[-1][1] for c in curves[v.label]]
         verdicts[key] = verdict(finals[ex.better], finals[ex.worse])
         lines += [f"## {ex.title}\n", f"The paper: {ex.paper}. Here: **{verdicts[key]}** ({ex.better} against "
@@ -311,7 +316,7 @@ def report(experiments, runs, out, command):
                       "± std over seeds:", "", "| variant | routing entropy, bits, layer 0 1 ... | domain "
                       "specialization gap, layer 0 1 ... |", "|---|---|---|"]
             for v in ex.variants:
-                figures = [routing_figures(run) for run in runs if run.parent.name == v.name]  # [(entropy, gap)]
+                figures = [routing_figures(run) for run in runs_of_variant(runs, v)]  # [(entropy, gap)]
                 cells = [" ".join("{:.3f}±{:.3f}".format(*mean_std(seeds)) for seeds in zip(*[f[i] for f in figures]))
                          for i in (0, 1)]
                 lines.append(f"| {v.label} | {cells[0]} | {cells[1]} |")
@@ -324,7 +329,7 @@ def report(experiments, runs, out, command):
                 f"{reach / moe_tokens:.2f}x the MoE's" if reach else
                 f"more than {dense[-1][0] / moe_tokens:.1f}x the MoE's (not reached in its run)") + ".")
         if key == "z_loss":  # what the z-loss acts on: the size of the router's logits
-            size = {v.label: mean_std([records(run)[-1]["z_loss"] for run in runs if run.parent.name == v.name])[0]
+            size = {v.label: mean_std([records(run)[-1]["z_loss"] for run in runs_of_variant(runs, v)])[0]
                     for v in ex.variants}
             lines.append("\nThe router z-loss at the end, mean over seeds (the squared log-sum-exp of the router "
                          "logits, averaged over tokens and layers: what it penalises): " +
@@ -382,8 +387,8 @@ def main(argv=None):
     runs = runs_of(experiments, schedule, args.out)
     t0 = time.perf_counter()
     run_all(runs, args.data, args.jobs)
-    analysed = [run for ex in experiments.values() if ex.routing for v in ex.variants for run in runs
-                if run.parent.name == v.name]
+    analysed = [run for ex in experiments.values() if ex.routing for v in ex.variants
+                for run in runs_of_variant(runs, v)]
     with ThreadPoolExecutor(args.jobs) as pool:
         list(pool.map(lambda run: analyse(run, schedule["routing"]), analysed))
     command = " ".join(["python experiments.py", *(sys.argv[1:] if argv is None else argv)])
