@@ -267,9 +267,9 @@ def mean_std(xs):
 
 
 def verdict(better, worse):
-    """'seen' when the paper's better arm has the lower final loss by more than twice the difference's standard
-    error over seeds, 'not seen' when it is higher by as much, else 'within noise'; one seed has no spread to judge
-    by (a --quick run)."""
+    """'seen' when the paper's better arm has the lower loss (every arm at the same tokens) by more than twice the
+    difference's standard error over seeds, 'not seen' when it is higher by as much, else 'within noise'; one seed
+    has no spread to judge by (a --quick run)."""
     if min(len(better), len(worse)) < 2:
         return "no verdict from one seed"
     (mb, sb), (mw, sw) = mean_std(better), mean_std(worse)
@@ -277,6 +277,14 @@ def verdict(better, worse):
     if abs(mb - mw) <= 2 * se:
         return "within noise"
     return "seen" if mb < mw else "not seen"
+
+
+def loss_at(points, tokens):
+    """A curve's [(tokens, loss, ...)] loss at tokens, interpolated between its evaluations."""
+    for (t0, l0, *_), (t1, l1, *_) in zip(points, points[1:]):
+        if t0 <= tokens <= t1:
+            return l0 + (l1 - l0) * (tokens - t0) / (t1 - t0) if t1 > t0 else l1
+    raise ValueError(f"{tokens} tokens is outside the curve's {points[0][0]}-{points[-1][0]}")
 
 
 def tokens_to_reach(points, loss):
@@ -300,16 +308,21 @@ def report(experiments, runs, out, command):
 
     lines, verdicts = [f"# Experiments\n\n`{command}`\n"], {}
     for key, ex in experiments.items():
-        finals, curves = {}, {}
-        for v in ex.variants:
-            curves[v.label] = [curve(run, v) for run in runs_of_variant(runs, v)]
-            finals[v.label] = [c[-1][1] for c in curves[v.label]]
+        curves = {v.label: [curve(run, v) for run in runs_of_variant(runs, v)] for v in ex.variants}
+        # every arm at the tokens the shortest one trained on: the end of every run but a longer one's
+        tokens = min(c[-1][0] for cs in curves.values() for c in cs)
+        finals = {label: [loss_at(c, tokens) for c in cs] for label, cs in curves.items()}
         verdicts[key] = verdict(finals[ex.better], finals[ex.worse])
         lines += [f"## {ex.title}\n", f"The paper: {ex.paper}. Here: **{verdicts[key]}** ({ex.better} against "
                   f"{ex.worse}, {len(finals[ex.better])} seed(s)).\n",
-                  "| variant | final validation loss, mean ± std over seeds | seeds |", "|---|---|---|"]
+                  f"| variant | validation loss at {tokens / 1e6:.2f}M tokens, mean ± std over seeds | seeds |",
+                  "|---|---|---|"]
         for label, f in finals.items():
             lines.append(f"| {label} | {mean_std(f)[0]:.4f} ± {mean_std(f)[1]:.4f} | {len(f)} |")
+        for label, cs in curves.items():
+            if cs[0][-1][0] > tokens:
+                lines.append(f"\n{label}, at the end of its run ({cs[0][-1][0] / 1e6:.2f}M tokens): "
+                             "{:.4f} ± {:.4f}.".format(*mean_std([c[-1][1] for c in cs])))
         lines += [""] + ex.notes if ex.notes else []
         if ex.routing:
             lines += ["", "Routing of each run's last checkpoint on its held-out text (routing.py), per layer, mean "

@@ -55,11 +55,41 @@ def test_verdict_weighs_the_difference_against_twice_its_standard_error(better, 
     assert experiments.verdict(better, worse) == expected
 
 
+def test_loss_at_interpolates_between_evaluations_and_refuses_tokens_outside_the_curve():
+    points = [(0, 8.0, 0.0), (100, 6.0, 1.0), (200, 5.0, 2.0)]
+    assert experiments.loss_at(points, 150) == pytest.approx(5.5)
+    assert experiments.loss_at(points, 200) == 5.0
+    with pytest.raises(ValueError, match="outside"):
+        experiments.loss_at(points, 250)
+
+
 def test_tokens_to_reach_interpolates_between_evaluations():
     points = [(0, 8.0), (100, 6.0), (200, 5.0), (300, 4.5)]
     assert experiments.tokens_to_reach(points, 5.5) == pytest.approx(150)  # halfway from 6.0 to 5.0
     assert experiments.tokens_to_reach(points, 6.0) == 100
     assert experiments.tokens_to_reach(points, 4.0) is None  # never reached
+
+
+def test_moe_against_dense_is_judged_at_equal_tokens_though_the_dense_model_trains_twice_as_long(tmp_path):
+    """The MoE's final loss (5.0 after 0.2M tokens) against the dense model's at 0.2M (5.5): seen, though the
+    dense model ends lower (4.5 after 0.4M) and reaches 5.0 at 0.3M tokens, 1.5x the MoE's."""
+    importorskip("matplotlib")
+    ex = experiments.EXPERIMENTS["moe_vs_dense"]
+    curves = {ex.variants[0]: [8.0, 6.0, 5.0], ex.variants[1]: [8.0, 6.5, 5.5, 5.0, 4.5],
+              ex.variants[2]: [8.0, 6.0, 5.2]}
+    runs = []
+    for v, losses in curves.items():
+        for seed, jitter in enumerate((-0.01, 0.01)):
+            runs.append(tmp_path / v.name / f"seed-{seed}")
+            runs[-1].mkdir(parents=True)
+            records = [dict(tokens=100_000 * i, val=dict(a=loss + jitter), train_s=float(i))
+                       for i, loss in enumerate(losses)]
+            (runs[-1] / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert experiments.report({"moe_vs_dense": ex}, runs, tmp_path, "cmd") == {"moe_vs_dense": "seen"}
+    report = (tmp_path / "experiments.md").read_text()
+    assert "| dense, same active parameters | 5.5000 ± 0.0141 | 2 |" in report
+    assert "dense, same active parameters, at the end of its run (0.40M tokens): 4.5000 ± 0.0141." in report
+    assert "needs to reach the MoE's final loss: 1.50x the MoE's" in report
 
 
 @pytest.mark.skipif(not HAS_WHEEL and not IN_CI, reason=f"needs corpus.py's data: {corpus.FETCH}")
