@@ -379,7 +379,8 @@ def main(argv=None):
     p.add_argument("--device", default=None, help="default: cuda, else mps, else cpu")
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16; default: the checkpoint's own "
                    "(bfloat16 for the released ones), float16 where the device has no native bfloat16")
-    p.add_argument("--quantize", choices=["int8", "int4"], default=None, help="weight-only quantization")
+    p.add_argument("--quantize", choices=["int8", "int8-dynamic", "int4"], default=None,
+                   help="weight-only int8 or int4; int8-dynamic: int8 activations too (x86 CPUs)")
     p.add_argument("--group-size", type=int, default=None, help="int4: inputs per scale (default: the largest of 128, "
                    "64 and 32 that divides every layer)")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (CUDA graphs on GPU)")

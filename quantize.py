@@ -12,6 +12,8 @@ G the int4 group size (inputs per scale); out and in are a weight's output and i
 """
 
 import sys
+import warnings
+import weakref
 from dataclasses import dataclass
 from itertools import product
 from typing import Callable
@@ -143,6 +145,57 @@ def int8pack_mm(x, w, scale, G):
 INT8_CAST_ROWS = 16
 
 
+# W8A8 ("int8-dynamic"): the int8 weights above, and each call's activations quantized to 8 bits as well, so that
+# the products are integer, as llama.cpp's Q8_0 does. The kernel is fbgemm's dynamic quantized linear
+# (torch.ops.quantized.linear_dynamic; aten/src/ATen/native/quantized/cpu/qlinear_dynamic.cpp): it finds the
+# activations' min and max over the call, quantizes them to uint8 (asymmetric, one scale per call) while packing
+# them, multiplies by the int8 weight and applies the per-output weight scales in its epilogue, in float32. Its
+# packed weight is a torchbind object, which a compiled graph cannot hold: the graph calls w8a8_mm, a custom op,
+# with a handle into W8A8_WEIGHTS instead, and runs it as one opaque call, with no graph break.
+W8A8_WEIGHTS = {}  # handle -> fbgemm's packed (out, in) weight
+
+
+def w8a8_reduce_range(vnni):
+    """Whether activations keep 7 bits instead of 8. Without AVX512-VNNI, fbgemm adds pairs of uint8 x int8
+    products in int16 (vpmaddubsw), which saturates at 2 x 255 x 127 > 32767; with VNNI (vpdpbusd) it adds in int32.
+    torch._int_mm refuses oneDNN without VNNI for the same reason (PyTorch PR #136942)."""
+    return not vnni
+
+
+REDUCE_RANGE = w8a8_reduce_range(torch.cpu._is_vnni_supported())
+
+
+def w8a8_pack(owner, q, scale):
+    """Each (out, in) matrix of q (..., out, in) int8, with its scales (..., out), packed by fbgemm into
+    W8A8_WEIGHTS under consecutive handles, in q's order; returns the first. They are dropped with owner."""
+    engine, torch.backends.quantized.engine = torch.backends.quantized.engine, "fbgemm"
+    try:
+        with warnings.catch_warnings():
+            # the quantized tensor the packer takes is deprecated (PyTorch issue #184982); the packer itself is not
+            warnings.filterwarnings("ignore", "torch.quantize_per_tensor", UserWarning)
+            packed = [torch.ops.quantized.linear_prepack(torch._make_per_channel_quantized_tensor(
+                q[i], scale[i].double(), torch.zeros(q.shape[-2], dtype=torch.long), 0), None)
+                for i in product(*map(range, q.shape[:-2]))]
+    finally:
+        torch.backends.quantized.engine = engine
+    first = max(W8A8_WEIGHTS, default=-1) + 1
+    handles = range(first, first + len(packed))
+    W8A8_WEIGHTS.update(zip(handles, packed))
+    weakref.finalize(owner, lambda: [W8A8_WEIGHTS.pop(h) for h in handles])
+    return first
+
+
+@torch.library.custom_op("olmoe_quantize::w8a8_mm", mutates_args=())
+def w8a8_mm(x: torch.Tensor, handle: int, out_features: int) -> torch.Tensor:
+    """x (n, in) times W8A8_WEIGHTS[handle] (out, in) transposed: (n, out) in x's dtype."""
+    return torch.ops.quantized.linear_dynamic(x.float(), W8A8_WEIGHTS[handle], REDUCE_RANGE).to(x.dtype)
+
+
+@w8a8_mm.register_fake
+def _(x, handle, out_features):
+    return x.new_empty(x.shape[0], out_features)
+
+
 KERNELS = {
     "int8pack": Kernel(None, int8pack_mm),
     # One scale per output: scale the product instead of the weight. Compiled, inductor fuses the int8->float
@@ -153,11 +206,14 @@ KERNELS = {
     "tinygemm": Kernel(lambda q: torch._convert_weight_to_int4pack(q, tinygemm_inner_k_tiles(2 * q.shape[-1])),
                        lambda x, w, sz, G: torch._weight_int4pack_mm(x, w, G, sz)),
     "dequant": Kernel(None, dequantized),
+    "w8a8-fbgemm": Kernel(None, None),  # packed into W8A8_WEIGHTS by Quantized.use, multiplied by Quantized.mm
 }
+HAS_FBGEMM = "fbgemm" in torch.backends.quantized.supported_engines  # x86 builds of PyTorch
 
 
-def choose_kernel(bits, device_type, capability, dtype, out_features, in_features, group_size):
-    """The fastest kernel PyTorch has for a quantized (out, in) weight on this device, or "dequant".
+def choose_kernel(bits, device_type, capability, dtype, out_features, in_features, group_size, dynamic=False):
+    """The fastest kernel PyTorch has for a quantized (out, in) weight on this device, or "dequant". dynamic: int8
+    activations too (W8A8), where a kernel for it exists; elsewhere the weight-only int8 kernel.
 
     int8pack      CPU and MPS: torch._weight_int8pack_mm(x, w int8 (out, in), scales (out,) in x's dtype).
                   CPU: aten/src/ATen/native/LinearAlgebra.cpp and cpu/int8mm_kernel.cpp; MPS:
@@ -175,9 +231,14 @@ def choose_kernel(bits, device_type, capability, dtype, out_features, in_feature
                   (in/G, out, 2), dequantizing (q - 8) * scale + zero. CUDA takes bf16 activations only, in a
                   multiple of 16 * inner_k_tiles, out a multiple of 8 (aten/src/ATen/native/cuda/int4mm.cu);
                   MPS takes bf16, fp16 or fp32 (mps/operations/Quantized.mm).
+    w8a8-fbgemm   W8A8 on a CPU with fbgemm (x86 builds): w8a8_mm, fbgemm's dynamic quantized linear. PyTorch's
+                  other integer matmul, torch._int_mm, runs a scalar loop on CPUs without AVX512-VNNI
+                  (_int_mm_out_cpu in LinearAlgebra.cpp): 9x slower than float32 F.linear at 1 x 2048 x 2048 here.
     dequant       everything else (older GPUs, other group sizes, odd shapes): dequantize, then F.linear.
     A kernel that cannot run here is checked at load time on a probe (check_kernel) before it is trusted."""
     group_ok = group_size in (32, 64, 128, 256)
+    if bits == 8 and dynamic and device_type == "cpu" and HAS_FBGEMM:
+        return "w8a8-fbgemm"
     if bits == 8:
         if device_type == "cpu" or (device_type == "mps" and out_features % 32 == 0 and in_features % 32 == 0):
             return "int8pack"
@@ -207,6 +268,8 @@ def check_kernel(kernel, bits, group_size, dtype, device):
         except Exception as e:  # a kernel missing from this build, or refusing this device or shape
             return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]}"
     tolerance = 1e-4 if dtype == torch.float32 else 2e-2  # bf16 / fp16 products round to ~3 digits
+    if kernel == "w8a8-fbgemm":  # activations rounded to 1/127 of their range, 256 products a sum: ~1%
+        tolerance = 5e-2
     if y.shape != ref.shape or not torch.allclose(y, ref, rtol=tolerance, atol=tolerance * ref.abs().max().item()):
         return f"its product differs from the dequantized weight's by up to {(y - ref).abs().max().item():.3g}"
     return None
@@ -218,10 +281,12 @@ def check_kernel(kernel, bits, group_size, dtype, device):
 
 
 class Quantized(nn.Module):
-    def __init__(self, shapes: dict, bits, group_size, dtype, device, where="", clip_search=False):
-        """shapes: name -> (..., out, in), the float weights these replace. where: the module's name, for errors."""
+    def __init__(self, shapes: dict, bits, group_size, dtype, device, where="", clip_search=False, dynamic=False):
+        """shapes: name -> (..., out, in), the float weights these replace. where: the module's name, for errors.
+        dynamic: int8 activations too (W8A8), where the device has a kernel for it."""
         super().__init__()
         self.bits, self.group_size, self.dtype, self.clip_search = bits, group_size, dtype, clip_search
+        self.dynamic, self.handles = dynamic, {}  # handles: name -> its first in W8A8_WEIGHTS, once packed there
         self.kernels = {name: "dequant" for name in shapes}
         for name, shape in shapes.items():
             *lead, out_features, in_features = shape
@@ -252,7 +317,7 @@ class Quantized(nn.Module):
     def choose(self, device_type, capability):
         """name -> the kernel choose_kernel picks for each matrix."""
         return {name: choose_kernel(self.bits, device_type, capability, self.dtype, *self.float_shape(name)[-2:],
-                                    self.group_size) for name in self.kernels}
+                                    self.group_size, self.dynamic) for name in self.kernels}
 
     def float_shape(self, name):
         q = getattr(self, name)
@@ -265,6 +330,9 @@ class Quantized(nn.Module):
             assert self.kernels[name] == "dequant", "repacking a packed weight"
             pack, q = KERNELS[kernel].pack, getattr(self, name)
             self.kernels[name] = kernel
+            if kernel == "w8a8-fbgemm":  # fbgemm keeps its own copy: this one goes
+                self.handles[name] = w8a8_pack(self, q, getattr(self, name + "_scale"))
+                setattr(self, name, q.new_empty(*q.shape[:-1], 0))
             if pack is None:
                 continue
             raw = q.view(torch.uint8)
@@ -275,6 +343,8 @@ class Quantized(nn.Module):
 
     def mm(self, name, x, i=()):
         """x (n, in) times matrix `name` (expert i, if stacked), transposed: (n, out)."""
+        if name in self.handles:  # the expert's handle follows the first: w8a8_pack packs them in order
+            return w8a8_mm(x, self.handles[name] + (0 if i == () else i), getattr(self, name + "_scale").shape[-1])
         return KERNELS[self.kernels[name]].mm(x, getattr(self, name)[i], getattr(self, name + "_scale")[i],
                                               self.group_size)
 
@@ -349,7 +419,7 @@ def int4_group_size(config):
                      f"({', '.join(map(str, inputs))})")
 
 
-def swap_in_quantized(model, bits, group_size=None, clip_search=False):
+def swap_in_quantized(model, bits, group_size=None, clip_search=False, dynamic=False):
     """The prepare hook: on the meta device, replace every nn.Linear and every olmoe.Experts by a quantized one
     (fast.swap, the mechanism fast.apply uses too), except the router (mlp.gate: E x D, tiny, and it picks the
     experts) and a tied lm_head (it is the embedding). group_size None: int4_group_size's choice."""
@@ -360,11 +430,12 @@ def swap_in_quantized(model, bits, group_size=None, clip_search=False):
     def quantized(where, child, parent):
         if isinstance(child, olmoe.Experts):
             E, I2, D = child.gate_up_proj.shape
-            return QuantExperts(E, D, I2 // 2, bits, group_size, dtype, where=where, clip_search=clip_search)
+            return QuantExperts(E, D, I2 // 2, bits, group_size, dtype, where=where, clip_search=clip_search,
+                                dynamic=dynamic)
         if isinstance(child, nn.Linear) and not (isinstance(parent, olmoe.SparseMoE) and child is parent.gate) \
                 and child.weight is not model.model.embed_tokens.weight:
             return QuantLinear(child.out_features, child.in_features, bits, group_size, dtype, where=where,
-                               clip_search=clip_search)
+                               clip_search=clip_search, dynamic=dynamic)
         return None
 
     fast.swap(model, quantized)
@@ -395,16 +466,21 @@ def use_kernels(model):
 
 def load_model(path, kind, *, device=None, dtype=None, group_size=None, moe_dispatch="batched",
                clip_search=False):
-    """olmoe.load_model, with every linear layer and expert quantized to `kind` ("int8" or "int4", group_size
-    inputs per int4 scale; None: the largest of 128, 64, 32 that fits the model) as its tensors are read: the float
-    model is never allocated. Then the weights are repacked for the device's kernels, one matrix at a time.
+    """olmoe.load_model, with every linear layer and expert quantized to `kind` ("int8", "int8-dynamic" or "int4",
+    group_size inputs per int4 scale; None: the largest of 128, 64, 32 that fits the model) as its tensors are read:
+    the float model is never allocated. Then the weights are repacked for the device's kernels, one matrix at a time.
+    int8-dynamic is int8 with activations quantized too (W8A8), on devices with a kernel for it; elsewhere int8.
     clip_search (int4): choose each group's scale by best_clip, a lower error for a slower load. moe_dispatch matters
     only to an unquantized model's experts."""
-    bits = {"int8": 8, "int4": 4}.get(kind)
+    bits = {"int8": 8, "int8-dynamic": 8, "int4": 4}.get(kind)
     if bits is None:
-        raise ValueError(f"quantize {kind!r}: expected 'int8' or 'int4'")
+        raise ValueError(f"quantize {kind!r}: expected 'int8', 'int8-dynamic' or 'int4'")
+    dynamic = kind == "int8-dynamic"
     model = olmoe.load_model(path, device=device, dtype=dtype, moe_dispatch=moe_dispatch,
-                             prepare=lambda m: swap_in_quantized(m, bits, group_size, clip_search))
+                             prepare=lambda m: swap_in_quantized(m, bits, group_size, clip_search, dynamic))
     with torch.no_grad():
         use_kernels(model)
+    if dynamic and not any(m.handles for m in model.modules() if isinstance(m, Quantized)):
+        print(f"quantize: no int8 activation kernel on {next(model.parameters()).device} (fbgemm, x86 CPUs only); "
+              "int8-dynamic runs as weight-only int8", file=sys.stderr)
     return model

@@ -422,7 +422,7 @@ def test_a_kernel_that_fails_its_check_falls_back_with_one_stderr_line(moe_check
 
 
 def test_unknown_kind_is_a_clear_error(moe_checkpoint):
-    with pytest.raises(ValueError, match="quantize 'int3': expected 'int8' or 'int4'"):
+    with pytest.raises(ValueError, match="quantize 'int3': expected 'int8', 'int8-dynamic' or 'int4'"):
         quantize.load_model(moe_checkpoint, "int3")
 
 
@@ -482,3 +482,107 @@ def test_int4_group_size_is_the_largest_of_128_64_32_that_divides_every_layers_i
     assert quantize.int4_group_size(config(96, 256)) == 32
     with pytest.raises(ValueError, match=r"none of the group sizes 128, 64 and 32 divides every layer's inputs \(40,"):
         quantize.int4_group_size(config(40, 64))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# W8A8 (int8-dynamic): int8 activations too, on fbgemm
+
+
+def w8a8_bound(x, w_hat):
+    """The most a W8A8 product may differ from x @ w_hat.T when w_hat is the int8 weight the scheme stores: each
+    activation rounded to half a step of its call's uint8 grid, which spans min(x, 0)..max(x, 0) in 127 steps
+    (7 bits, reduce_range) or 255: |dy_o| <= step / 2 * sum_j |w_hat_oj|."""
+    levels = 127 if quantize.REDUCE_RANGE else 255
+    step = (x.max().clamp(min=0) - x.min().clamp(max=0)) / levels
+    return step / 2 * w_hat.abs().sum(-1)  # (out,)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 40])
+def test_w8a8_linear_is_within_its_activations_rounding_bound(rows):
+    torch.manual_seed(0)
+    w, x = torch.randn(96, 256), torch.randn(rows, 256) * torch.rand(rows, 1) * 4  # rows of different ranges
+    layer = quantize.QuantLinear(96, 256, 8, 128, torch.float32, "cpu", dynamic=True)
+    layer.load("weight", (), w)
+    layer.use("w8a8-fbgemm")
+    w_hat = reference_dequantized(w, 8)
+    error = (layer(x) - x @ w_hat.T).abs()
+    assert (error <= w8a8_bound(x, w_hat) * 1.001 + 1e-4).all()
+    assert error.max() > 1e-3  # the activations were rounded: the bound is not vacuous
+    assert layer.weight.numel() == 0 and layer.handles == {"weight": min(layer.handles.values())}  # fbgemm holds it
+
+
+def test_w8a8_does_not_saturate_at_full_range_activations():
+    """255 x 127 + 255 x 127 overflows the int16 sum that fbgemm's AVX2 kernel (vpmaddubsw) forms from each pair of
+    products; activations of 7 bits (REDUCE_RANGE, chosen where the CPU lacks AVX512-VNNI) keep it exact. With full
+    8-bit activations this CPU class returned 129.5 for 256."""
+    layer = quantize.QuantLinear(32, 256, 8, 128, torch.float32, "cpu", dynamic=True)
+    layer.load("weight", (), torch.ones(32, 256))  # q = 127, scale 1/127
+    layer.use("w8a8-fbgemm")
+    torch.testing.assert_close(layer(torch.ones(2, 256)), torch.full((2, 32), 256.0), rtol=1e-3, atol=0)
+
+
+@pytest.mark.parametrize("vnni, reduce_range", [(False, True), (True, False)])
+def test_w8a8_keeps_7_bit_activations_exactly_where_the_cpu_lacks_vnni(vnni, reduce_range):
+    assert quantize.w8a8_reduce_range(vnni) is reduce_range
+    assert quantize.REDUCE_RANGE is quantize.w8a8_reduce_range(torch.cpu._is_vnni_supported())
+
+
+@pytest.mark.parametrize("facts, fbgemm, kernel", [
+    (("cpu", None), True, "w8a8-fbgemm"),  # x86 without AMX: AMD EPYC, Intel client
+    (("cpu", "amx"), True, "w8a8-fbgemm"),  # Intel Xeon with AMX
+    (("cpu", None), False, "int8pack"),  # an ARM CPU (Apple silicon): no fbgemm, weight-only int8
+    (("cuda", (9, 0)), True, "int8-linear"),
+    (("mps", None), False, "int8pack"),
+])
+def test_w8a8_kernel_choice_per_device(monkeypatch, facts, fbgemm, kernel):
+    monkeypatch.setattr(quantize, "HAS_FBGEMM", fbgemm)
+    assert quantize.choose_kernel(8, *facts, torch.bfloat16, 2048, 2048, 128, dynamic=True) == kernel
+    assert quantize.choose_kernel(8, *facts, torch.bfloat16, 2048, 2048, 128) != "w8a8-fbgemm"  # int8 stays int8
+
+
+def test_w8a8_experts_equal_the_oracle_with_each_calls_activations_rounded():
+    """Each expert's call rounds its own tokens' activations: within the bound of that call, summed as the oracle
+    sums them. A handle off by one expert would give another expert's product, far outside it."""
+    torch.manual_seed(0)
+    E, D, I, N, K = 8, 256, 128, 5, 3
+    gate_up, down = torch.randn(E, 2 * I, D), torch.randn(E, D, I)
+    experts = quantize.QuantExperts(E, D, I, 8, 128, torch.float32, "cpu", dynamic=True)
+    for e in range(E):
+        experts.load("gate_up_proj", (e,), gate_up[e])
+        experts.load("down_proj", (e,), down[e])
+    experts.use("w8a8-fbgemm")
+    x = torch.randn(N, D)
+    top_w, top_i = torch.randn(N, E).softmax(-1).topk(K, dim=-1)
+    expected = dequantized_experts_oracle(x, top_w, top_i, reference_dequantized(gate_up, 8),
+                                          reference_dequantized(down, 8))
+    assert 0 < rel_error(experts(x, top_w, top_i), expected) < 0.03
+
+
+def test_int8_dynamic_model_stays_close_and_drops_fbgemms_weights_with_itself(moe_checkpoint):
+    ids = tokens(T=16)
+    before = len(quantize.W8A8_WEIGHTS)
+    with torch.no_grad():
+        ref = olmoe.load_model(moe_checkpoint)(ids).logits
+        model = quantize.load_model(moe_checkpoint, "int8-dynamic")
+        out = model(ids).logits
+    assert {k for m in model.modules() if isinstance(m, quantize.Quantized) for k in m.kernels.values()} == \
+        {"w8a8-fbgemm"}
+    assert 0 < rel_error(out, ref) < 0.05 and (out.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.9
+    assert len(quantize.W8A8_WEIGHTS) == before + 2 * (4 + 2 * 8) + 1  # per layer q, k, v, o, 2 x 8 experts; lm_head
+    del model
+    assert len(quantize.W8A8_WEIGHTS) == before
+
+
+@pytest.mark.parametrize("rows", [1, 5])
+def test_int8_dynamic_compiled_decoding_gives_the_same_tokens_without_a_graph_break(moe_checkpoint, rows):
+    """fbgemm's packed weights cannot enter a graph; w8a8_mm, a custom op, takes their handle instead. One row: the
+    experts' products too, inside the graph (fast.moe_pairs); 5 rows: the experts loop eagerly, as for int8."""
+    import generate
+    from torch._dynamo.utils import counters
+
+    model = fast.apply(quantize.load_model(moe_checkpoint, "int8-dynamic"))
+    prompts = [[1, 2, 3], [4, 5], [6], [7, 8, 9, 10], [11, 12]][:rows]
+    torch._dynamo.reset()
+    counters.clear()
+    assert generate.generate(model, prompts, 6, compile=True) == generate.generate(model, prompts, 6)
+    assert (sum(counters["graph_break"].values()) == 0) == (rows < 5), dict(counters["graph_break"])
