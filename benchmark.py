@@ -349,7 +349,7 @@ def quantized(path: Path, batches=(1, 8), steps=48, repeat=3, group_size=128, re
     if not (path / "config.json").is_file():
         write_random_checkpoint(olmoe_with_layers(2), path)
     models = {"bf16": with_fast_paths(olmoe.load_model(path, dtype=torch.bfloat16), reference)}
-    for kind in ("int8", "int4"):
+    for kind in ("int8", "int8-dynamic", "int4"):
         models[kind] = with_fast_paths(quantize.load_model(path, kind, dtype=torch.bfloat16, group_size=group_size),
                                        reference)
     c = models["bf16"].config
@@ -406,7 +406,8 @@ def olmoe_with_layers(n):
     return config
 
 
-LLAMA_CPP_KINDS = {"bf16": "BF16", "int8": "Q8_0", "int4": "Q4_0"}  # ours -> the llama.cpp type of the same bits
+# ours -> the llama.cpp type of the same bits (Q8_0 quantizes activations to int8 too, as int8-dynamic does)
+LLAMA_CPP_KINDS = {"bf16": "BF16", "int8": "Q8_0", "int8-dynamic": "Q8_0", "int4": "Q4_0"}
 
 
 def gguf_files(root: Path, checkpoint: Path):
@@ -504,7 +505,7 @@ def cpu(workdir: Path, llama_cpp=None, layers=(2, 16), steps=32, prompt_len=512,
         if not (path / "config.json").is_file():
             write_random_checkpoint(olmoe_with_layers(n), path)
         gguf = gguf_files(llama_cpp, path) if llama_cpp else {}
-        for kind in ("bf16", "int8", "int4"):
+        for kind in ("bf16", "int8", "int8-dynamic", "int4"):
             llama = [llama_bench(llama_cpp, gguf[kind], steps, prompt_len)] if llama_cpp else []
             env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=tempfile.mkdtemp(prefix="inductor-"))
             runs = []
@@ -560,6 +561,7 @@ def precisions(path, group_size):
     """The checkpoint at each precision the reports compare: name -> a function that loads it."""
     return {"bf16": lambda: olmoe.load_model(path, dtype=torch.bfloat16),
             "int8": lambda: quantize.load_model(path, "int8", dtype=torch.bfloat16),
+            "int8-dynamic": lambda: quantize.load_model(path, "int8-dynamic", dtype=torch.bfloat16),
             "int4": lambda: quantize.load_model(path, "int4", dtype=torch.bfloat16, group_size=group_size),
             "int4, clip_search": lambda: quantize.load_model(path, "int4", dtype=torch.bfloat16,
                                                              group_size=group_size, clip_search=True)}

@@ -172,10 +172,11 @@ def test_quantized_prints_each_precision_at_each_batch_against_bf16(tiny, quant_
     out = capsys.readouterr().out
     assert "int4 group size 32" in out and "1 layers" in out
     groups = {m.group_size for model in loaded for m in model.modules() if isinstance(m, quantize.Quantized)}
-    assert [m.model.layers[0].mlp.experts.bits for m in loaded] == [8, 4] and groups == {32}  # --group-size reached it
+    assert [(m.model.layers[0].mlp.experts.bits, m.model.layers[0].mlp.experts.dynamic) for m in loaded] == \
+        [(8, False), (8, True), (4, False)] and groups == {32}  # --group-size reached them
     rows = rows_of(out)
-    assert [r[0] for r in rows] == ["bf16", "bf16 compiled", "int8", "int8 compiled", "int4", "int4 compiled",
-                                    "transformers bf16"]
+    assert [r[0] for r in rows] == ["bf16", "bf16 compiled", "int8", "int8 compiled", "int8-dynamic",
+                                    "int8-dynamic compiled", "int4", "int4 compiled", "transformers bf16"]
     rate = {(r[0], B): number(r[1 + 2 * i]) for r in rows for i, B in enumerate((1, 2))}
     for r in rows:
         base = "bf16 compiled" if r[0].endswith("compiled") else "bf16"
@@ -218,7 +219,7 @@ def test_cpu_table_takes_each_sides_better_run_and_their_ratios(tiny, monkeypatc
     (checkpoint / "config.json").write_text("{}")
     # weights, peak RSS before loading and at the end, first compiled call (s), decode b1, decode b8, prefill
     runs = [[2e9, 1e9, 3.5e9, 30.0, 10.0, 40.0, 200.0], [2e9, 1e9, 3.0e9, 5.0, 12.0, 38.0, 210.0]]
-    calls, benches = [], iter([(11.0, 300.0, False), (15.0, 250.0, True)] * 3)  # before and after, each kind
+    calls, benches = [], iter([(11.0, 300.0, False), (15.0, 250.0, True)] * 4)  # before and after, each kind
     monkeypatch.setattr(subprocess, "run", fake_cpu_run(runs, calls))
     monkeypatch.setattr(benchmark, "gguf_files", lambda root, path: {k: path / f"{k}.gguf" for k in
                                                                      benchmark.LLAMA_CPP_KINDS})
@@ -227,7 +228,8 @@ def test_cpu_table_takes_each_sides_better_run_and_their_ratios(tiny, monkeypatc
                    (["--llama-cpp", str(tmp_path / "llama.cpp")] if llama else []))
     out = capsys.readouterr().out
     rows = rows_of(out)
-    assert [r[:2] for r in rows] == [["1", "bf16 / BF16"], ["1", "int8 / Q8_0"], ["1", "int4 / Q4_0"]]
+    assert [r[:2] for r in rows] == [["1", "bf16 / BF16"], ["1", "int8 / Q8_0"], ["1", "int8-dynamic / Q8_0"],
+                                     ["1", "int4 / Q4_0"]]
     for row in rows:
         assert row[2:5] == ["2.00 GB", "2.50 GB (1.25x)", "10.0 / 12.0"]  # peak of the first run: 3.5 - 1 GB
         assert row[7:9] == ["40.0", "210"] and row[11] == "30.0 / 5.0"
@@ -237,11 +239,12 @@ def test_cpu_table_takes_each_sides_better_run_and_their_ratios(tiny, monkeypatc
             assert row[5:7] == ["-", "-"] and row[9:11] == ["-", "-"]
     assert ("* llama.cpp's prefill with --repack 0" in out) == llama
     # each precision twice, in fresh processes of cpu_one, sharing an inductor cache of their own
-    assert [cmd[-1] for cmd, _ in calls] == ["bf16", "bf16", "int8", "int8", "int4", "int4"]
+    assert [cmd[-1] for cmd, _ in calls] == ["bf16", "bf16", "int8", "int8", "int8-dynamic", "int8-dynamic", "int4",
+                                             "int4"]
     assert all(cmd[:2] == [sys.executable, "-c"] and cmd[3] == str(checkpoint)
                and "benchmark.cpu_one(sys.argv[1], sys.argv[2], 32, 512, False)" in cmd[2] for cmd, _ in calls)
     caches = [cache for _, cache in calls]
-    assert caches[0] == caches[1] != caches[2] == caches[3] != caches[4] == caches[5] != caches[0]
+    assert [caches[i] == caches[i + 1] for i in range(7)] == [True, False] * 3 + [True] and len(set(caches)) == 4
 
 
 def fake_llama_cpp(root, crash_prefill=False):
@@ -281,7 +284,8 @@ def test_gguf_files_converts_once_and_quantizes_to_q8_0_and_q4_0(tmp_path):
     (checkpoint / "tokenizer.json").write_text("{}")
     gguf = benchmark.gguf_files(tmp_path / "llama.cpp", checkpoint)
     assert {k: (p.name, p.read_text().strip()) for k, p in gguf.items()} == {
-        "bf16": ("ckpt-BF16.gguf", "bf16"), "int8": ("ckpt-Q8_0.gguf", "Q8_0"), "int4": ("ckpt-Q4_0.gguf", "Q4_0")}
+        "bf16": ("ckpt-BF16.gguf", "bf16"), "int8": ("ckpt-Q8_0.gguf", "Q8_0"), "int8-dynamic": ("ckpt-Q8_0.gguf", "Q8_0"),
+        "int4": ("ckpt-Q4_0.gguf", "Q4_0")}
     assert benchmark.gguf_files(tmp_path / "llama.cpp", checkpoint) == gguf
     assert log.read_text().split() == ["quantize", "quantize"]  # written once, found the second time
     with pytest.raises(SystemExit, match="expected a llama.cpp source tree with build/bin/llama-bench"):
@@ -319,7 +323,7 @@ def test_accuracy_reports_weight_and_logit_errors_per_precision(tiny, tmp_path, 
     for int8, int4, clipped in weights.values():
         assert int8[0] < int4[0] and clipped[0] < int4[0]
     logits = {r[0]: r[1:] for r in rows_of(logit_table)}
-    assert list(logits) == ["bf16", "int8", "int4", "int4, clip_search"]
+    assert list(logits) == ["bf16", "int8", "int8-dynamic", "int4", "int4, clip_search"]
     assert logits["bf16"][0] == "0.0000 / 0.0000" and logits["bf16"][2] == "100.0%"
     vs_f32 = {k: float(v[1].split(" / ")[0]) for k, v in logits.items()}
     assert vs_f32["bf16"] < vs_f32["int8"] < vs_f32["int4, clip_search"] < vs_f32["int4"]  # clipping pays here too
@@ -350,7 +354,7 @@ def test_bpb_equals_evaluates_bits_per_byte_at_each_precision(tiny, tokenizer_js
     text_args = ["--text", f"a={texts / 'a.txt'}", "--text", f"b={texts / 'b.txt'}", "--context", "32"]
     benchmark.main(["bpb", str(path), *text_args, "--group-size", "32", "--threads", "1"])
     rows = {r[0]: r[1:] for r in rows_of(capsys.readouterr().out)}
-    assert list(rows) == ["float32", "bf16", "int8", "int4", "int4, clip_search"]
+    assert list(rows) == ["float32", "bf16", "int8", "int8-dynamic", "int4", "int4, clip_search"]
     for dtype, row in (("float32", rows["float32"]), ("bfloat16", rows["bf16"])):
         scores = evaluate.main(["--checkpoint", str(path), *text_args, "--dtype", dtype])["text"]
         assert all(abs(float(c) - scores[n]["bits_per_byte"]) <= 0.6e-4 for c, n in zip(row[:2], ("a", "b"))), row
