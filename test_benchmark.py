@@ -221,8 +221,7 @@ def test_cpu_table_takes_each_sides_better_run_and_their_ratios(tiny, monkeypatc
     runs = [[2e9, 1e9, 3.5e9, 30.0, 10.0, 40.0, 200.0], [2e9, 1e9, 3.0e9, 5.0, 12.0, 38.0, 210.0]]
     calls, benches = [], iter([(11.0, 300.0, False), (15.0, 250.0, True)] * 4)  # before and after, each kind
     monkeypatch.setattr(subprocess, "run", fake_cpu_run(runs, calls))
-    monkeypatch.setattr(benchmark, "gguf_files", lambda root, path: {k: path / f"{k}.gguf" for k in
-                                                                     benchmark.LLAMA_CPP_KINDS})
+    monkeypatch.setattr(benchmark, "gguf_files", lambda root, path, kinds: {k: path / f"{k}.gguf" for k in kinds})
     monkeypatch.setattr(benchmark, "llama_bench", lambda root, gguf, steps, prompt_len: next(benches))
     benchmark.main(["cpu", str(tmp_path), "--layers", "1", "--threads", "1"] +
                    (["--llama-cpp", str(tmp_path / "llama.cpp")] if llama else []))
@@ -245,6 +244,22 @@ def test_cpu_table_takes_each_sides_better_run_and_their_ratios(tiny, monkeypatc
                and "benchmark.cpu_one(sys.argv[1], sys.argv[2], 32, 512, False)" in cmd[2] for cmd, _ in calls)
     caches = [cache for _, cache in calls]
     assert [caches[i] == caches[i + 1] for i in range(7)] == [True, False] * 3 + [True] and len(set(caches)) == 4
+
+
+def test_cpu_measures_only_the_kinds_asked_for(monkeypatch, tmp_path, capsys):
+    """--kinds: only those precisions' processes run, llama.cpp's files made and benched for those alone."""
+    (tmp_path / "olmoe-1-layers").mkdir()
+    (tmp_path / "olmoe-1-layers" / "config.json").write_text("{}")
+    calls, asked, benched = [], [], []
+    monkeypatch.setattr(subprocess, "run", fake_cpu_run([[2e9, 1e9, 3e9, 5.0, 10.0, 40.0, 200.0]], calls))
+    monkeypatch.setattr(benchmark, "gguf_files", lambda root, path, kinds: asked.append(kinds) or
+                        {k: path / f"{k}.gguf" for k in kinds})
+    monkeypatch.setattr(benchmark, "llama_bench", lambda root, gguf, *_: benched.append(gguf.name) or (9.0, 90.0, 0))
+    benchmark.main(["cpu", str(tmp_path), "--layers", "1", "--threads", "1", "--kinds", "int8-dynamic", "int8",
+                    "--llama-cpp", str(tmp_path)])
+    assert [r[1] for r in rows_of(capsys.readouterr().out)] == ["int8-dynamic / Q8_0", "int8 / Q8_0"]
+    assert [cmd[-1] for cmd, _ in calls] == ["int8-dynamic"] * 2 + ["int8"] * 2
+    assert asked == [["int8-dynamic", "int8"]] and benched == ["int8-dynamic.gguf"] * 2 + ["int8.gguf"] * 2
 
 
 def fake_llama_cpp(root, crash_prefill=False):
@@ -288,6 +303,12 @@ def test_gguf_files_converts_once_and_quantizes_to_q8_0_and_q4_0(tmp_path):
         "int4": ("ckpt-Q4_0.gguf", "Q4_0")}
     assert benchmark.gguf_files(tmp_path / "llama.cpp", checkpoint) == gguf
     assert log.read_text().split() == ["quantize", "quantize"]  # written once, found the second time
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "tokenizer.json").write_text("{}")
+    assert benchmark.gguf_files(tmp_path / "llama.cpp", other, ["int8-dynamic"]) == {
+        "int8-dynamic": other.parent / "other-Q8_0.gguf"}  # the BF16 it was quantized from is written, not returned
+    assert (other.parent / "other-BF16.gguf").is_file() and log.read_text().split() == ["quantize"] * 3
     with pytest.raises(SystemExit, match="expected a llama.cpp source tree with build/bin/llama-bench"):
         benchmark.gguf_files(tmp_path, checkpoint)
 
@@ -335,6 +356,24 @@ def test_accuracy_reports_weight_and_logit_errors_per_precision(tiny, tmp_path, 
         a, b = (m(ids).logits[0, 15:-1].float() for m in (bf16, f32))
     rel = (a - b).norm(dim=-1) / b.norm(dim=-1)
     assert logits["bf16"][1] == f"{rel.mean():.4f} / {rel.max():.4f}"
+
+
+def test_accuracy_at_the_real_width_writes_olmoe_1b_7bs_shape_with_two_layers_in_float32(tiny, tmp_path, monkeypatch,
+                                                                                       capsys):
+    """--real-width: the checkpoint is olmoe_with_layers(2) (here a tiny stand-in, asked for with n=2) written in
+    float32, so that bf16 errs against it too; the same tables follow, every precision in them."""
+    asked = []
+    monkeypatch.setattr(benchmark, "olmoe_with_layers", lambda n: asked.append(n) or olmoe.OlmoeConfig(
+        **dict(QUANT_TINY, vocab_size=50304)))
+    benchmark.main(["accuracy", str(tmp_path), "--real-width", "--group-size", "32", "--threads", "1"])
+    path = tmp_path / "olmoe-2-layers-float32"
+    assert asked == [2] and olmoe.read_config(path).hidden_size == 64
+    assert {t.dtype for t in load_file(path / "model.safetensors").values()} == {torch.float32}
+    out = capsys.readouterr().out
+    assert out.startswith(f"{path}: OLMoE-1B-7B (D=64, 1 layers, 8 experts of width 32, top-2, V=50304)")
+    logits = {r[0]: r[1:] for r in rows_of(out.split("\nLogits over")[1])}
+    assert list(logits) == ["bf16", "int8", "int8-dynamic", "int4", "int4, clip_search"]
+    assert float(logits["bf16"][1].split(" / ")[0]) > 0  # bf16 rounds float32's weights
 
 
 @pytest.fixture(scope="module")
