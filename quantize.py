@@ -150,7 +150,7 @@ INT8_CAST_ROWS = 16
 # (torch.ops.quantized.linear_dynamic; aten/src/ATen/native/quantized/cpu/qlinear_dynamic.cpp): it finds the
 # activations' min and max over the call, quantizes them to uint8 (asymmetric, one scale per call) while packing
 # them, multiplies by the int8 weight and applies the per-output weight scales in its epilogue, in float32. Its
-# packed weight is a torchbind object, which a compiled graph cannot hold: the graph calls w8a8_mm, a custom op,
+# packed weight is a torchbind object, which a compiled graph cannot hold: the graph calls w8a8_mm, an op of our own,
 # with a handle into W8A8_WEIGHTS instead, and runs it as one opaque call, with no graph break.
 W8A8_WEIGHTS = {}  # handle -> fbgemm's packed (out, in) weight
 
