@@ -411,6 +411,8 @@ def test_bpb_equals_evaluates_bits_per_byte_at_each_precision(tiny, tokenizer_js
         if name == "float32":
             assert change == "—"  # before the bf16 row, the base
         else:
-            assert close(float(change.rstrip("%")), 100 * (float(mean) / base - 1), 2)
+            # the printed change is of the unrounded means: each printed mean may be off by half its last place
+            slack = 100 * 2 * 0.5e-4 / base
+            assert abs(float(change.rstrip("%")) - 100 * (float(mean) / base - 1)) <= 0.005 + slack, (change, mean)
     assert rows["bf16"][3] == "+0.00%"
     assert rows["int4, clip_search"][:2] != rows["int4"][:2]  # other weights: clip_search reached the loader
