@@ -25,10 +25,14 @@ from pathlib import Path
 
 import torch
 
+import checkpoints
+import devices
 import fast
 import generate as gen
+import measure
 import olmoe
 import quantize
+import text
 
 SHAPES = {  # the released shapes, and small ones of the same kind for a CPU
     "OLMoE-1B-7B": lambda: olmoe.PRESETS["OLMoE-1B-7B-0924"](),
@@ -44,26 +48,13 @@ SHAPES = {  # the released shapes, and small ones of the same kind for a CPU
 }
 
 
-def timed(fn, sync, repeat=3):
-    """Median wall time of fn() over repeat runs, after one warm-up run."""
-    fn()
-    times = []
-    for _ in range(repeat):
-        sync()
-        t = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t)
-    return sorted(times)[len(times) // 2]
-
-
 def taking_turns(measures: dict, repeat):
     """Each measure's median over `repeat` rounds in which they all take turns, after one warm-up round: a slow
     moment of a shared machine falls on all of them alike. measures: name -> a function returning a number."""
     values = {name: [] for name in measures}
     for r in range(repeat + 1):
-        for name, measure in measures.items():
-            value = measure()
+        for name, fn in measures.items():
+            value = fn()
             if r:
                 values[name].append(value)
     return {name: sorted(v)[repeat // 2] for name, v in values.items()}
@@ -77,14 +68,12 @@ def median_decode(model, prompts, steps, compile):
     return sorted(runs[1:], key=lambda s: s["decode_s"])[1]
 
 
-def device_ceilings(device, dtype, sync):
+def device_ceilings(device, dtype):
     """Measured copy bandwidth (bytes read + written per second) and matmul rate in dtype (FLOP/s)."""
     n = 2**28  # 256 MB: larger than any cache, so the copy streams from memory
     a, b = torch.empty(n, dtype=torch.uint8, device=device).random_(), torch.empty(n, dtype=torch.uint8, device=device)
-    bandwidth = 2 * n / timed(lambda: b.copy_(a), sync, repeat=10)
-    m = 8192 if device.type != "cpu" else 1024
-    x, y = torch.randn(m, m, device=device, dtype=dtype), torch.randn(m, m, device=device, dtype=dtype)
-    return bandwidth, 2 * m**3 / timed(lambda: x @ y, sync, repeat=10)
+    bandwidth = 2 * n / measure.timed(lambda: b.copy_(a), measure.synchronizer(device), repeat=10)
+    return bandwidth, measure.matmul_rate(device, dtype, repeat=10)
 
 
 def random_model(config, device, dtype, seed=0, moe_dispatch="batched", reference=False):
@@ -133,34 +122,19 @@ def twin_models(config, device, dtype, reference=False):
     return hf, with_fast_paths(ours.eval(), reference)
 
 
-def active_params(model):
-    """Parameters one prefill token multiplies: the layers', with K of the E experts (only the last position
-    reaches lm_head, and the embedding is a lookup)."""
-    c, n = model.config, 0
-    for name, p in model.named_parameters():
-        if name.startswith("model.layers"):
-            n += p.numel() * (c.num_experts_per_tok / c.num_experts if "experts" in name else 1)
-    return n
-
-
 def prefill_flops(model, T):
     """Matmul FLOPs of a T-token prefill: the weights', and causal attention's (half of QK^T and AV)."""
     c = model.config
-    return 2 * T * active_params(model) + 2 * c.num_hidden_layers * T**2 * c.num_attention_heads * c.head_dim
+    attention = 2 * c.num_hidden_layers * T**2 * c.num_attention_heads * c.head_dim
+    return 2 * T * measure.active_params(c, lm_head=False) + attention
 
 
 def native_dtype_of(device):
-    return gen.native_dtype(device, torch.bfloat16)[0]
+    return devices.native_dtype(device, torch.bfloat16)[0]
 
 
 def dtype_name(dtype):
     return str(dtype).removeprefix("torch.")
-
-
-def device_name(device):
-    if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)} (sm{''.join(map(str, torch.cuda.get_device_capability(device)))})"
-    return f"CPU ({torch.get_num_threads()} threads)" if device.type == "cpu" else device.type.upper()
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -209,8 +183,8 @@ def check_paths(device, models=("OLMoE", "OLMo2 GQA"), batches=(1, 8)):
 
 def check(device, steps=32):
     device = torch.device(device)
-    dtype, sync = native_dtype_of(device), gen.synchronizer(device)
-    print(f"# self-check on {device_name(device)}, torch {torch.__version__}")
+    dtype, sync = native_dtype_of(device), measure.synchronizer(device)
+    print(f"# self-check on {devices.device_name(device)}, torch {torch.__version__}")
     results = check_paths(device)
     for what, ok, detail in results:
         print(f"{'ok  ' if ok else 'FAIL'} {what}: {detail}")
@@ -220,7 +194,7 @@ def check(device, steps=32):
                                         for N in (1, 8, 64, 2048) for c in (False, True)))
 
     # Speed: the OLMoE-1B-7B layer shape with 4 of its 16 layers (per-token figures scale with the layers).
-    bandwidth, flops = device_ceilings(device, dtype, sync)
+    bandwidth, flops = device_ceilings(device, dtype)
     config = SHAPES["OLMoE-1B-7B"]()
     config.num_hidden_layers = 4
     model = random_model(config, device, dtype)
@@ -237,7 +211,7 @@ def check(device, steps=32):
     T = 2048 if device.type != "cpu" else 256
     ids = torch.randint(0, config.vocab_size, (1, T), device=device)
     with torch.no_grad():
-        seconds = timed(lambda: model(ids, last_only=True), sync)
+        seconds = measure.timed(lambda: model(ids, last_only=True), sync)
     fraction = prefill_flops(model, T) / seconds / flops
     print(f"| prefill, {T} tokens | {T / seconds:.0f} | matmul peak | {fraction:.0%} |")
     failed = [what for what, ok, _ in results if not ok]
@@ -254,11 +228,11 @@ def benchmark(shape, device, batches, steps, prompt_len, reference=False):
 
     device = torch.device(device)
     dtype = native_dtype_of(device) if device.type != "cpu" else torch.float32
-    sync = gen.synchronizer(device)
-    bandwidth, flops = device_ceilings(device, dtype, sync)
+    sync = measure.synchronizer(device)
+    bandwidth, flops = device_ceilings(device, dtype)
     config = SHAPES[shape]()
     hf, ours = twin_models(config, device, dtype, reference)
-    print(f"{shape} on {device_name(device)}, {dtype}; torch {torch.__version__}, transformers "
+    print(f"{shape} on {devices.device_name(device)}, {dtype}; torch {torch.__version__}, transformers "
           f"{transformers.__version__}; measured copy bandwidth {bandwidth / 1e9:.0f} GB/s, matmul "
           f"{flops / 1e12:.1f} TFLOP/s")
     print("| what | this project | transformers | ratio | this project, fraction of bound |")
@@ -277,14 +251,15 @@ def benchmark(shape, device, batches, steps, prompt_len, reference=False):
             kw = dict(cache_implementation="static", compile_config=compile_config) if compile else {}
             hf_gen = lambda n: hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,  # noqa: E731
                                            min_new_tokens=n, do_sample=False, pad_token_id=0, **kw)
-            hf_rate = B * (steps - 1) / (timed(lambda: hf_gen(steps), sync) - timed(lambda: hf_gen(1), sync))
+            hf_s = measure.timed(lambda: hf_gen(steps), sync) - measure.timed(lambda: hf_gen(1), sync)
+            hf_rate = B * (steps - 1) / hf_s
             label = f"decode tok/s, batch {B}, {'compiled' if compile else 'eager'}"
             print(f"| {label} | {ours_rate:.1f} | {hf_rate:.1f} | {ours_rate / hf_rate:.2f}x | "
                   f"{ours_rate / bound:.0%} of {bound:.0f} ({stats['step_bytes'] / 1e9:.3f} GB/step) |")
     ids = torch.randint(0, config.vocab_size, (1, prompt_len), device=device)
     with torch.no_grad():
-        ours_s = timed(lambda: ours(ids, last_only=True), sync)
-        hf_s = timed(lambda: hf(ids, logits_to_keep=1, use_cache=False), sync)
+        ours_s = measure.timed(lambda: ours(ids, last_only=True), sync)
+        hf_s = measure.timed(lambda: hf(ids, logits_to_keep=1, use_cache=False), sync)
     print(f"| prefill tok/s, {prompt_len} tokens | {prompt_len / ours_s:.0f} | {prompt_len / hf_s:.0f} | "
           f"{hf_s / ours_s:.2f}x | {prefill_flops(ours, prompt_len) / ours_s / flops:.0%} of matmul peak |")
 
@@ -293,15 +268,15 @@ def benchmark(shape, device, batches, steps, prompt_len, reference=False):
 # Training: one optimizer step against transformers'
 
 
-def training_step(config, device, dtype, batch=16, seq_len=128, repeat=7, reference=False):
+def training_step(config, device, dtype, *, batch=16, seq_len=128, repeat=7, reference=False):
     """One forward + backward + AdamW step of the same model on the same batch, as train.py takes it (float32 master
     weights, bf16 autocast when dtype is bf16): this project (cross-entropy plus 0.01 x transformers' load-balancing
     loss, its .loss) against transformers' OlmoeForCausalLM with output_router_logits=True (the same loss). The two
     take turns, so a slow moment of a shared machine falls on both; each figure is the median of `repeat` steps
     after a warm-up one. Prints one markdown row."""
     device = torch.device(device)
-    sync = gen.synchronizer(device)
-    flops_peak = device_ceilings(device, dtype, sync)[1]
+    sync = measure.synchronizer(device)
+    flops_peak = device_ceilings(device, dtype)[1]
     hf, ours = twin_models(config, device, torch.float32, reference)
     ids = torch.randint(0, config.vocab_size, (batch, seq_len), generator=torch.Generator().manual_seed(0))
     ids = ids.to(device)
@@ -329,7 +304,7 @@ def training_step(config, device, dtype, batch=16, seq_len=128, repeat=7, refere
     seconds = taking_turns(steps, repeat)
     tokens = batch * seq_len
     # 6 FLOPs per active parameter per token: the blocks' (with K of E experts) and lm_head's (every position).
-    flops = 6 * (active_params(ours) + ours.lm_head.weight.numel()) * tokens
+    flops = 6 * measure.active_params(config) * tokens
     ours_s, hf_s = seconds["this project"], seconds["transformers"]
     print(f"| training step (forward + backward + AdamW), {batch} x {seq_len} tokens, {dtype_name(dtype)} | "
           f"{tokens / ours_s:.0f} tok/s | {tokens / hf_s:.0f} tok/s | {hf_s / ours_s:.2f}x | "
@@ -441,8 +416,8 @@ def gguf_files(root: Path, checkpoint: Path, kinds=tuple(LLAMA_CPP_KINDS)):
 def llama_bench(root: Path, gguf: Path, steps, prompt_len):
     """llama.cpp's (decode, prefill) tokens/s on one GGUF file, llama-bench's mean of 3 runs of each with this
     process's threads, and whether the prefill took --repack 0. A prefill that dies by a signal runs again so,
-    with llama.cpp's plain layouts: on this project's AMX machine its repacked AMX kernel (ggml_backend_amx_mul_mat)
-    died of SIGILL at its first ldtilecfg on Q8_0 and Q4_0, where decoding, one row, never calls it."""
+    with llama.cpp's plain layouts: its repacked AMX kernel can die of SIGILL where decoding, one row, never calls
+    it (docs/performance.md#on-a-cpu-beside-llamacpp)."""
     import json
 
     def bench(*args):
@@ -463,7 +438,7 @@ def cpu_one(path, kind, steps, prompt_len, reference=False):
     eager prefill of prompt_len tokens. Prints weight bytes, peak RSS before loading and at the end (compiling
     included), the first call's seconds, the three rates."""
     cpu = torch.device("cpu")
-    before = gen.peak_memory(cpu)
+    before = measure.peak_memory(cpu)
     model = with_fast_paths(olmoe.load_model(path) if kind == "bf16" else quantize.load_model(path, kind), reference)
     weights = sum(t.nbytes for t in model.state_dict().values())
     t = time.perf_counter()
@@ -480,10 +455,10 @@ def cpu_one(path, kind, steps, prompt_len, reference=False):
 
     decode = [taking_turns({B: lambda B=B: rate(prompts(B))}, 3)[B] for B in (1, 8)]  # the median of 3
     prefill = taking_turns({0: lambda: rate([[1] * prompt_len], compile=False)}, 1)[0]
-    print(weights, before, gen.peak_memory(cpu), first, *decode, prefill)
+    print(weights, before, measure.peak_memory(cpu), first, *decode, prefill)
 
 
-def cpu(workdir: Path, llama_cpp=None, layers=(2, 16), kinds=tuple(LLAMA_CPP_KINDS), steps=32, prompt_len=512,
+def cpu(workdir: Path, *, llama_cpp=None, layers=(2, 16), kinds=tuple(LLAMA_CPP_KINDS), steps=32, prompt_len=512,
         reference=False):
     """This project on a CPU at each of kinds (bf16, int8, int8-dynamic, int4), on random checkpoints of OLMoE-1B-7B's
     shape with 2 layers and with all 16 (written once into workdir: 2 and 14 GB), beside llama.cpp's type of the same
@@ -575,11 +550,11 @@ def bits_per_byte(checkpoint: Path, texts: dict, context, group_size=128):
     float32, bf16, int8, int4, and int4 with clip_search. Prints one markdown table."""
     import evaluate
 
-    tokenizer, eos, _ = gen.load_tokenizer(checkpoint)
+    tokenizer, eos, _ = checkpoints.load_tokenizer(checkpoint)
     load = {"float32": lambda: olmoe.load_model(checkpoint, dtype=torch.float32), **precisions(checkpoint, group_size)}
     prefix = min(eos) if eos else None  # evaluate.py's rolling log-likelihood starts after an eos, where there is one
-    windows = {name: evaluate.text_windows(tokenizer.encode(text, add_special_tokens=False).ids, context, prefix)
-               for name, text in texts.items()}
+    windows = {name: evaluate.text_windows(tokenizer.encode(t, add_special_tokens=False).ids, context, prefix)
+               for name, t in texts.items()}
     sizes = ", ".join(f"{n} ({len(t.encode()) / 1e3:.0f} kB)" for n, t in texts.items())
     print(f"{checkpoint}: bits per byte of {sizes}, windows of {context} tokens; int4 group size {group_size}; "
           "activations in bf16 but for float32")
@@ -641,7 +616,48 @@ def accuracy(workdir: Path, steps=64, group_size=128, real_width=False):
         print(f"| {kind} | {row[0]} | {row[1]} | {agree:.1%} |")
 
 
-def main(argv=None):
+# --------------------------------------------------------------------------------------------------------------
+# Command line: each subcommand's parser names the function that runs it (set_defaults)
+
+
+def run_check(args):
+    raise SystemExit(0 if check(devices.pick_device(args.device)) else 1)
+
+
+def run_speed(args):
+    benchmark(args.shape, devices.pick_device(args.device), args.batch, args.steps, args.prompt_len, args.reference)
+
+
+def run_train(args):
+    device = devices.pick_device(args.device)
+    dtype = devices.training_dtype(args.dtype, device)
+    print(f"# {args.shape} on {devices.device_name(device)}, torch {torch.__version__}")
+    print("| what | this project | transformers | ratio | this project, MFU |\n|---|---|---|---|---|")
+    training_step(SHAPES[args.shape](), device, dtype, batch=args.batch, seq_len=args.seq_len,
+                  reference=args.reference)
+
+
+def run_quantized(args):
+    quantized(args.dir, args.batch, args.steps, group_size=args.group_size or 128, reference=args.reference)
+
+
+def run_cpu(args):
+    cpu(args.dir, llama_cpp=args.llama_cpp, layers=args.layers, kinds=args.kinds, reference=args.reference)
+
+
+def run_accuracy(args):
+    accuracy(args.dir, group_size=args.group_size or 128, real_width=args.real_width)
+
+
+def run_bpb(args):
+    texts = text.read_texts(args.text)
+    path = checkpoints.checkpoint_dir(str(args.checkpoint))
+    config = olmoe.read_config(path)
+    context = args.context or checkpoints.trained_seq_len(path) or config.max_position_embeddings
+    bits_per_byte(path, texts, context, group_size=args.group_size or quantize.int4_group_size(config))
+
+
+def parser():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
     c = sub.add_parser("check", help="self-check this device (about a minute on a GPU)")
@@ -682,42 +698,24 @@ def main(argv=None):
     b.add_argument("--text", action="append", required=True, metavar="NAME=FILE")
     b.add_argument("--context", type=int, default=None, help="tokens per window (default: the sequence length a "
                    "train.py checkpoint was trained on, else the model's context)")
-    for parser in (q, m, a, b):
-        parser.add_argument("--threads", type=int, default=2)
-    for parser in (s, t, q, m):
-        parser.add_argument("--reference", action="store_true", help="olmoe.py's plain modules, without fast.py")
-    for parser in (q, a, b):
-        parser.add_argument("--group-size", type=int, default=None, help="inputs per int4 scale (default: the "
-                            "largest of 128, 64 and 32 that divides every layer)")
-    args = p.parse_args(argv)
-    if args.command == "check":
-        raise SystemExit(0 if check(gen.pick_device(args.device)) else 1)
-    if args.command == "speed":
-        return benchmark(args.shape, gen.pick_device(args.device), args.batch, args.steps, args.prompt_len,
-                         args.reference)
-    if args.command == "train":
-        device = gen.pick_device(args.device)
-        native = native_dtype_of(device) if device.type == "cuda" else torch.float32
-        dtype = getattr(torch, args.dtype) if args.dtype else native
-        print(f"# {args.shape} on {device_name(device)}, torch {torch.__version__}")
-        print("| what | this project | transformers | ratio | this project, MFU |\n|---|---|---|---|---|")
-        return training_step(SHAPES[args.shape](), device, dtype, args.batch, args.seq_len, reference=args.reference)
-    torch.set_num_threads(args.threads)
-    if args.command == "quantized":
-        quantized(args.dir, args.batch, args.steps, group_size=args.group_size or 128, reference=args.reference)
-    elif args.command == "cpu":
-        cpu(args.dir, args.llama_cpp, args.layers, args.kinds, reference=args.reference)
-    elif args.command == "bpb":
-        texts = {}
-        for spec in args.text:
-            name, _, file = spec.partition("=")
-            texts[name] = Path(file).read_text(encoding="utf-8")
-        path = gen.checkpoint_dir(str(args.checkpoint))
-        config = olmoe.read_config(path)
-        context = args.context or gen.trained_seq_len(path) or config.max_position_embeddings
-        bits_per_byte(path, texts, context, group_size=args.group_size or quantize.int4_group_size(config))
-    else:
-        accuracy(args.dir, group_size=args.group_size or 128, real_width=args.real_width)
+    for parser_, run in ((c, run_check), (s, run_speed), (t, run_train), (q, run_quantized), (m, run_cpu),
+                         (a, run_accuracy), (b, run_bpb)):
+        parser_.set_defaults(run=run)
+    for parser_ in (q, m, a, b):
+        parser_.add_argument("--threads", type=int, default=2)
+    for parser_ in (s, t, q, m):
+        parser_.add_argument("--reference", action="store_true", help="olmoe.py's plain modules, without fast.py")
+    for parser_ in (q, a, b):
+        parser_.add_argument("--group-size", type=int, default=None, help="inputs per int4 scale (default: the "
+                             "largest of 128, 64 and 32 that divides every layer)")
+    return p
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
+    if getattr(args, "threads", None):  # the CPU measurements': 2 by default, the cores of this project's machines
+        torch.set_num_threads(args.threads)
+    return args.run(args)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import torch
 import transformers
 
 import olmoe
+import text
 from safetensors.torch import load_file, save_file
 
 TINY = dict(vocab_size=96, hidden_size=32, intermediate_size=16, num_hidden_layers=2, num_attention_heads=4,
@@ -57,15 +58,10 @@ TOKENIZER_VOCAB, MODEL_VOCAB = 300, 320  # the model's vocabulary is padded, as 
 
 @pytest.fixture(scope="session")
 def tokenizer_json(tmp_path_factory):
-    """A byte-level BPE tokenizer trained here, so multi-byte characters span several tokens."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=TOKENIZER_VOCAB, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(["the quick brown fox jumps over the lazy dog; café, naïve, 日本語"] * 20, trainer)
+    """A byte-level BPE tokenizer trained here (text.train_tokenizer, as train.py's), so multi-byte characters span
+    several tokens."""
+    tok = text.train_tokenizer(["the quick brown fox jumps over the lazy dog; café, naïve, 日本語"] * 20, TOKENIZER_VOCAB,
+                               special_tokens=[text.EOS])
     assert tok.get_vocab_size() == TOKENIZER_VOCAB
     path = tmp_path_factory.mktemp("tokenizer") / "tokenizer.json"
     tok.save(str(path))
@@ -107,6 +103,18 @@ def dense_oracle(moe, x):
     gate, up = torch.einsum("nd,eid->nei", x, moe.experts.gate_up_proj).chunk(2, dim=-1)
     out = torch.einsum("nei,edi->ned", torch.nn.functional.silu(gate) * up, moe.experts.down_proj)  # (N, E, D)
     return torch.einsum("ned,ne->nd", out, weight)
+
+
+def megablocks_loss(router_logits, K):
+    """megablocks' batched_load_balancing_loss (the Muennighoff/megablocks fork OLMoE trained with), written as it
+    computes it: tokens_per_expert and the mean expert scores of all layers concatenated, one dot product, scaled
+    by E / (L * T * K)."""
+    scores = [r.flatten(0, 1).softmax(dim=-1) for r in router_logits]  # L x (tokens, E)
+    L, (T, E) = len(scores), scores[0].shape
+    tokens_per_expert = torch.cat([torch.bincount(s.topk(K, dim=-1).indices.flatten(), minlength=E)
+                                   for s in scores]).float()  # (L*E,)
+    expert_scores = torch.cat(scores, dim=1).mean(dim=0)  # (L*E,)
+    return E / (L * T * K) * torch.dot(tokens_per_expert, expert_scores)
 
 
 # --------------------------------------------------------------------------------------------------------------

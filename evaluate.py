@@ -22,7 +22,6 @@ import gzip
 import importlib.metadata
 import json
 import math
-import os
 import platform
 import random
 import sys
@@ -35,10 +34,14 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+import checkpoints
+import cli
 import corpus
-import olmoe
+import devices
+import measure
+import parallel
+import text
 import variants
-from generate import checkpoint_dir, load_tokenizer, pick_device, pick_dtype, synchronizer, trained_seq_len
 
 # --------------------------------------------------------------------------------------------------------------
 # The OLMES tasks, as data (allenai/olmes oe_eval/configs/tasks.py, "<task>:rc::olmes" and "<task>:mc::olmes")
@@ -251,7 +254,7 @@ def score(model, pairs, *, batch_tokens=8192, part=(0, 1), progress=False):
     from tqdm import tqdm
 
     bar = tqdm(total=len(order), unit="row", desc="scoring", disable=not progress, file=sys.stderr)
-    results, tokens, sync = {}, 0, synchronizer(device)
+    results, tokens, sync = {}, 0, measure.synchronizer(device)
     sync()
     t0 = time.perf_counter()
     start = 0
@@ -387,19 +390,6 @@ def text_scores(text, scored):
 # The command line
 
 
-def distributed(device_name):
-    """(rank, world, device): torchrun sets RANK and WORLD_SIZE; then each process takes its own GPU (LOCAL_RANK),
-    or the CPU with gloo."""
-    if "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) == 1:
-        return 0, 1, pick_device(device_name)
-    device = pick_device(device_name)
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return dist.get_rank(), dist.get_world_size(), device
-
-
 def versions(tasks):
     out = {"python": platform.python_version()}
     for name in ("torch", "tokenizers", "pyarrow"):
@@ -426,64 +416,32 @@ def print_table(tasks):
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
 
 
-def run(args):
-    if args.limit is not None and args.limit < 1:
-        raise ValueError(f"--limit must be at least 1, got {args.limit}")
-    if not args.tasks and not args.text:
-        raise ValueError("nothing to do: give --tasks (olmes, or a list) and/or --text NAME=FILE")
-    tasks = parse_tasks(args.tasks) if args.tasks else []
-    root = corpus.olmes_data() if tasks else None
-    texts = {}
-    for item in args.text or []:
-        name, sep, file = item.partition("=")
-        if not sep or not name or not file:
-            raise ValueError(f"--text {item!r}: expected NAME=FILE")
-        try:
-            texts[name] = Path(file).read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise ValueError(f"--text {file}: no such file") from None
-        except UnicodeDecodeError as e:
-            raise ValueError(f"--text {file}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-        if not texts[name]:
-            raise ValueError(f"--text {file}: empty")
-    groups = [(name, fmt, task_requests(root, name, fmt, args.limit)) for name, fmt in tasks]
-    requests = [q for _, _, qs in groups for q in qs]
-
-    rank, world, device = distributed(args.device)
-    path = checkpoint_dir(args.checkpoint)
+def load(args, rank):
+    """The checkpoint's model, tokenizer and first-token prefix (its eos), on this process's device, and the
+    context length --text windows take: --context, else the sequence length it was trained on, else its own."""
+    path = checkpoints.checkpoint_dir(args.checkpoint)
     config, _ = variants.read_config(path)  # a train.py run of a variant too
-    dtype = pick_dtype(args.dtype, device, config)
-    tokenizer, eos, _ = load_tokenizer(path)
-    model = variants.load_model(path, device=device, dtype=dtype)
-    prefix_id = min(eos) if eos else None
-    trained = trained_seq_len(path)
+    dtype = devices.pick_dtype(args.dtype, args.device, config)
+    tokenizer, eos, _ = checkpoints.load_tokenizer(path)
+    model = variants.load_model(path, device=args.device, dtype=dtype)
+    trained = checkpoints.trained_seq_len(path)
     L = args.context or trained or model.config.max_position_embeddings
     if not 2 <= L <= model.config.max_position_embeddings:
         raise ValueError(f"--context {L}: expected 2 to the model's context of {model.config.max_position_embeddings}")
-    if texts and trained and rank == 0 and not args.context:
+    if args.text and trained and rank == 0 and not args.context:
         print(f"note: --text windows of {L} tokens, the sequence length {path.name} was trained on (--context to "
               "change it)", file=sys.stderr)
-    elif texts and trained and rank == 0 and L > trained:
+    elif args.text and trained and rank == 0 and L > trained:
         print(f"warning: --context {L} is longer than the {trained}-token sequences {path.name} was trained on: it "
               f"never learned to predict past {trained} tokens, so bits per byte will read worse", file=sys.stderr)
+    return model, tokenizer, min(eos) if eos else None, L
 
-    pairs = encode_pairs(tokenizer, [(q.context, q.continuation) for q in requests], prefix_id)
-    windows = {}
-    for name, text in texts.items():
-        windows[name] = text_windows(tokenizer.encode(text, add_special_tokens=False).ids, L, prefix_id)
-        if not windows[name]:
-            raise ValueError(f"--text {name}: one token, and no eos token to predict it from: nothing to score")
-        pairs += windows[name]
-    started = time.time()
-    scored, stats = score_everywhere(model, pairs, rank, world, batch_tokens=args.batch_tokens)
-    if rank:
-        return
 
-    out = dict(run=dict(checkpoint=str(args.checkpoint), dtype=str(dtype).removeprefix("torch."), device=str(device),
-                        processes=world, versions=versions(tasks), started=time.strftime("%Y-%m-%dT%H:%M:%S%z",
-                        time.localtime(started)), seconds=round(stats["seconds"], 3), tokens=stats["tokens"],
-                        tokens_per_s=round(stats["tokens"] / stats["seconds"], 1), limit=args.limit,
-                        batch_tokens=args.batch_tokens), tasks={}, text={}, requests=[])
+def results(meta, stats, groups, scored, texts, windows):
+    """results.json: the run's metadata, each task's scores (and the better of its two formats), each text's bits
+    per byte, and every request's log-likelihood."""
+    out = dict(run=dict(meta, seconds=round(stats["seconds"], 3), tokens=stats["tokens"],
+                        tokens_per_s=round(stats["tokens"] / stats["seconds"], 1)), tasks={}, text={}, requests=[])
     at = 0
     for name, fmt, qs in groups:
         ss = scored[at:at + len(qs)]
@@ -497,14 +455,42 @@ def run(args):
     for name, w in windows.items():
         out["text"][name] = text_scores(texts[name], scored[at:at + len(w)])
         at += len(w)
+    return out
 
+
+def run(args):
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit must be at least 1, got {args.limit}")
+    if not args.tasks and not args.text:
+        raise ValueError("nothing to do: give --tasks (olmes, or a list) and/or --text NAME=FILE")
+    tasks = parse_tasks(args.tasks) if args.tasks else []
+    root = corpus.olmes_data() if tasks else None
+    texts = text.read_texts(args.text or [])
+    groups = [(name, fmt, task_requests(root, name, fmt, args.limit)) for name, fmt in tasks]
+    rank, world, args.device = parallel.start_processes(args.device)
+    model, tokenizer, prefix_id, L = load(args, rank)
+    pairs = encode_pairs(tokenizer, [(q.context, q.continuation) for _, _, qs in groups for q in qs], prefix_id)
+    windows = {}
+    for name, t in texts.items():
+        windows[name] = text_windows(tokenizer.encode(t, add_special_tokens=False).ids, L, prefix_id)
+        if not windows[name]:
+            raise ValueError(f"--text {name}: one token, and no eos token to predict it from: nothing to score")
+        pairs += windows[name]
+    dtype = str(model.model.embed_tokens.weight.dtype).removeprefix("torch.")
+    meta = dict(checkpoint=str(args.checkpoint), dtype=dtype, device=str(args.device), processes=world,
+                versions=versions(tasks), started=time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime()), limit=args.limit,
+                batch_tokens=args.batch_tokens)
+    scored, stats = score_everywhere(model, pairs, rank, world, batch_tokens=args.batch_tokens)
+    if rank:
+        return
+    out = results(meta, stats, groups, scored, texts, windows)
     if out["tasks"]:
         print_table(out["tasks"])
     for name, t in out["text"].items():
         print(f"{name}: {t['bits_per_byte']:.4f} bits per byte, token perplexity {t['token_perplexity']:.2f} "
               f"({t['bytes']} bytes, {t['tokens']} tokens)")
     print(f"scored {len(pairs)} requests as {stats['rows']} rows, {stats['tokens']} tokens in {stats['seconds']:.1f} s:"
-          f" {out['run']['tokens_per_s']:.0f} tokens/s on {world} x {device.type} in {out['run']['dtype']}",
+          f" {out['run']['tokens_per_s']:.0f} tokens/s on {world} x {args.device.type} in {out['run']['dtype']}",
           file=sys.stderr)
     if args.out:
         Path(args.out).write_text(json.dumps(out, indent=1))
@@ -530,11 +516,7 @@ def main(argv=None):
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16; default: the checkpoint's own")
     args = p.parse_args(argv)
     try:
-        return run(args)
-    except (ValueError, OSError, RuntimeError) as e:  # CheckpointError: a ValueError; MissingData: a RuntimeError
-        if os.environ.get("RANK", "0") == "0":  # one line, not one per process under torchrun
-            print(f"error: {e}".splitlines()[0], file=sys.stderr)
-        sys.exit(1)
+        return cli.run(run, args)  # MissingData, MissingPackage: RuntimeErrors, said in one line too
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -25,6 +25,10 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
+import balance
+
 HERE = Path(__file__).parent
 
 # --------------------------------------------------------------------------------------------------------------
@@ -250,15 +254,11 @@ def routing_figures(run: Path):
     the same share of the token-expert pairs) and the domain specialization gap (the largest difference between two
     domains' shares of one expert's tokens, the paper's Eq. 7)."""
     r = json.loads((run / "routing" / "routing.json").read_text())
-    domains = list(r["tokens"])
-    entropy, gap = [], []
-    for layer in range(r["layers"]):
-        counts = [sum(r["expert_counts"][d][layer][e] for d in domains) for e in range(r["experts"])]
-        shares = [c / sum(counts) for c in counts]
-        entropy.append(-sum(x * math.log2(x) for x in shares if x > 0))
-        spec = [[r["expert_counts"][d][layer][e] / r["tokens"][d] for d in domains] for e in range(r["experts"])]
-        gap.append(max(max(s) - min(s) for s in spec))
-    return entropy, gap
+    counts = torch.tensor([r["expert_counts"][d] for d in r["tokens"]])  # (domains, L, E)
+    entropy = balance.load_summary(counts.sum(0))[1]
+    spec = counts / torch.tensor(list(r["tokens"].values()))[:, None, None]  # (domains, L, E) Eq. 7
+    gap = (spec.max(0).values - spec.min(0).values).max(-1).values  # (L,)
+    return entropy.tolist(), gap.tolist()
 
 
 def mean_std(xs):

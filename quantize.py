@@ -128,9 +128,9 @@ def int8pack_mm(x, w, scale, G):
     (select_tiling in torch/_inductor/codegen/cpp.py) and loads int8 half a vector at a time through a masked load
     (Vectorized<int8_t>::loadu with a count, aten/src/ATen/cpu/vec/vec512/vec512_int.h), at half the speed.
     _weight_int8pack_mm converts each weight to float and scales it before its multiply-add
-    (aten/src/ATen/native/cpu/int8mm_kernel.cpp); the reduction scales each output once. The 2-layer
-    OLMoE-1B-7B shape, batch 1, 2 threads, taking turns: on an AMD EPYC the int8 step decoded 77-96 tok/s
-    against 66-83 with _weight_int8pack_mm; on an Intel Xeon with AMX the reduction lost, 48-50 against 58."""
+    (aten/src/ATen/native/cpu/int8mm_kernel.cpp); the reduction scales each output once. It decoded faster than
+    _weight_int8pack_mm on the CPU without AMX it was measured on, and slower on the one with AMX
+    (docs/performance.md#which-kernel-runs-where)."""
     if x.shape[0] == 1 and fast.device_facts(x.device) == ("cpu", None) and torch.compiler.is_compiling():
         return ((fast.stored(x.float())[:, None, :] * w.float()).sum(-1) * scale.float()).to(x.dtype)  # (1, out)
     if x.shape[0] >= INT8_CAST_ROWS and x.device.type == "cpu":
@@ -138,10 +138,10 @@ def int8pack_mm(x, w, scale, G):
     return torch._weight_int8pack_mm(x, w, scale)
 
 
-# From this many rows on, int8pack_mm casts the weight and calls F.linear (oneDNN's matmul). The CPU kernel
-# _weight_int8pack_mm (cpu/int8mm_kernel.cpp) takes time in proportion to the rows: on a 4096 x 2048 weight, bf16,
-# 2 threads, 0.22 ms at 1 row, 1.5 at 16, 6.0 at 64 and 47 at 512, where the cast and F.linear took 1.3, 1.3, 1.8
-# and 5.5 ms. A prefill, and an expert given many tokens, take the cast.
+# From this many rows on, int8pack_mm casts the weight and calls F.linear (oneDNN's matmul): the CPU kernel
+# _weight_int8pack_mm (cpu/int8mm_kernel.cpp) takes time in proportion to the rows, the cast and F.linear far less,
+# and the cast is the faster from about 16 rows (docs/quantization.md#which-kernel-runs-where). A prefill, and an
+# expert given many tokens, take the cast.
 INT8_CAST_ROWS = 16
 
 
@@ -186,7 +186,8 @@ def w8a8_pack(owner, q, scale):
 
 
 # Defined with torch.library.Library, whose CPU kernel the dispatcher calls directly: torch.library.custom_op's
-# Python wrapper cost about 70 us a call here, a third of a one-row expert's multiply.
+# Python wrapper costs a large share of a one-row expert's multiply
+# (docs/quantization.md#int8-activations-too-int8-dynamic-w8a8).
 _LIBRARY = torch.library.Library("olmoe_quantize", "DEF")
 # SymInt: in fast.moe_pairs the handle follows from the routing, a value the compiled graph reads from a tensor
 _LIBRARY.define("w8a8_mm(Tensor x, SymInt handle, SymInt out_features) -> Tensor")
@@ -240,7 +241,7 @@ def choose_kernel(bits, device_type, capability, dtype, out_features, in_feature
                   MPS takes bf16, fp16 or fp32 (mps/operations/Quantized.mm).
     w8a8-fbgemm   W8A8 on a CPU with fbgemm (x86 builds): w8a8_mm, fbgemm's dynamic quantized linear. PyTorch's
                   other integer matmul, torch._int_mm, runs a scalar loop on CPUs without AVX512-VNNI
-                  (_int_mm_out_cpu in LinearAlgebra.cpp): 9x slower than float32 F.linear at 1 x 2048 x 2048 here.
+                  (_int_mm_out_cpu in LinearAlgebra.cpp), far slower than float32 F.linear.
     dequant       everything else (older GPUs, other group sizes, odd shapes): dequantize, then F.linear.
     A kernel that cannot run here is checked at load time on a probe (check_kernel) before it is trusted."""
     group_ok = group_size in (32, 64, 128, 256)

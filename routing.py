@@ -3,8 +3,9 @@
 
 python routing.py --checkpoint allenai/OLMoE-1B-7B-0924 --text prose=README.md --text code=olmoe.py --out lab/
 
-Read top to bottom: counting (pure functions over routing choices) -> the paper's ratios -> the load-balancing
-losses -> running a model over texts in chunks -> report.md and routing.json -> figures -> the command line.
+Read top to bottom: counting (pure functions over routing choices) -> the paper's ratios -> running a model over
+texts in chunks -> report.md and routing.json -> figures -> the command line. Expert counts, the load-balancing
+losses and the load's largest share and entropy come from balance.py, which train.py logs with too.
 
 Every analysis starts from the routing choices: for each layer and token, the k experts with the highest router
 probability, most probable first. k is ours to choose (--top-k, 8 by default as in the paper, or 1); the model
@@ -29,8 +30,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-import generate
-import olmoe
+import balance
+import checkpoints
+import cli
+import devices
+import text
 import variants
 
 # --------------------------------------------------------------------------------------------------------------
@@ -46,13 +50,6 @@ def top_experts(probs, k):
 def multi_hot(choices, E):
     """(L, N, k) expert ids -> (L, N, E) float, 1 where the token chose the expert. Counting becomes matmuls."""
     return torch.zeros(*choices.shape[:-1], E, device=choices.device).scatter_(-1, choices, 1.0)
-
-
-def expert_counts(choices, E):
-    """N(E_i) per layer: how many tokens included expert i in their top k. (L, N, k) -> (L, E), summing to N*k."""
-    L = choices.shape[0]
-    offset = torch.arange(L, device=choices.device)[:, None, None] * E  # layer l's experts are bins l*E .. l*E+E-1
-    return (choices + offset).flatten().bincount(minlength=L * E).view(L, E)
 
 
 def coactivation_counts(choices, E):
@@ -120,32 +117,6 @@ def vocab_specialization(counts, n, min_count=10):
 
 
 # --------------------------------------------------------------------------------------------------------------
-# The load-balancing loss, two conventions
-#
-# Both are E * sum_e f_e * p_e (Switch Transformer), p_e being expert e's mean router probability over the tokens.
-# They differ in f_e, the share of routing that went to expert e:
-#   transformers  f_e = N(E_e) / N over all layers' tokens pooled, with K experts per token: f sums to K, and
-#                 uniform routing gives K (8 for OLMoE). This is what olmoe.load_balancing_loss computes.
-#   MegaBlocks,   f_e = N(E_e) / (N*K) per layer: f sums to 1, and uniform routing gives 1.
-#   OLMo-core
-# For one layer, transformers' value = K x the normalised one; over several layers transformers pools the layers'
-# tokens before multiplying f by p, so it is K x the normalised loss of the pooled routing, not K x the mean of
-# the per-layer losses.
-
-
-def balance_losses(counts, prob_sums, n_tokens, K):
-    """counts (L, E): N(E_e) with each token's K routed experts (top_experts(probs, K)); prob_sums (L, E): router
-    probabilities summed over the n_tokens tokens. Returns (transformers' pooled loss, a scalar;
-    the normalised per-layer losses, (L,))."""
-    L, E = counts.shape
-    f = counts.sum(0) / (L * n_tokens)  # (E,) sums to K
-    p = prob_sums.sum(0) / (L * n_tokens)  # (E,) sums to 1
-    pooled = E * (f * p).sum()
-    per_layer = E * (counts / (n_tokens * K) * prob_sums / n_tokens).sum(-1)  # (L,)
-    return pooled, per_layer
-
-
-# --------------------------------------------------------------------------------------------------------------
 # Running a model over texts, in chunks
 
 
@@ -201,9 +172,9 @@ def collect(model, ids, k, *, layer=0, chunk_len=1024, compare=(), sample=32, pr
     start = 0
     for x, probs, predicted in route(model, ids, chunk_len, progress):
         choices = top_experts(probs, k)  # (L, n, k)
-        s.expert_counts += expert_counts(choices, E).cpu()
+        s.expert_counts += balance.expert_counts(choices, E).cpu()
         s.coactivation += coactivation_counts(choices, E).cpu()
-        s.routed_counts += expert_counts(top_experts(probs, K), E).cpu()
+        s.routed_counts += balance.expert_counts(top_experts(probs, K), E).cpu()
         s.prob_sums += probs.sum(1).double().cpu()
         for counts, n, key in ((s.vocab_in, s.n_in, x), (s.vocab_out, s.n_out, predicted)):
             dc, dn = token_expert_counts(key, choices[layer], V, E)
@@ -231,7 +202,7 @@ def summary(stats: dict[str, Stats], k, K):
     total = sum(s.tokens for s in stats.values())
     counts = sum(s.expert_counts for s in stats.values())  # (L, E)
     routed = sum(s.routed_counts for s in stats.values())
-    pooled, per_layer = balance_losses(routed.double(), sum(s.prob_sums for s in stats.values()), total, K)
+    pooled, per_layer = balance.losses_from_counts(routed.double(), sum(s.prob_sums for s in stats.values()), total, K)
     co = sum(s.coactivation for s in stats.values())  # (L, E, E)
     out = dict(tokens=total, load=expert_load(counts), coactivation=coactivation(co),
                specialization={d: domain_specialization(s.expert_counts, s.tokens) for d, s in stats.items()},
@@ -247,12 +218,12 @@ def layer_figures(r):
     between two domains' shares of one expert (Eq. 7), and the largest co-activation of two experts (Eq. 6) among
     experts with at least half the balanced share of the pairs (an expert chosen 3 times can score 1 by chance)."""
     load = r["load"].double()  # (L, E)
-    entropy = -(load * load.clamp(min=1e-30).log2()).sum(-1)
+    max_share, entropy = balance.load_summary(load)
     spec = torch.stack(list(r["specialization"].values()))  # (domains, L, E)
     co = r["coactivation"].clone()
     co.diagonal(dim1=1, dim2=2).fill_(0)
     co = co.masked_fill((load < 0.5 / load.shape[-1])[:, :, None], 0)  # rows of experts that carry little load
-    return dict(max_share=load.max(-1).values, entropy_bits=entropy,
+    return dict(max_share=max_share, entropy_bits=entropy,
                 domain_gap=(spec.max(0).values - spec.min(0).values).max(-1).values,
                 max_coactivation=co.flatten(1).max(-1).values, balance_loss=r["balance_loss_per_layer"])
 
@@ -496,28 +467,20 @@ def figures(stats, tokenizer, *, label, k, K, layer, compare_label=None, compare
 # Command line
 
 
-def read_texts(specs, tokenizer, max_tokens):
+def token_ids(specs, tokenizer, max_tokens):
     """--text NAME=FILE arguments -> {name: token ids}, each cut to max_tokens."""
     texts = {}
-    for spec in specs:
-        name, eq, file = spec.partition("=")
-        if not eq or not name or not file:
-            raise ValueError(f"--text {spec!r}: expected NAME=FILE, e.g. --text code=olmoe.py")
-        if name in texts:
-            raise ValueError(f"--text {spec!r}: the name {name!r} is given twice")
-        path = Path(file)
-        if not path.is_file():
-            raise ValueError(f"--text {spec!r}: {file}: no such file")
-        ids = tokenizer.encode(path.read_text(encoding="utf-8", errors="replace"), add_special_tokens=False).ids
+    for (name, t), spec in zip(text.read_texts(specs).items(), specs):
+        ids = tokenizer.encode(t, add_special_tokens=False).ids
         if not ids:
-            raise ValueError(f"--text {spec!r}: {file} is empty (no tokens to route)")
+            raise ValueError(f"--text {spec!r}: no tokens to route")
         texts[name] = ids[:max_tokens] if max_tokens else ids
     return texts
 
 
 def moe_config(checkpoint):
     """The checkpoint's directory and config, or a clear error for a model without a router."""
-    path = generate.checkpoint_dir(checkpoint)
+    path = checkpoints.checkpoint_dir(checkpoint)
     config, _ = variants.read_config(path)  # a train.py run of a variant too
     if config.model_type != "olmoe":
         raise ValueError(f"{checkpoint}: a {config.model_type} checkpoint has no router to analyse "
@@ -526,11 +489,11 @@ def moe_config(checkpoint):
 
 
 def run(args):
-    device = generate.pick_device(args.device)
+    device = devices.pick_device(args.device)
     if args.max_tokens is not None and args.max_tokens < 1:
         raise ValueError(f"--max-tokens {args.max_tokens}: expected at least 1")
     path, config = moe_config(args.checkpoint)
-    dtype = generate.pick_dtype(args.dtype, device, config)
+    dtype = devices.pick_dtype(args.dtype, device, config)
     E, L = config.num_experts, config.num_hidden_layers
     if not 1 <= args.top_k <= E:
         raise ValueError(f"--top-k {args.top_k}: expected 1 to {E}, the number of experts per layer")
@@ -539,8 +502,8 @@ def run(args):
     chunk_len = min(args.chunk_len, config.max_position_embeddings)
     if chunk_len < 1:
         raise ValueError(f"--chunk-len {args.chunk_len}: expected at least 1")
-    tokenizer, _, _ = generate.load_tokenizer(path)
-    texts = read_texts(args.text, tokenizer, args.max_tokens)
+    tokenizer, _, _ = checkpoints.load_tokenizer(path)
+    texts = token_ids(args.text, tokenizer, args.max_tokens)
     total = sum(map(len, texts.values()))
 
     def load(checkpoint, flag):  # another checkpoint of the same model
@@ -612,12 +575,7 @@ def main(argv=None):
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16; default: the checkpoint's own, as "
                    "generate.py")
     p.add_argument("--out", required=True, help="directory for report.md, routing.json and the figures")
-    args = p.parse_args(argv)
-    try:
-        run(args)
-    except (ValueError, OSError, RuntimeError) as e:  # CheckpointError is a ValueError
-        print(f"error: {e}".splitlines()[0], file=sys.stderr)
-        sys.exit(1)
+    cli.run(run, p.parse_args(argv))
 
 
 if __name__ == "__main__":

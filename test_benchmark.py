@@ -56,7 +56,7 @@ def tiny(monkeypatch):
     """The tiny shape as --shape tiny, the ceilings fixed, compiling off, and the thread count restored after
     --threads (benchmark.main sets it for the process)."""
     monkeypatch.setitem(benchmark.SHAPES, "tiny", lambda: olmoe.OlmoeConfig(**TINY))
-    monkeypatch.setattr(benchmark, "device_ceilings", lambda device, dtype, sync: (BANDWIDTH, FLOPS))
+    monkeypatch.setattr(benchmark, "device_ceilings", lambda device, dtype: (BANDWIDTH, FLOPS))
     monkeypatch.setattr(torch, "compile", lambda fn=None, **kw: fn if fn is not None else (lambda f: f))
     threads = torch.get_num_threads()
     yield

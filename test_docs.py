@@ -77,10 +77,10 @@ def test_each_docs_page_is_short(page):
 
 def test_the_readme_runs_the_commands_the_offline_error_gives():
     """generate.py's offline error offers these commands; they must be the README's own first run."""
-    import generate
+    import checkpoints
 
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    for command in generate.OFFLINE.replace("\\\n", "").splitlines():
+    for command in checkpoints.OFFLINE.replace("\\\n", "").splitlines():
         assert " ".join(command.split()) in " ".join(readme.replace("\\\n", "").split()), command
 
 

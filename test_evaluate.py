@@ -22,6 +22,7 @@ import transformers
 import corpus
 import evaluate
 import olmoe
+import text
 from conftest import IN_CI, importorskip
 from evaluate import Request, Scored
 
@@ -37,14 +38,7 @@ TEXT = ("Question: Which of these would help a plant grow best in the spring?\nA
 @pytest.fixture(scope="module")
 def tokenizer_file(tmp_path_factory):
     """A byte-level BPE tokenizer trained here: every byte is a token, so it encodes any text; <|endoftext|> is 0."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator([TEXT] * 50, trainer)
+    tok = text.train_tokenizer([TEXT] * 50, 600, special_tokens=[text.EOS])
     path = tmp_path_factory.mktemp("tokenizer") / "tokenizer.json"
     tok.save(str(path))
     return path
@@ -588,13 +582,13 @@ def test_bits_per_byte_without_the_package(tmp_path, tokenizer_file, capsys, mon
     assert list(results["text"]) == ["sample", "other"] and results["tasks"] == {} and results["requests"] == []
     from tokenizers import Tokenizer
 
-    for name, text in (("sample", TEXT), ("other", other)):
+    for name, sample in (("sample", TEXT), ("other", other)):
         got = results["text"][name]
-        ids = Tokenizer.from_file(str(tokenizer_file)).encode(text, add_special_tokens=False).ids
+        ids = Tokenizer.from_file(str(tokenizer_file)).encode(sample, add_special_tokens=False).ids
         assert len(ids) < 256
         logprob, _ = reference_score(ref, [0], ids)
-        n_bytes = len(text.encode("utf-8"))
-        assert got["bytes"] == n_bytes > len(text) and got["tokens"] == len(ids)
+        n_bytes = len(sample.encode("utf-8"))
+        assert got["bytes"] == n_bytes > len(sample) and got["tokens"] == len(ids)
         assert got["logprob"] == pytest.approx(logprob, rel=1e-5)
         assert got["bits_per_byte"] == pytest.approx(-logprob / math.log(2) / n_bytes, rel=1e-5)
         assert got["token_perplexity"] == pytest.approx(math.exp(-logprob / len(ids)), rel=1e-5)

@@ -13,8 +13,10 @@ import torch.nn.functional as F
 import transformers
 from torch._inductor.utils import run_and_get_code
 
+import checkpoints
 import fast
 import generate as gen
+import measure
 import olmoe
 from conftest import MODEL_VOCAB, TINY, TINY_MOE, TOKENIZER_VOCAB, copy_checkpoint, gen_checkpoint
 
@@ -138,25 +140,6 @@ def test_padded_gqa_prefill_keeps_gqa_off_the_math_kernel(tmp_path, tokenizer_js
     prefill = [c for c in calls if c["T"] == 8]
     assert prefill and all(c["mask"] and not c["gqa"] and c["kv_heads"] == 4 for c in prefill)
     assert batched == [gen.generate(model, [p], 6)[0] for p in prompts]
-
-
-@pytest.mark.parametrize("device, capability, macos14, expected", [
-    ("cpu", None, None, torch.bfloat16),
-    ("cuda", (9, 0), None, torch.bfloat16),  # H100
-    ("cuda", (8, 0), None, torch.bfloat16),  # A100
-    ("cuda", (7, 5), None, torch.float16),  # T4: bf16 only emulated
-    ("cuda", (7, 0), None, torch.float16),  # V100
-    ("mps", None, True, torch.bfloat16),
-    ("mps", None, False, torch.float16),  # macOS 13: MPS has no bf16
-])
-def test_default_dtype_is_native_on_each_device(monkeypatch, device, capability, macos14, expected):
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: capability)
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "Simulated GPU")
-    monkeypatch.setattr(torch.backends.mps, "is_macos_or_newer", lambda major, minor: macos14)
-    dtype, note = gen.native_dtype(torch.device(device), torch.bfloat16)
-    assert dtype == expected
-    assert (note is None) == (expected == torch.bfloat16)
-    assert gen.native_dtype(torch.device(device), torch.float32) == (torch.float32, None)
 
 
 def test_overflowing_logits_stop_with_one_line_naming_the_dtype(tmp_path, tokenizer_json, capsys):
@@ -369,7 +352,7 @@ def test_cli_offline_names_the_commands_that_make_a_model_here(tmp_path):
     assert r.returncode == 1 and "Traceback" not in r.stderr and r.stdout == ""
     first, *commands = r.stderr.strip().splitlines()
     assert first.startswith("error: allenai/OLMoE-1B-7B-0924: not a local directory") and "Connect once" in first
-    assert "\n".join(commands) == gen.OFFLINE
+    assert "\n".join(commands) == checkpoints.OFFLINE
     assert commands[-1].startswith("python generate.py --checkpoint runs/olmoe-cpu ")
     for step in ("step-000050", "step-000100"):
         (tmp_path / "runs" / "mine" / step).mkdir(parents=True)
@@ -377,19 +360,6 @@ def test_cli_offline_names_the_commands_that_make_a_model_here(tmp_path):
     r = subprocess.run(cli, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     assert r.returncode == 1 and r.stderr.count("\n") == 1
     assert r.stderr.rstrip().endswith("or use the model trained here: --checkpoint runs/mine")
-
-
-def test_a_train_run_directory_stands_for_its_latest_checkpoint(tmp_path, capsys):
-    """checkpoint_dir(run) is the run's latest step-NNNNNN with a config.json, said in one line; a checkpoint
-    directory is itself, silently."""
-    for step in ("step-000000", "step-000100", "step-000050", "step-000150"):
-        (tmp_path / step).mkdir()
-        if step != "step-000150":  # a step being written: no config.json yet
-            (tmp_path / step / "config.json").write_text("{}")
-    assert gen.checkpoint_dir(str(tmp_path)) == tmp_path / "step-000100"
-    assert capsys.readouterr().err == f"{tmp_path}: a train.py run; its latest checkpoint is step-000100\n"
-    assert gen.checkpoint_dir(str(tmp_path / "step-000050")) == tmp_path / "step-000050"
-    assert capsys.readouterr().err == ""
 
 
 # Shaped like OLMoE-1B-7B-Instruct's template: Jinja blocks on their own lines, trimmed as transformers does.
@@ -643,52 +613,11 @@ def test_cli_statistics_line_reports_the_runs_numbers(sharp_checkpoint, capsys, 
         return [[5]] * len(prompts)
 
     monkeypatch.setattr(gen, "generate", fake)
-    monkeypatch.setattr(gen, "peak_memory", lambda device: 1.5e9)
+    monkeypatch.setattr(measure, "peak_memory", lambda device: 1.5e9)
     err = cli(capsys, sharp_checkpoint, prompts=["the", "fox"]).err
     assert err == "prefill 6 tokens in 250 ms | decode 20.0 tok/s | 5.0 GB/s | peak memory 1.50 GB (process RSS)\n"
     err = cli(capsys, sharp_checkpoint, prompts=["the", "fox"], max_new_tokens=1).err
     assert err.startswith("prefill 6 tokens in 250 ms | decode 0.0 tok/s | 0.0 GB/s |")
-
-
-def test_checkpoint_dir_takes_local_paths_as_they_are_and_fetches_hub_ids(tmp_path, monkeypatch):
-    import huggingface_hub
-
-    fetched = []
-    monkeypatch.setattr(huggingface_hub, "snapshot_download",
-                        lambda name, **kw: fetched.append((name, kw)) or str(tmp_path / "snapshot"))
-    local = tmp_path / "owner" / "name"
-    local.mkdir(parents=True)
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("HOME", str(tmp_path))
-    assert gen.checkpoint_dir("owner/name") == local.relative_to(tmp_path)  # an existing directory wins
-    for name, path in [("./a/b", tmp_path / "a" / "b"), ("~/a", tmp_path / "a"), ("a/b/c", tmp_path / "a/b/c"),
-                       ("x", tmp_path / "x"), (str(tmp_path / "y"), tmp_path / "y")]:
-        assert gen.checkpoint_dir(name).absolute() == path, name
-    assert not fetched
-    assert gen.checkpoint_dir("allenai/OLMoE-1B-7B-0924") == tmp_path / "snapshot"
-    assert fetched == [("allenai/OLMoE-1B-7B-0924", dict(allow_patterns=["*.json", "*.safetensors"]))]
-
-
-@pytest.mark.parametrize("cuda, mps, expected", [(True, True, "cuda"), (False, True, "mps"), (False, False, "cpu")])
-def test_pick_device_defaults_to_cuda_then_mps_then_cpu(monkeypatch, cuda, mps, expected):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
-    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: mps)
-    assert gen.pick_device(None) == torch.device(expected)
-    assert gen.pick_device("cpu") == torch.device("cpu")
-
-
-def test_pick_dtype_is_the_named_one_else_the_checkpoints_native_one(monkeypatch, capsys):
-    from types import SimpleNamespace
-
-    for name, dtype in gen.DTYPES.items():
-        assert gen.pick_dtype(name, torch.device("cpu"), SimpleNamespace(dtype="bfloat16")) == dtype
-    assert gen.pick_dtype(None, torch.device("cpu"), SimpleNamespace(dtype="float32")) == torch.float32
-    assert gen.pick_dtype(None, torch.device("cpu"), SimpleNamespace(dtype="bfloat16")) == torch.bfloat16
-    assert capsys.readouterr().err == ""
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (7, 5))
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "Simulated T4")
-    assert gen.pick_dtype(None, torch.device("cuda"), SimpleNamespace(dtype="bfloat16")) == torch.float16
-    assert "Simulated T4 has no native bfloat16" in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")
@@ -831,12 +760,3 @@ def test_chat_template_renders_a_missing_special_token_as_nothing(bos_token, ren
     such a token out, and Jinja would print "None"); an AddedToken dict renders as its content."""
     config = {"chat_template": CHAT_TEMPLATE, "bos_token": bos_token, "eos_token": None}
     assert gen.render_chat(config, "Hi there") == rendered_bos + "<|user|>\nHi there\n<|assistant|>\n"
-
-
-def test_synchronizer_waits_on_the_devices_own_queue():
-    """CUDA and MPS queue work asynchronously, so a timing waits on that device's synchronize; a CPU has nothing
-    queued, and its synchronizer does nothing."""
-    assert gen.synchronizer(torch.device("cuda")) is torch.cuda.synchronize
-    assert gen.synchronizer(torch.device("mps")) is torch.mps.synchronize
-    cpu = gen.synchronizer(torch.device("cpu"))
-    assert cpu not in (torch.cuda.synchronize, torch.mps.synchronize) and cpu() is None

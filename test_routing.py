@@ -11,6 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+import balance
 import olmoe
 import routing
 from conftest import gen_checkpoint, importorskip
@@ -21,12 +22,12 @@ CHOICES = torch.tensor([[[0, 1], [0, 2], [1, 0], [3, 2]]])  # (L=1, N=4, k=2)
 
 def test_expert_counts_and_load_count_token_expert_pairs():
     # expert 0: tokens 0, 1, 2; expert 1: tokens 0, 2; expert 2: tokens 1, 3; expert 3: token 3
-    assert routing.expert_counts(CHOICES, 4).tolist() == [[3, 2, 2, 1]]
+    assert balance.expert_counts(CHOICES, 4).tolist() == [[3, 2, 2, 1]]
     # shares of the 4 * 2 = 8 pairs: 3/8, 2/8, 2/8, 1/8
-    assert routing.expert_load(routing.expert_counts(CHOICES, 4)).tolist() == [[0.375, 0.25, 0.25, 0.125]]
+    assert routing.expert_load(balance.expert_counts(CHOICES, 4)).tolist() == [[0.375, 0.25, 0.25, 0.125]]
     two_layers = torch.tensor([CHOICES[0].tolist(), [[3, 2], [3, 1], [2, 3], [1, 2]]])
     # layer 1: expert 1: tokens 1, 3; expert 2: tokens 0, 2, 3; expert 3: tokens 0, 1, 2
-    assert routing.expert_counts(two_layers, 4).tolist() == [[3, 2, 2, 1], [0, 2, 3, 3]]
+    assert balance.expert_counts(two_layers, 4).tolist() == [[3, 2, 2, 1], [0, 2, 3, 3]]
 
 
 def test_coactivation_is_share_of_an_experts_tokens_that_also_chose_the_other():
@@ -59,7 +60,7 @@ def test_saturation_is_the_mean_share_of_top_k_experts_two_checkpoints_share():
 
 def test_domain_specialization_is_share_of_the_domains_tokens():
     # expert 0 is in the top 2 of 3 of the 4 tokens; uniform routing would give k/E = 2/4
-    spec = routing.domain_specialization(routing.expert_counts(CHOICES, 4), 4)
+    spec = routing.domain_specialization(balance.expert_counts(CHOICES, 4), 4)
     assert spec.tolist() == [[0.75, 0.5, 0.5, 0.25]]
 
 
@@ -75,29 +76,12 @@ def test_vocab_specialization_keys_on_token_ids_and_drops_rare_ones():
     assert not routing.vocab_specialization(counts, n, min_count=1)[7].isnan().any()
 
 
-def test_balance_losses_by_hand_in_both_conventions():
-    # E = 2, K = 1, L = 2 layers of N = 2 tokens.
-    # layer 0: probs [.75, .25] twice -> both tokens choose expert 0: counts [2, 0], probability sums [1.5, .5]
-    # layer 1: probs [.25, .75], [.75, .25] -> one each: counts [1, 1], probability sums [1, 1]
-    counts = torch.tensor([[2.0, 0.0], [1.0, 1.0]])
-    prob_sums = torch.tensor([[1.5, 0.5], [1.0, 1.0]])
-    pooled, per_layer = routing.balance_losses(counts, prob_sums, n_tokens=2, K=1)
-    # per layer, f = counts / (N K), p = sums / N: layer 0: 2 * (1 * .75 + 0 * .25) = 1.5; layer 1: 2 * (.25 + .25)
-    assert per_layer.tolist() == [1.5, 1.0]
-    # pooled: f = [3, 1] / 4, p = [2.5, 1.5] / 4 -> 2 * (.75 * .625 + .25 * .375) = 1.125, not the mean 1.25
-    assert pooled.item() == 1.125
-    # uniform routing, E = 4, K = 2: tokens choose {0,1} and {2,3}, all probabilities 1/4:
-    # f = [1, 1, 1, 1] / 2 (sums to K = 2), p = 1/4 -> transformers 4 * 4 * (1/2 * 1/4) = 2 = K; normalised 1
-    pooled, per_layer = routing.balance_losses(torch.tensor([[1.0, 1, 1, 1]]), torch.full((1, 4), 0.5), 2, K=2)
-    assert pooled.item() == 2.0 and per_layer.tolist() == [1.0]
-
-
 def test_layer_figures_by_hand():
     # E = 4, one layer; two domains of 2 tokens each, k = 2
     # prose: tokens choose {0, 1}, {0, 1}; code: {0, 2}, {3, 2}
     prose, code = torch.tensor([[[0, 1], [0, 1]]]), torch.tensor([[[0, 2], [3, 2]]])
-    stats = {d: routing.Stats(2, routing.expert_counts(c, 4), routing.coactivation_counts(c, 4),
-                              routing.expert_counts(c, 4), torch.full((1, 4), 0.5, dtype=torch.float64),
+    stats = {d: routing.Stats(2, balance.expert_counts(c, 4), routing.coactivation_counts(c, 4),
+                              balance.expert_counts(c, 4), torch.full((1, 4), 0.5, dtype=torch.float64),
                               *[None] * 4) for d, c in (("prose", prose), ("code", code))}
     f = routing.layer_figures(routing.summary(stats, k=2, K=2))
     # pairs per expert [3, 2, 2, 1] of 8 -> shares [3/8, 1/4, 1/4, 1/8]
@@ -108,19 +92,6 @@ def test_layer_figures_by_hand():
     assert f["domain_gap"].tolist() == [1.0]
     # co-activation N(Ei, Ej) / N(Ei): expert 1 chose with 0 on both its tokens -> 1; expert 3 with 2 -> 1
     assert f["max_coactivation"].tolist() == [1.0]
-
-
-def test_transformers_convention_equals_olmoe_load_balancing_loss():
-    torch.manual_seed(0)
-    L, B, T, E, K = 3, 2, 7, 8, 2
-    router_logits = tuple(torch.randn(B, T, E) * 3 for _ in range(L))  # L x (B, T, E)
-    expected = olmoe.load_balancing_loss(*olmoe.router_rows(router_logits), K)
-    probs = torch.stack([r.flatten(0, 1).softmax(-1, dtype=torch.float32) for r in router_logits])  # (L, N, E)
-    counts = routing.expert_counts(routing.top_experts(probs, K), E)
-    pooled, per_layer = routing.balance_losses(counts, probs.sum(1), B * T, K)
-    print(f"transformers convention {pooled.item():.6f}, olmoe.load_balancing_loss {expected.item():.6f}")
-    assert abs(pooled.item() - expected.item()) < 1e-6
-    assert per_layer.shape == (L,)
 
 
 def test_top_experts_rank_by_probability_for_any_k():
@@ -550,7 +521,7 @@ def bad_inputs(tmp_path_factory, tokenizer_json, routing_checkpoint):
 @pytest.mark.parametrize("case, args, message", [
     ("no equals sign", ["--text", "ok.txt"], "expected NAME=FILE"),
     ("missing file", ["--text", "x=nowhere.txt"], "no such file"),
-    ("empty file", ["--text", "x=empty.txt"], "is empty"),
+    ("empty file", ["--text", "x=empty.txt"], "empty.txt: empty"),
     ("a domain named twice", ["--text", "x=ok.txt", "--text", "x=ok.txt"], "the name 'x' is given twice"),
     ("top-k above E", ["--text", "x=ok.txt", "--top-k", "9"], "--top-k 9: expected 1 to 8"),
     ("top-k zero", ["--text", "x=ok.txt", "--top-k", "0"], "--top-k 0: expected 1 to 8"),
@@ -657,8 +628,8 @@ def _hand_stats(choices, E=8, V=4, shared=None):
     """One domain's Stats from its (L, N, k) choices; the model's K = k; no token seen min_count times."""
     L, N, k = choices.shape
     z = torch.zeros(V, E, dtype=torch.long)
-    return routing.Stats(N, routing.expert_counts(choices, E), routing.coactivation_counts(choices, E),
-                         routing.expert_counts(choices, E), torch.full((L, E), N / E, dtype=torch.float64),
+    return routing.Stats(N, balance.expert_counts(choices, E), routing.coactivation_counts(choices, E),
+                         balance.expert_counts(choices, E), torch.full((L, E), N / E, dtype=torch.float64),
                          z, z[:, 0], z, z[:, 0], shared=shared)
 
 

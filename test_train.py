@@ -19,9 +19,12 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+import balance
+import checkpoints
 import olmoe
+import text
 import train
-from conftest import TRAIN_MOE, TRAIN_OLMO2, gen_checkpoint, importorskip, train_args as args
+from conftest import TRAIN_MOE, TRAIN_OLMO2, gen_checkpoint, importorskip, megablocks_loss, train_args as args
 
 HERE = Path(__file__).parent
 
@@ -84,10 +87,10 @@ def test_held_out_text_is_written_for_the_router_lab(train_data, short_run):
     """The last tenth of each domain, never trained on, cut at a line (the files of a glob taken in order)."""
     code = "".join(p.read_text() for p in sorted((train_data / "code").glob("*.py")))
     prose = (train_data / "prose.txt").read_text()
-    for text, held in [(code, (short_run / "heldout" / "code.txt").read_text()),
-                       (prose, (short_run / "heldout" / "prose.txt").read_text())]:
-        assert text.endswith(held) and text[:-len(held)].endswith("\n")  # cut at a line
-        assert 0.09 < len(held) / len(text) < 0.11  # --val-fraction 0.1
+    for whole, held in [(code, (short_run / "heldout" / "code.txt").read_text()),
+                        (prose, (short_run / "heldout" / "prose.txt").read_text())]:
+        assert whole.endswith(held) and whole[:-len(held)].endswith("\n")  # cut at a line
+        assert 0.09 < len(held) / len(whole) < 0.11  # --val-fraction 0.1
 
 
 def test_checkpoints_are_whole_hub_layout_folders(short_run):
@@ -105,9 +108,7 @@ def test_checkpoints_are_whole_hub_layout_folders(short_run):
     config = json.loads((step / "config.json").read_text())
     assert config["architectures"] == ["OlmoeForCausalLM"] and config["dtype"] == "float32"
     assert config["vocab_size"] == 320  # 300 padded to a multiple of 64
-    import generate
-
-    tokenizer, eos, _ = generate.load_tokenizer(step)
+    tokenizer, eos, _ = checkpoints.load_tokenizer(step)
     assert eos == {tokenizer.token_to_id("<|endoftext|>")} == {json.loads(
         (step / "generation_config.json").read_text())["eos_token_id"]}
 
@@ -254,63 +255,6 @@ def test_global_batch_balancing_is_one_loss_however_the_step_is_split(train_data
     assert grad_a.keys() == grad_b.keys()
     for name in grad_a:
         torch.testing.assert_close(grad_b[name], grad_a[name], rtol=1e-4, atol=1e-9, msg=name)
-
-
-def test_the_paper_convention_counts_each_micro_batch_apart_and_global_counts_them_together():
-    """On 4 micro-batches' router logits, the paper's loss averaged over them is not the loss of all of them at
-    once (it counts each micro-batch's own load); balance_loss_paper of them concatenated, global's, is."""
-    g = torch.Generator().manual_seed(0)
-    parts = [[torch.randn(2, 8, 8, generator=g) * 2 for _ in range(3)] for _ in range(4)]  # 4 x L 3 x (2, 8, E 8)
-    whole = train.balance_loss_paper([torch.cat(ls) for ls in zip(*parts)], 2)
-    assert whole.item() == pytest.approx(megablocks_loss([torch.cat(ls) for ls in zip(*parts)], 2).item(), rel=1e-6)
-    per_part = sum(train.balance_loss_paper(p, 2) for p in parts) / 4
-    assert abs(per_part.item() - whole.item()) > 1e-3
-
-
-# --------------------------------------------------------------------------------------------------------------
-# The two load-balancing conventions
-
-
-def balanced_router_logits(L=2, N=16, E=8, K=2):
-    """Router logits whose every expert gets exactly N*K/E of the token-expert pairs and whose mean probability is
-    1/E: token t prefers experts t, t+1, ..., t+K-1 (mod E) equally, so the picture is the same from every expert."""
-    logits = torch.zeros(N, E)
-    for t in range(N):
-        logits[t, [(t + j) % E for j in range(K)]] = 3.0
-    return [logits.view(1, N, E).clone() for _ in range(L)]  # L x (B=1, T=N, E)
-
-
-def megablocks_loss(router_logits, K):
-    """megablocks' batched_load_balancing_loss (the Muennighoff/megablocks fork OLMoE trained with), written as it
-    computes it: tokens_per_expert and the mean expert scores of all layers concatenated, one dot product, scaled
-    by E / (L * T * K)."""
-    scores = [r.flatten(0, 1).softmax(dim=-1) for r in router_logits]  # L x (tokens, E)
-    L, (T, E) = len(scores), scores[0].shape
-    tokens_per_expert = torch.cat([torch.bincount(s.topk(K, dim=-1).indices.flatten(), minlength=E)
-                                   for s in scores]).float()  # (L*E,)
-    expert_scores = torch.cat(scores, dim=1).mean(dim=0)  # (L*E,)
-    return E / (L * T * K) * torch.dot(tokens_per_expert, expert_scores)
-
-
-def test_paper_convention_is_1_and_transformers_is_K_at_perfect_balance():
-    K = 2
-    logits = balanced_router_logits(K=K)
-    assert train.balance_loss_paper(logits, K).item() == pytest.approx(1.0, abs=1e-6)
-    transformers_value = olmoe.load_balancing_loss(*olmoe.router_rows(logits), K)  # what Output.aux_loss holds
-    assert transformers_value.item() == pytest.approx(K, abs=1e-6)
-
-
-def test_paper_convention_is_E_over_K_when_every_token_takes_the_same_experts():
-    E, K = 8, 2
-    logits = torch.full((1, 16, E), -30.0)
-    logits[..., :K] = 0.0  # all the probability on experts 0 and 1, equally
-    assert train.balance_loss_paper([logits, logits], K).item() == pytest.approx(E / K, rel=1e-5)
-
-
-def test_paper_convention_equals_megablocks_on_random_routing():
-    g = torch.Generator().manual_seed(0)
-    logits = [torch.randn(3, 10, 8, generator=g) * s for s in (0.5, 2.0, 5.0)]
-    assert train.balance_loss_paper(logits, 2).item() == pytest.approx(megablocks_loss(logits, 2).item(), rel=1e-6)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -478,7 +422,7 @@ def test_gradients_flow_through_the_batched_dispatch_in_float32():
         model = olmoe.Transformer(config, dispatch)
         train.init_weights(model, seed=0)
         out = model(ids)
-        loss = out.logits.logsumexp(-1).mean() + train.balance_loss_paper(out.router_logits, 2) + out.z_loss
+        loss = out.logits.logsumexp(-1).mean() + balance.paper_loss(out.router_logits, 2) + out.z_loss
         loss.backward()
         grads[dispatch] = {n: p.grad for n, p in model.named_parameters()}
     for name, g in grads["naive"].items():
@@ -515,13 +459,7 @@ def test_windows_depend_only_on_seed_and_step():
 
 def test_fine_tuning_an_olmo2_checkpoint_keeps_its_tokenizer_and_shape(train_data, tmp_path):
     """--init: every parameter trains, and the checkpoints carry the initial checkpoint's tokenizer."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.train_from_iterator([(train_data / "prose.txt").read_text()], trainers.BpeTrainer(
-        vocab_size=280, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = text.train_tokenizer([(train_data / "prose.txt").read_text()], 280, special_tokens=[text.EOS])
     config = olmoe.config_from_dict({**TRAIN_OLMO2, "vocab_size": 320, "eos_token_id": 0, "pad_token_id": 0})
     torch.manual_seed(0)
     base = olmoe.Transformer(config)
@@ -679,19 +617,6 @@ def test_compare_runs_draws_several_runs_and_names_a_missing_log(short_run, one_
 # Details a user sees: which flags a resumed run reports, the evaluation line, presets, the context, routing counts
 
 
-def test_config_difference_ignores_the_router_coefficients_and_dtype_but_not_the_shape():
-    """The router coefficients record the run's --lb-coef and --z-coef, and dtype how weights are stored: none of
-    them makes another model, so a run may resume with other values; any other field does."""
-    here = olmoe.config_from_dict({**TRAIN_MOE, "vocab_size": 64})
-    ckpt = olmoe.config_from_dict({**TRAIN_MOE, "vocab_size": 64, "router_aux_loss_coef": 0.5,
-                                   "router_z_loss_coef": 0.25, "dtype": "bfloat16"})
-    assert (ckpt.router_aux_loss_coef, ckpt.router_z_loss_coef, ckpt.dtype) != \
-           (here.router_aux_loss_coef, here.router_z_loss_coef, here.dtype)
-    assert train.config_difference(here, ckpt) is None
-    other = olmoe.config_from_dict({**TRAIN_MOE, "vocab_size": 64, "num_experts": 4})
-    assert train.config_difference(here, other) == "num_experts 8 here, 4 in the checkpoint"
-
-
 def test_resume_dir_alone_continues_with_the_runs_flags_and_refuses_another_value(train_data, tmp_path, capsys):
     """--resume DIR alone: the run's own flags (from its trainer_state.json), its directory as --out; a flag given
     again with another value (--lb-coef) is refused naming it, and a longer --steps extends the run. The first run
@@ -750,14 +675,3 @@ def test_a_seq_len_equal_to_the_models_context_trains(train_data, tmp_path):
     state = json.loads((out / "step-000001" / "trainer_state.json").read_text())
     assert {k: state[k] for k in ("step", "tokens", "seq_len")} == {"step": 1, "tokens": 1 * 4 * 16, "seq_len": 16}
     assert json.loads((out / "step-000001" / "config.json").read_text())["max_position_embeddings"] == 16
-
-
-def test_routing_load_counts_every_expert_of_each_layer_even_with_fewer_tokens_than_experts():
-    """(L, E) counts of token-expert pairs, E columns whatever the number of tokens: here 3 tokens and 8 experts, layer
-    0 routing every token to experts 0 and 1, layer 1 to experts 6 and 7."""
-    E, K = 8, 2
-    low, high = torch.full((1, 3, E), -5.0), torch.full((1, 3, E), -5.0)
-    low[..., 0], low[..., 1] = 2.0, 1.0
-    high[..., 6], high[..., 7] = 1.0, 2.0
-    counts = train.routing_load([low, high], K)
-    assert counts.tolist() == [[3, 3, 0, 0, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0, 3, 3]]
