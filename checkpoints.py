@@ -177,17 +177,13 @@ def check_resume(resume, config, tokenizer):
                          "tokenizer.json differs: same --text, --vocab-size and --init?)")
 
 
-def restore(checkpoint, model, optimizer, fsdp, log=None):
+def restore(checkpoint, model, optimizer, fsdp):
     """--resume: the optimizer's state and the random state the checkpoint was saved with; returns the step its
-    weights hold. log: the run's log.jsonl, whose records of later steps (a run killed after its last checkpoint
-    logged them, and will now redo them) are dropped."""
+    weights hold."""
     state = torch.load(checkpoint / "train_state.pt", map_location="cpu", weights_only=True)
     if state["optimizer"] is not None:  # None: the untrained model's checkpoint, step 0
         parallel.load_optimizer_state(model, optimizer, state["optimizer"], fsdp)
     torch.set_rng_state(state["rng"])
-    if log is not None and log.is_file():
-        kept = [line for line in log.read_text().splitlines() if json.loads(line)["step"] <= state["step"]]
-        log.write_text("".join(line + "\n" for line in kept))
     return state["step"]
 
 

@@ -1,4 +1,5 @@
-"""What every command line here shares: how a user's mistake is said, and how a run says what it is doing.
+"""What every command line here shares: how a user's mistake is said, how a run says what it is doing, and how
+Ctrl-C stops it.
 
     def main(argv=None):
         args = parser().parse_args(argv)
@@ -6,6 +7,7 @@
 """
 
 import contextlib
+import signal
 import sys
 import time
 
@@ -46,3 +48,17 @@ def saying(is_main, what):
         raise
     if is_main:
         print(", ".join(said + [f"{time.perf_counter() - t0:.1f} s"]), file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def ctrl_c_deferred():
+    """Ctrl-C, inside, sets a flag instead of raising: yields a list that is empty until Ctrl-C is pressed, so that
+    a loop finishes the step under way and saves it. A second SIGINT cannot break into the saving either: a
+    terminal's Ctrl-C reaches torchrun's workers twice, once directly and once forwarded by torchrun. The handler
+    before is put back on leaving."""
+    pressed = []
+    previous = signal.signal(signal.SIGINT, lambda *_: pressed.append(True))
+    try:
+        yield pressed
+    finally:
+        signal.signal(signal.SIGINT, previous)

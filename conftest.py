@@ -60,8 +60,8 @@ TOKENIZER_VOCAB, MODEL_VOCAB = 300, 320  # the model's vocabulary is padded, as 
 def tokenizer_json(tmp_path_factory):
     """A byte-level BPE tokenizer trained here (text.train_tokenizer, as train.py's), so multi-byte characters span
     several tokens."""
-    tok = text.train_tokenizer(["the quick brown fox jumps over the lazy dog; café, naïve, 日本語"] * 20, TOKENIZER_VOCAB,
-                               special_tokens=[text.EOS])
+    docs = ["the quick brown fox jumps over the lazy dog; café, naïve, 日本語"] * 20
+    tok = text.train_tokenizer(docs, TOKENIZER_VOCAB, special_tokens=[text.EOS])
     assert tok.get_vocab_size() == TOKENIZER_VOCAB
     path = tmp_path_factory.mktemp("tokenizer") / "tokenizer.json"
     tok.save(str(path))

@@ -477,9 +477,9 @@ def run(args):
             raise ValueError(f"--text {name}: one token, and no eos token to predict it from: nothing to score")
         pairs += windows[name]
     dtype = str(model.model.embed_tokens.weight.dtype).removeprefix("torch.")
+    started = time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime())
     meta = dict(checkpoint=str(args.checkpoint), dtype=dtype, device=str(args.device), processes=world,
-                versions=versions(tasks), started=time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime()), limit=args.limit,
-                batch_tokens=args.batch_tokens)
+                versions=versions(tasks), started=started, limit=args.limit, batch_tokens=args.batch_tokens)
     scored, stats = score_everywhere(model, pairs, rank, world, batch_tokens=args.batch_tokens)
     if rank:
         return

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 import balance
+import runlog
 
 HERE = Path(__file__).parent
 
@@ -234,14 +235,10 @@ def runs_of_variant(runs, v: Variant):
     return [run for run in runs if run.parent.name == v.name]
 
 
-def records(run: Path):
-    return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
-
-
 def curve(run: Path, v: Variant):
     """(tokens, mean validation loss over the domains, training seconds) at each evaluation of a run; a run that
     continues another (Variant.start) after that run's curve, its tokens and seconds added to the other's last."""
-    points = [(r["tokens"], sum(r["val"].values()) / len(r["val"]), r.get("train_s", 0.0)) for r in records(run)]
+    points = [(r["tokens"], sum(r["val"].values()) / len(r["val"]), r.get("train_s", 0.0)) for r in runlog.records(run)]
     if not v.start:
         return points
     before = curve(run.parents[1] / v.start.name / run.name, v.start)
@@ -299,6 +296,94 @@ def tokens_to_reach(points, loss):
 # The report
 
 
+def at_equal_tokens(curves):
+    """Every arm at the tokens the shortest one trained on (the end of every run but a longer one's): those tokens
+    and {label: each seed's validation loss there}."""
+    tokens = min(c[-1][0] for cs in curves.values() for c in cs)
+    return tokens, {label: [loss_at(c, tokens) for c in cs] for label, cs in curves.items()}
+
+
+def loss_table(ex, curves, finals, tokens, seen):
+    """experiments.md's lines for one experiment: its verdict, its table of validation losses at equal tokens, and
+    the loss of each arm that trained longer at the end of its run."""
+    lines = [f"## {ex.title}\n", f"The paper: {ex.paper}. Here: **{seen}** ({ex.better} against "
+             f"{ex.worse}, {len(finals[ex.better])} seed(s)).\n",
+             f"| variant | validation loss at {tokens / 1e6:.2f}M tokens, mean ± std over seeds | seeds |",
+             "|---|---|---|"]
+    for label, f in finals.items():
+        lines.append(f"| {label} | {mean_std(f)[0]:.4f} ± {mean_std(f)[1]:.4f} | {len(f)} |")
+    for label, cs in curves.items():
+        if cs[0][-1][0] > tokens:
+            lines.append(f"\n{label}, at the end of its run ({cs[0][-1][0] / 1e6:.2f}M tokens): "
+                         "{:.4f} ± {:.4f}.".format(*mean_std([c[-1][1] for c in cs])))
+    return lines
+
+
+def routing_table(ex, runs):
+    """experiments.md's lines for the routing of each arm's runs (routing_figures): per layer, the routing entropy
+    and the domain specialization gap, mean ± std over seeds."""
+    lines = ["", "Routing of each run's last checkpoint on its held-out text (routing.py), per layer, mean "
+             "± std over seeds:", "", "| variant | routing entropy, bits, layer 0 1 ... | domain "
+             "specialization gap, layer 0 1 ... |", "|---|---|---|"]
+    for v in ex.variants:
+        figures = [routing_figures(run) for run in runs_of_variant(runs, v)]  # [(entropy, gap)]
+        cells = [" ".join("{:.3f}±{:.3f}".format(*mean_std(seeds)) for seeds in zip(*[f[i] for f in figures]))
+                 for i in (0, 1)]
+        lines.append(f"| {v.label} | {cells[0]} | {cells[1]} |")
+    return lines
+
+
+def moe_vs_dense_note(ex, curves, finals):
+    """experiments.md's line for MoE against dense: the tokens the dense model needs to reach the MoE's final
+    loss, as a multiple of the MoE's."""
+    moe = mean_std(finals[ex.better])[0]
+    dense = mean_curve(curves[ex.worse])
+    reach = tokens_to_reach([(t, l) for t, l, _ in dense], moe)
+    moe_tokens = curves[ex.better][0][-1][0]
+    return "\nTokens the dense model (same active parameters) needs to reach the MoE's final loss: " + (
+        f"{reach / moe_tokens:.2f}x the MoE's" if reach else
+        f"more than {dense[-1][0] / moe_tokens:.1f}x the MoE's (not reached in its run)") + "."
+
+
+def z_loss_note(ex, runs):
+    """experiments.md's line for the router z-loss: each arm's z-loss at the end of its runs, mean over seeds (what
+    the z-loss acts on: the size of the router's logits)."""
+    size = {v.label: mean_std([runlog.records(run)[-1]["z_loss"] for run in runs_of_variant(runs, v)])[0]
+            for v in ex.variants}
+    return ("\nThe router z-loss at the end, mean over seeds (the squared log-sum-exp of the router "
+            "logits, averaged over tokens and layers: what it penalises): " +
+            ", ".join(f"{z:.2f} ({label})" for label, z in size.items()) + ".")
+
+
+def curves_figure(title, curves):
+    """An experiment's validation loss against tokens and against training time, each arm's mean over seeds in a
+    band from its lowest to its highest seed: a matplotlib Figure."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), layout="constrained")
+    for label, cs in curves.items():
+        for ax, x in zip(axes, (0, 2)):
+            m = mean_curve(cs)
+            line, = ax.plot([p[x] / (1e6 if x == 0 else 60) for p in m], [p[1] for p in m], marker=".",
+                            label=label)
+            lows = [min(c[i][1] for c in cs) for i in range(len(m))]
+            highs = [max(c[i][1] for c in cs) for i in range(len(m))]
+            ax.fill_between([p[x] / (1e6 if x == 0 else 60) for p in m], lows, highs, color=line.get_color(),
+                            alpha=0.2)
+    # from the first evaluation after step 0 down: the untrained model's loss (ln V) would flatten the rest
+    top = max(mean_curve(cs)[min(1, len(cs[0]) - 1)][1] for cs in curves.values())
+    bottom = min(min(p[1] for p in c) for cs in curves.values() for c in cs)
+    for ax in axes:
+        ax.set_ylim(bottom - 0.05 * (top - bottom), top + 0.05 * (top - bottom))
+    axes[0].set(xlabel="tokens trained (millions)", ylabel="validation loss, mean of 3 domains (nats/token)")
+    axes[1].set(xlabel="training time, one thread (minutes)", ylabel="validation loss (nats/token)")
+    axes[0].legend(fontsize=8)
+    seeds = len(next(iter(curves.values())))
+    fig.suptitle(f"{title}: small OLMoE variants on code, prose and science (corpus.py); mean over {seeds} "
+                 "seed(s)\nband: lowest to highest seed; the untrained model's loss is off the top", fontsize=10)
+    return fig
+
+
 def report(experiments, runs, out, command):
     """DIR/experiments.md (a table per experiment) and DIR/<experiment>.png; returns {experiment: verdict}."""
     import matplotlib
@@ -309,66 +394,18 @@ def report(experiments, runs, out, command):
     lines, verdicts = [f"# Experiments\n\n`{command}`\n"], {}
     for key, ex in experiments.items():
         curves = {v.label: [curve(run, v) for run in runs_of_variant(runs, v)] for v in ex.variants}
-        # every arm at the tokens the shortest one trained on: the end of every run but a longer one's
-        tokens = min(c[-1][0] for cs in curves.values() for c in cs)
-        finals = {label: [loss_at(c, tokens) for c in cs] for label, cs in curves.items()}
+        tokens, finals = at_equal_tokens(curves)
         verdicts[key] = verdict(finals[ex.better], finals[ex.worse])
-        lines += [f"## {ex.title}\n", f"The paper: {ex.paper}. Here: **{verdicts[key]}** ({ex.better} against "
-                  f"{ex.worse}, {len(finals[ex.better])} seed(s)).\n",
-                  f"| variant | validation loss at {tokens / 1e6:.2f}M tokens, mean ± std over seeds | seeds |",
-                  "|---|---|---|"]
-        for label, f in finals.items():
-            lines.append(f"| {label} | {mean_std(f)[0]:.4f} ± {mean_std(f)[1]:.4f} | {len(f)} |")
-        for label, cs in curves.items():
-            if cs[0][-1][0] > tokens:
-                lines.append(f"\n{label}, at the end of its run ({cs[0][-1][0] / 1e6:.2f}M tokens): "
-                             "{:.4f} ± {:.4f}.".format(*mean_std([c[-1][1] for c in cs])))
+        lines += loss_table(ex, curves, finals, tokens, verdicts[key])
         lines += [""] + ex.notes if ex.notes else []
         if ex.routing:
-            lines += ["", "Routing of each run's last checkpoint on its held-out text (routing.py), per layer, mean "
-                      "± std over seeds:", "", "| variant | routing entropy, bits, layer 0 1 ... | domain "
-                      "specialization gap, layer 0 1 ... |", "|---|---|---|"]
-            for v in ex.variants:
-                figures = [routing_figures(run) for run in runs_of_variant(runs, v)]  # [(entropy, gap)]
-                cells = [" ".join("{:.3f}±{:.3f}".format(*mean_std(seeds)) for seeds in zip(*[f[i] for f in figures]))
-                         for i in (0, 1)]
-                lines.append(f"| {v.label} | {cells[0]} | {cells[1]} |")
+            lines += routing_table(ex, runs)
         if key == "moe_vs_dense":
-            moe = mean_std(finals[ex.better])[0]
-            dense = mean_curve(curves[ex.worse])
-            reach = tokens_to_reach([(t, l) for t, l, _ in dense], moe)
-            moe_tokens = curves[ex.better][0][-1][0]
-            lines.append("\nTokens the dense model (same active parameters) needs to reach the MoE's final loss: " + (
-                f"{reach / moe_tokens:.2f}x the MoE's" if reach else
-                f"more than {dense[-1][0] / moe_tokens:.1f}x the MoE's (not reached in its run)") + ".")
+            lines.append(moe_vs_dense_note(ex, curves, finals))
         if key == "z_loss":  # what the z-loss acts on: the size of the router's logits
-            size = {v.label: mean_std([records(run)[-1]["z_loss"] for run in runs_of_variant(runs, v)])[0]
-                    for v in ex.variants}
-            lines.append("\nThe router z-loss at the end, mean over seeds (the squared log-sum-exp of the router "
-                         "logits, averaged over tokens and layers: what it penalises): " +
-                         ", ".join(f"{z:.2f} ({label})" for label, z in size.items()) + ".")
+            lines.append(z_loss_note(ex, runs))
         lines.append("")
-        fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), layout="constrained")
-        for label, cs in curves.items():
-            for ax, x in zip(axes, (0, 2)):
-                m = mean_curve(cs)
-                line, = ax.plot([p[x] / (1e6 if x == 0 else 60) for p in m], [p[1] for p in m], marker=".",
-                                label=label)
-                lows = [min(c[i][1] for c in cs) for i in range(len(m))]
-                highs = [max(c[i][1] for c in cs) for i in range(len(m))]
-                ax.fill_between([p[x] / (1e6 if x == 0 else 60) for p in m], lows, highs, color=line.get_color(),
-                                alpha=0.2)
-        # from the first evaluation after step 0 down: the untrained model's loss (ln V) would flatten the rest
-        top = max(mean_curve(cs)[min(1, len(cs[0]) - 1)][1] for cs in curves.values())
-        bottom = min(min(p[1] for p in c) for cs in curves.values() for c in cs)
-        for ax in axes:
-            ax.set_ylim(bottom - 0.05 * (top - bottom), top + 0.05 * (top - bottom))
-        axes[0].set(xlabel="tokens trained (millions)", ylabel="validation loss, mean of 3 domains (nats/token)")
-        axes[1].set(xlabel="training time, one thread (minutes)", ylabel="validation loss (nats/token)")
-        axes[0].legend(fontsize=8)
-        seeds = len(next(iter(curves.values())))
-        fig.suptitle(f"{ex.title}: small OLMoE variants on code, prose and science (corpus.py); mean over {seeds} "
-                     "seed(s)\nband: lowest to highest seed; the untrained model's loss is off the top", fontsize=10)
+        fig = curves_figure(ex.title, curves)
         fig.savefig(out / f"{key}.png", dpi=100)
         plt.close(fig)
         lines.append(f"![{ex.title}]({key}.png)\n")

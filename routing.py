@@ -234,17 +234,10 @@ def token_text(tokenizer, i):
     return "`" + repr(text)[1:-1].replace("`", "'").replace("|", "\\|") + "`"
 
 
-def report(stats, tokenizer, *, label, compare_label, k, K, layer, min_count=10, top=5, baseline=None,
-           baseline_label=None) -> str:
-    """report.md: the tables, each with the baseline it should be read against. baseline: the Stats of the same
-    model untrained on the same tokens, read beside this one in a table of its own."""
-    r = summary(stats, k, K)
+def load_section(r, *, K):
+    """report.md's load table: each layer's least- and most-used expert and its load-balancing loss, as lines."""
     L, E = r["load"].shape
-    lines = [f"# Routing report: {label}", "",
-             f"{r['tokens']} tokens ({', '.join(f'{d}: {s.tokens}' for d, s in stats.items())}); {L} layers of {E} "
-             f"experts; the model routes each token to K = {K}; these statistics count each token's top k = {k} "
-             f"by router probability.", "",
-             "## Load per layer", "",
+    lines = ["", "## Load per layer", "",
              f"Each expert's share of the layer's token-expert pairs; perfect balance is 1/E = {1 / E:.4f}. The "
              "load-balancing loss per layer is normalised as MegaBlocks and OLMo-core do (uniform routing gives 1).",
              "", "| layer | least-used expert | most-used expert | max / min | experts never chosen | balance loss |",
@@ -255,14 +248,20 @@ def report(stats, tokenizer, *, label, compare_label, k, K, layer, min_count=10,
         ratio = f"{row[hi] / row[lo]:.2f}" if row[lo] > 0 else "inf"
         lines.append(f"| {l} | {lo} ({row[lo]:.4f}) | {hi} ({row[hi]:.4f}) | {ratio} | {(row == 0).sum().item()} "
                      f"| {r['balance_loss_per_layer'][l]:.3f} |")
-    lines += ["", f"Load-balancing loss as transformers computes it (all layers pooled, K = {K}): "
-              f"{r['balance_loss_transformers']:.3f}; uniform routing gives {K}.", "",
-              "## Experts specialised to each domain", "",
-              f"Share of the domain's tokens with the expert in their top {k} (Eq. 7); uniform routing gives "
-              f"k/E = {k / E:.3f}. The last column is the same share on the other domains' tokens.", "",
-              "| domain | layer | expert | share of domain's tokens | x uniform | share of other tokens |",
-              "|---|---|---|---|---|---|"]
-    for d, s in stats.items():
+    return lines + ["", f"Load-balancing loss as transformers computes it (all layers pooled, K = {K}): "
+                    f"{r['balance_loss_transformers']:.3f}; uniform routing gives {K}."]
+
+
+def domain_section(r, stats, *, k, top):
+    """report.md's domain specialization table (Eq. 7): each domain's top experts beside the other domains'
+    share of them, as lines."""
+    L, E = r["load"].shape
+    lines = ["", "## Experts specialised to each domain", "",
+             f"Share of the domain's tokens with the expert in their top {k} (Eq. 7); uniform routing gives "
+             f"k/E = {k / E:.3f}. The last column is the same share on the other domains' tokens.", "",
+             "| domain | layer | expert | share of domain's tokens | x uniform | share of other tokens |",
+             "|---|---|---|---|---|---|"]
+    for d in stats:
         spec = r["specialization"][d]  # (L, E)
         others = [o for o in stats if o != d]
         rest = None
@@ -272,26 +271,39 @@ def report(stats, tokenizer, *, label, compare_label, k, K, layer, min_count=10,
             l, e = divmod(flat.item(), E)
             other = f"{rest[l, e]:.3f}" if rest is not None else "—"
             lines.append(f"| {d} | {l} | {e} | {v:.3f} | {v / (k / E):.2f} | {other} |")
+    return lines
+
+
+def coactivation_section(r, stats, *, k, top):
+    """report.md's table of the most co-activated pairs of experts (Eq. 6), as lines."""
+    E = r["load"].shape[1]
     co = r["coactivation"].clone()
     co.diagonal(dim1=1, dim2=2).fill_(0)  # an expert always co-occurs with itself
     n_i = sum(s.coactivation for s in stats.values()).diagonal(dim1=1, dim2=2)  # (L, E)
-    lines += ["", "## Most co-activated experts", "",
-              f"N(E_i, E_j) / N(E_i) (Eq. 6): of the tokens that chose expert i, the share that also chose j, over "
-              f"all pairs of each token's top {k}. Random routing gives (k-1)/(E-1) = {(k - 1) / (E - 1):.3f}.", "",
-              "| layer | expert i | expert j | N(E_i, E_j) / N(E_i) | N(E_i) |", "|---|---|---|---|---|"]
+    lines = ["", "## Most co-activated experts", "",
+             f"N(E_i, E_j) / N(E_i) (Eq. 6): of the tokens that chose expert i, the share that also chose j, over "
+             f"all pairs of each token's top {k}. Random routing gives (k-1)/(E-1) = {(k - 1) / (E - 1):.3f}.", "",
+             "| layer | expert i | expert j | N(E_i, E_j) / N(E_i) | N(E_i) |", "|---|---|---|---|---|"]
     for v, flat in zip(*co.flatten().topk(min(2 * top, co.numel()))):
         l, ij = divmod(flat.item(), E * E)
         i, j = divmod(ij, E)
         lines.append(f"| {l} | {i} | {j} | {v:.3f} | {n_i[l, i].item()} |")
-    lines += ["", f"## Tokens each expert of layer {layer} specialises in", "",
-              f"N(x, E_i) / N_x (Eq. 8): the share of token x's occurrences routed to the expert (top {k}), for ids "
-              f"seen at least {min_count} times; input: the token itself, output: the token the model predicts "
-              f"next (its argmax). Uniform routing gives k/E = {k / E:.3f}.", "",
-              "| expert | input tokens (share, count) | output tokens (share, count) |", "|---|---|---|"]
+    return lines
+
+
+def vocab_section(r, stats, tokenizer, *, k, layer, min_count, top):
+    """report.md's vocabulary specialization table (Eq. 8): the input and the predicted next tokens each expert of
+    the layer specialises in, as lines."""
+    E = r["load"].shape[1]
+    lines = ["", f"## Tokens each expert of layer {layer} specialises in", "",
+             f"N(x, E_i) / N_x (Eq. 8): the share of token x's occurrences routed to the expert (top {k}), for ids "
+             f"seen at least {min_count} times; input: the token itself, output: the token the model predicts "
+             f"next (its argmax). Uniform routing gives k/E = {k / E:.3f}.", "",
+             "| expert | input tokens (share, count) | output tokens (share, count) |", "|---|---|---|"]
     tables = []
     for counts, n in (("vocab_in", "n_in"), ("vocab_out", "n_out")):
         c, m = sum(getattr(s, counts) for s in stats.values()), sum(getattr(s, n) for s in stats.values())
-        tables.append((vocab_specialization(c, m, min_count), m))
+        tables.append((vocab_specialization(c, m, min_count), m))  # share (V, E), occurrences (V,)
     for e in range(E):
         cells = []
         for share, m in tables:
@@ -300,33 +312,63 @@ def report(stats, tokenizer, *, label, compare_label, k, K, layer, min_count=10,
             cells.append(", ".join(f"{token_text(tokenizer, i.item())} ({v:.2f}, {m[i].item()})" for i, v in best)
                          or f"— (no id seen {min_count} times)")
         lines.append(f"| {e} | {cells[0]} | {cells[1]} |")
+    return lines
+
+
+def saturation_section(r, *, compare_label, k):
+    """report.md's router saturation table (Eq. 5): one row per compared checkpoint, one column per layer, as
+    lines."""
+    L, E = r["load"].shape
+    lines = ["", "## Router saturation against other checkpoints", "",
+             f"Mean over tokens of |E(x; compared) ∩ E(x; this)| / k with k = {k} (Eq. 5): how much of each "
+             f"token's top {k} the two checkpoints agree on. Random routing gives k/E = {k / E:.3f}.", "",
+             "| compared checkpoint | " + " | ".join(f"layer {l}" for l in range(L)) + " |",
+             "|---|" + "---|" * L]
+    return lines + [f"| {name} | " + " | ".join(f"{v:.3f}" for v in row) + " |"
+                    for name, row in zip(compare_label, r["saturation"].tolist())]
+
+
+def training_section(rb, r, *, baseline_label, K):
+    """report.md's 'what training did' table: each layer's figures (layer_figures) of the untrained model rb →
+    this one r, then the pooled load-balancing loss, as lines."""
+    L, E = r["load"].shape
+    b, a = layer_figures(rb), layer_figures(r)
+    lines = ["", f"## What training did: {baseline_label} → this checkpoint", "",
+             "The same analyses of the untrained model on the same tokens. Random routers are already lopsided, "
+             "so only the change says what training did. Per layer: the largest expert's share of the pairs "
+             f"(balanced: 1/E = {1 / E:.4f}), the entropy of the experts' shares (balanced: log2 E = "
+             f"{math.log2(E):.2f} bits), the load-balancing loss per layer (balanced: 1), the largest gap "
+             f"between two domains' shares of one expert (Eq. 7), and the largest co-activation (Eq. 6) of an "
+             "expert with at least half the balanced share.", "",
+             "| layer | largest share | entropy (bits) | balance loss | largest domain gap "
+             "| largest co-activation |", "|---|---|---|---|---|---|"]
+    for l in range(L):
+        lines.append(f"| {l} | " + " | ".join(f"{b[key][l]:.3f} → {a[key][l]:.3f}" for key in
+                     ("max_share", "entropy_bits", "balance_loss", "domain_gap", "max_coactivation")) + " |")
+    return lines + ["", f"Load-balancing loss as transformers computes it (pooled, K = {K} when balanced): "
+                    f"{rb['balance_loss_transformers']:.3f} → {r['balance_loss_transformers']:.3f}; the per-layer "
+                    f"convention above averages to {rb['balance_loss_per_layer'].mean():.3f} → "
+                    f"{r['balance_loss_per_layer'].mean():.3f}."]
+
+
+def report(stats, tokenizer, *, label, compare_label, k, K, layer, min_count=10, top=5, baseline=None,
+           baseline_label=None) -> str:
+    """report.md: the tables, each with the baseline it should be read against. baseline: the Stats of the same
+    model untrained on the same tokens, read beside this one in a table of its own."""
+    r = summary(stats, k, K)
+    L, E = r["load"].shape
+    lines = [f"# Routing report: {label}", "",
+             f"{r['tokens']} tokens ({', '.join(f'{d}: {s.tokens}' for d, s in stats.items())}); {L} layers of {E} "
+             f"experts; the model routes each token to K = {K}; these statistics count each token's top k = {k} "
+             f"by router probability."]
+    lines += load_section(r, K=K)
+    lines += domain_section(r, stats, k=k, top=top)
+    lines += coactivation_section(r, stats, k=k, top=top)
+    lines += vocab_section(r, stats, tokenizer, k=k, layer=layer, min_count=min_count, top=top)
     if "saturation" in r:
-        lines += ["", "## Router saturation against other checkpoints", "",
-                  f"Mean over tokens of |E(x; compared) ∩ E(x; this)| / k with k = {k} (Eq. 5): how much of each "
-                  f"token's top {k} the two checkpoints agree on. Random routing gives k/E = {k / E:.3f}.", "",
-                  "| compared checkpoint | " + " | ".join(f"layer {l}" for l in range(L)) + " |",
-                  "|---|" + "---|" * L]
-        lines += [f"| {name} | " + " | ".join(f"{v:.3f}" for v in row) + " |"
-                  for name, row in zip(compare_label, r["saturation"].tolist())]
+        lines += saturation_section(r, compare_label=compare_label, k=k)
     if baseline is not None:
-        rb = summary(baseline, k, K)
-        b, a = layer_figures(rb), layer_figures(r)
-        lines += ["", f"## What training did: {baseline_label} → this checkpoint", "",
-                  "The same analyses of the untrained model on the same tokens. Random routers are already lopsided, "
-                  "so only the change says what training did. Per layer: the largest expert's share of the pairs "
-                  f"(balanced: 1/E = {1 / E:.4f}), the entropy of the experts' shares (balanced: log2 E = "
-                  f"{math.log2(E):.2f} bits), the load-balancing loss per layer (balanced: 1), the largest gap "
-                  f"between two domains' shares of one expert (Eq. 7), and the largest co-activation (Eq. 6) of an "
-                  "expert with at least half the balanced share.", "",
-                  "| layer | largest share | entropy (bits) | balance loss | largest domain gap "
-                  "| largest co-activation |", "|---|---|---|---|---|---|"]
-        for l in range(L):
-            lines.append(f"| {l} | " + " | ".join(f"{b[key][l]:.3f} → {a[key][l]:.3f}" for key in
-                         ("max_share", "entropy_bits", "balance_loss", "domain_gap", "max_coactivation")) + " |")
-        lines += ["", f"Load-balancing loss as transformers computes it (pooled, K = {K} when balanced): "
-                  f"{rb['balance_loss_transformers']:.3f} → {r['balance_loss_transformers']:.3f}; the per-layer "
-                  f"convention above averages to {rb['balance_loss_per_layer'].mean():.3f} → "
-                  f"{r['balance_loss_per_layer'].mean():.3f}."]
+        lines += training_section(summary(baseline, k, K), r, baseline_label=baseline_label, K=K)
     return "\n".join(lines) + "\n"
 
 
@@ -368,40 +410,51 @@ def coactivation_figure(co, layer, k, source):
     return fig
 
 
-def figures(stats, tokenizer, *, label, k, K, layer, compare_label=None, compare_tokens=None, baseline=None,
-            baseline_label=None):
-    """The pictures, as {file name: matplotlib Figure}. Each says which checkpoint and which tokens it shows."""
+def shown_layers(L):
+    """The layers the per-layer figures show: the first, the middle one and the last."""
+    return sorted({0, L // 2, L - 1})
+
+
+def load_figure(load, k, source):
+    """Each layer's load per expert (L, E), relative to a balanced one, as a heat map."""
     import matplotlib.pyplot as plt
 
-    r = summary(stats, k, K)
-    L, E = r["load"].shape
-    source = textwrap.fill(f"{label}; {r['tokens']} tokens of {', '.join(stats)}", 80)  # which data, on every figure
-    figs = {}
-
+    L, E = load.shape
     fig, ax = plt.subplots(figsize=(min(max(6.5, 3 + E * 0.18), 16), max(3.2, 1.5 + L * 0.3)), layout="constrained")
-    im = ax.imshow((r["load"] * E).numpy(), aspect="auto", cmap="viridis", interpolation="nearest")
+    im = ax.imshow((load * E).numpy(), aspect="auto", cmap="viridis", interpolation="nearest")
     fig.colorbar(im, ax=ax, label="share of pairs ÷ 1/E\n(1 = balanced)")
     ax.set(xlabel="expert", ylabel="layer", title=f"Load per expert (top {k})\n{source}")
     ax.set_yticks(range(0, L, 1 if L <= 24 else 2))
-    figs["load.png"] = fig
+    return fig
 
-    shown = sorted({0, L // 2, L - 1})
+
+def domains_figure(specialization, k, source):
+    """Each domain's specialization {domain: (L, E)} as one line over the experts, in the first, middle and last
+    layer."""
+    import matplotlib.pyplot as plt
+
+    L, E = next(iter(specialization.values())).shape
+    shown = shown_layers(L)
     fig, axes = plt.subplots(len(shown), 1, figsize=(min(4 + E * 0.15, 16), 2.2 * len(shown) + 1),
                              sharex=True, squeeze=False, layout="constrained")
     for ax, l in zip(axes[:, 0], shown):
-        for d, spec in r["specialization"].items():
+        for d, spec in specialization.items():
             ax.plot(range(E), spec[l].numpy(), marker="o", markersize=3, linewidth=0.8, label=d)
         ax.axhline(k / E, color="gray", linestyle="--", linewidth=1, label=f"uniform k/E = {k / E:.2f}")
         ax.set(ylabel=f"layer {l}\nshare of tokens", ylim=(0, 1.02))
     axes[-1, 0].set_xlabel("expert")
-    axes[0, 0].legend(loc="upper right", fontsize=8, ncol=len(stats) + 1)
+    axes[0, 0].legend(loc="upper right", fontsize=8, ncol=len(specialization) + 1)
     fig.suptitle(f"Domain specialization (Eq. 7): share of each domain's tokens with the expert in their top {k}\n"
                  f"{source}", fontsize=10)
-    figs["domains.png"] = fig
+    return fig
 
-    figs["coactivation.png"] = coactivation_figure(r["coactivation"][layer], layer, k, source)
+
+def tokens_figure(stats, tokenizer, label):
+    """The top-1 expert of the first domain's first tokens in each layer, as a grid of expert ids."""
+    import matplotlib.pyplot as plt
 
     d, s = next(iter(stats.items()))
+    L, E = s.expert_counts.shape
     S = len(s.sample_ids)
     top1 = s.sample_top1.T  # (S, L)
     fig, ax = plt.subplots(figsize=(max(6.5, 3 + 0.28 * L), 1.5 + 0.22 * S), layout="constrained")
@@ -410,56 +463,82 @@ def figures(stats, tokenizer, *, label, k, K, layer, compare_label=None, compare
     for t in range(S):
         for l in range(L):
             e = top1[t, l].item()
-            r_, g, b, _ = cmap(e / max(E - 1, 1))
-            dark = 0.299 * r_ + 0.587 * g + 0.114 * b < 0.55  # white text on dark cells, black on light ones
+            r, g, b, _ = cmap(e / max(E - 1, 1))
+            dark = 0.299 * r + 0.587 * g + 0.114 * b < 0.55  # white text on dark cells, black on light ones
             ax.text(l, t, str(e), ha="center", va="center", fontsize=6, color="white" if dark else "black")
     ax.set_yticks(range(S), [token_text(tokenizer, i).strip("`") for i in s.sample_ids], fontsize=7)
     ax.set_xticks(range(L))
     ax.set(xlabel="layer", ylabel=f"token (first {S} of {d})",
            title=f"Top-1 expert of each token in each layer\n{textwrap.fill(label, 80)}")
     ax.title.set_fontsize(9)
-    figs["tokens.png"] = fig
+    return fig
 
-    # Specialization as heat maps, domains x experts, each layer's experts sorted by the domain they favour most;
-    # beside the untrained model when there is one, since random routers favour some experts too.
-    panels = [(f"baseline {baseline_label}", summary(baseline, k, K))] if baseline is not None else []
-    panels.append((label, r))
-    fig, axes = plt.subplots(len(shown), len(panels), figsize=(6 * len(panels), 1.2 + 1.1 * len(shown) * len(stats)),
+
+def specialization_figure(panels, domains, *, k, tokens):
+    """Specialization as heat maps, domains x experts, one column per (name, summary) panel and one row per layer
+    shown, each layer's experts sorted by the domain they favour most."""
+    import matplotlib.pyplot as plt
+
+    L, E = panels[0][1]["load"].shape
+    shown = shown_layers(L)
+    fig, axes = plt.subplots(len(shown), len(panels), figsize=(6 * len(panels), 1.2 + 1.1 * len(shown) * len(domains)),
                              squeeze=False, layout="constrained")
     for col, (name, rr) in enumerate(panels):
         for row, l in enumerate(shown):
-            spec = torch.stack([rr["specialization"][d][l] for d in stats]) / (k / E)  # (domains, E), 1 = uniform
-            order = sorted(range(E), key=lambda e: (spec[:, e].argmax().item() if spec[:, e].any() else len(stats),
+            spec = torch.stack([rr["specialization"][d][l] for d in domains]) / (k / E)  # (domains, E), 1 = uniform
+            order = sorted(range(E), key=lambda e: (spec[:, e].argmax().item() if spec[:, e].any() else len(domains),
                                                     -spec[:, e].max().item()))  # unchosen experts last
             im = axes[row, col].imshow(spec[:, order].clamp(min=1 / 8).log2().numpy(), aspect="auto", cmap="RdBu_r",
                                        vmin=-3, vmax=3, interpolation="nearest")
-            axes[row, col].set_yticks(range(len(stats)), list(stats))
+            axes[row, col].set_yticks(range(len(domains)), domains)
             axes[row, col].set(title=f"{textwrap.shorten(name, 60)}: layer {l}", xlabel=(
                 "experts, sorted by the domain they favour" if row == len(shown) - 1 else None))
             axes[row, col].title.set_fontsize(9)
     fig.colorbar(im, ax=axes, label="share of the domain's tokens ÷ uniform k/E\n"
                                     "(log2: 0 = uniform, 3 = 8x, -3 = 1/8 or less)")
-    title = f"Domain specialization (Eq. 7), top {k}: {r['tokens']} tokens of {', '.join(stats)}\n"
+    title = f"Domain specialization (Eq. 7), top {k}: {tokens} tokens of {', '.join(domains)}\n"
     fig.suptitle(title + textwrap.fill(
         f"A cell is red when the row's domain sends its tokens to that expert more often than if the router picked "
         f"{k} of the {E} experts at random, blue when less often, white when as often.", 55 * len(panels)),
         fontsize=10)
-    figs["specialization.png"] = fig
+    return fig
 
+
+def saturation_figure(saturation, *, E, k, label, compare_label, compare_tokens):
+    """Router saturation (C, L) against each compared checkpoint, one line per layer: over the tokens the compared
+    checkpoints trained on when all of them say, else one named tick per checkpoint."""
+    import matplotlib.pyplot as plt
+
+    x = compare_tokens if compare_tokens and None not in compare_tokens else list(range(len(compare_label)))
+    fig, ax = plt.subplots(figsize=(7, 4.2), layout="constrained")
+    for l, ys in enumerate(saturation.T.tolist()):
+        ax.plot(x, ys, marker=".", label=f"layer {l}")
+    ax.axhline(k / E, color="gray", linestyle="--", linewidth=1, label=f"random routing, k/E = {k / E:.2f}")
+    if x is not compare_tokens:  # no token counts: one tick per compared checkpoint, named
+        ax.set_xticks(x, [textwrap.shorten(str(c), 30) for c in compare_label], rotation=30, ha="right", fontsize=7)
+    ax.set(xlabel="tokens trained by the compared checkpoint" if x is compare_tokens else "compared checkpoint",
+           ylabel=f"saturation: share of top-{k} experts\nshared with this checkpoint", ylim=(0, 1.02),
+           title=f"Router saturation (Eq. 5) against\n{textwrap.shorten(label, 80)}")
+    ax.title.set_fontsize(9)
+    ax.legend(fontsize=8)
+    return fig
+
+
+def figures(stats, tokenizer, *, label, k, K, layer, compare_label=None, compare_tokens=None, baseline=None,
+            baseline_label=None):
+    """The pictures, as {file name: matplotlib Figure}. Each says which checkpoint and which tokens it shows."""
+    r = summary(stats, k, K)
+    source = textwrap.fill(f"{label}; {r['tokens']} tokens of {', '.join(stats)}", 80)  # which data, on every figure
+    # Specialization beside the untrained model when there is one, since random routers favour some experts too.
+    panels = [(f"baseline {baseline_label}", summary(baseline, k, K))] if baseline is not None else []
+    figs = {"load.png": load_figure(r["load"], k, source),
+            "domains.png": domains_figure(r["specialization"], k, source),
+            "coactivation.png": coactivation_figure(r["coactivation"][layer], layer, k, source),
+            "tokens.png": tokens_figure(stats, tokenizer, label),
+            "specialization.png": specialization_figure(panels + [(label, r)], list(stats), k=k, tokens=r["tokens"])}
     if "saturation" in r:  # Eq. 5 of each compared checkpoint, over training when their token counts are known
-        x = compare_tokens if compare_tokens and None not in compare_tokens else list(range(len(compare_label)))
-        fig, ax = plt.subplots(figsize=(7, 4.2), layout="constrained")
-        for l, ys in enumerate(r["saturation"].T.tolist()):
-            ax.plot(x, ys, marker=".", label=f"layer {l}")
-        ax.axhline(k / E, color="gray", linestyle="--", linewidth=1, label=f"random routing, k/E = {k / E:.2f}")
-        if x is not compare_tokens:  # no token counts: one tick per compared checkpoint, named
-            ax.set_xticks(x, [textwrap.shorten(str(c), 30) for c in compare_label], rotation=30, ha="right", fontsize=7)
-        ax.set(xlabel="tokens trained by the compared checkpoint" if x is compare_tokens else "compared checkpoint",
-               ylabel=f"saturation: share of top-{k} experts\nshared with this checkpoint", ylim=(0, 1.02),
-               title=f"Router saturation (Eq. 5) against\n{textwrap.shorten(label, 80)}")
-        ax.title.set_fontsize(9)
-        ax.legend(fontsize=8)
-        figs["saturation.png"] = fig
+        figs["saturation.png"] = saturation_figure(r["saturation"], E=r["load"].shape[1], k=k, label=label,
+                                                   compare_label=compare_label, compare_tokens=compare_tokens)
     return figs
 
 
@@ -488,12 +567,9 @@ def moe_config(checkpoint):
     return path, config
 
 
-def run(args):
-    device = devices.pick_device(args.device)
-    if args.max_tokens is not None and args.max_tokens < 1:
-        raise ValueError(f"--max-tokens {args.max_tokens}: expected at least 1")
-    path, config = moe_config(args.checkpoint)
-    dtype = devices.pick_dtype(args.dtype, device, config)
+def checked_chunk_len(args, config):
+    """--chunk-len capped at the model's context, once --top-k, --layer and --chunk-len are checked against the
+    checkpoint's config (a clear error for each)."""
     E, L = config.num_experts, config.num_hidden_layers
     if not 1 <= args.top_k <= E:
         raise ValueError(f"--top-k {args.top_k}: expected 1 to {E}, the number of experts per layer")
@@ -502,46 +578,51 @@ def run(args):
     chunk_len = min(args.chunk_len, config.max_position_embeddings)
     if chunk_len < 1:
         raise ValueError(f"--chunk-len {args.chunk_len}: expected at least 1")
-    tokenizer, _, _ = checkpoints.load_tokenizer(path)
-    texts = token_ids(args.text, tokenizer, args.max_tokens)
+    return chunk_len
+
+
+def load_like(checkpoint, flag, config, *, device, dtype):
+    """Another checkpoint of the same model as config's (its layers and experts, or a clear error naming the flag
+    that gave it), loaded: (model, its directory)."""
+    other_path, other_config = moe_config(checkpoint)
+    L, E = config.num_hidden_layers, config.num_experts
+    if (other_config.num_hidden_layers, other_config.num_experts) != (L, E):
+        raise ValueError(f"{flag} {checkpoint}: has {other_config.num_hidden_layers} layers of "
+                         f"{other_config.num_experts} experts, expected {L} of {E} like --checkpoint")
+    return variants.load_model(other_path, device=device, dtype=dtype, moe_dispatch="batched"), other_path
+
+
+def domain_stats(model, texts, *, k, layer, chunk_len, desc, compare=None):
+    """{domain: Stats} of the model over each domain's token ids; compare: {domain: [(L, N, k) choices of each
+    compared checkpoint]}. A progress bar named desc on stderr."""
+    bar = tqdm(total=sum(map(len, texts.values())), desc=desc, unit="tok", file=sys.stderr, leave=False)
+    stats = {d: collect(model, ids, k, layer=layer, chunk_len=chunk_len, progress=bar,
+                        compare=compare[d] if compare else ()) for d, ids in texts.items()}
+    bar.close()
+    return stats
+
+
+def compared_choices(checkpoints, texts, *, config, device, dtype, k, chunk_len):
+    """Each --compare-checkpoint's routing of the texts, and the tokens it was trained on where train.py says so:
+    ({domain: [(L, N, k) choices, one per checkpoint]}, [tokens or None, one per checkpoint])."""
     total = sum(map(len, texts.values()))
-
-    def load(checkpoint, flag):  # another checkpoint of the same model
-        other_path, other_config = moe_config(checkpoint)
-        if (other_config.num_hidden_layers, other_config.num_experts) != (L, E):
-            raise ValueError(f"{flag} {checkpoint}: has {other_config.num_hidden_layers} layers of "
-                             f"{other_config.num_experts} experts, expected {L} of {E} like --checkpoint")
-        return variants.load_model(other_path, device=device, dtype=dtype, moe_dispatch="batched"), other_path
-
     compare, compare_tokens = {d: [] for d in texts}, []
-    for checkpoint in args.compare_checkpoint:  # one model in memory at a time: two OLMoE-1B-7B in bf16 take 28 GB
-        other, other_path = load(checkpoint, "--compare-checkpoint")
+    for checkpoint in checkpoints:  # one model in memory at a time: two OLMoE-1B-7B in bf16 take 28 GB
+        other, other_path = load_like(checkpoint, "--compare-checkpoint", config, device=device, dtype=dtype)
         bar = tqdm(total=total, desc=f"compared {checkpoint}", unit="tok", file=sys.stderr, leave=False)
         for d, ids in texts.items():
-            compare[d].append(choices_only(other, ids, args.top_k, chunk_len=chunk_len, progress=bar))
+            compare[d].append(choices_only(other, ids, k, chunk_len=chunk_len, progress=bar))
         bar.close()
         del other
         state = other_path / "trainer_state.json"  # train.py's checkpoints say how many tokens they were trained on
         compare_tokens.append(json.loads(state.read_text())["tokens"] if state.is_file() else None)
-    baseline = None
-    if args.baseline:
-        other, _ = load(args.baseline, "--baseline")
-        bar = tqdm(total=total, desc="baseline", unit="tok", file=sys.stderr, leave=False)
-        baseline = {d: collect(other, ids, args.top_k, layer=args.layer, chunk_len=chunk_len, progress=bar)
-                    for d, ids in texts.items()}
-        bar.close()
-        del other
+    return compare, compare_tokens
 
-    model = variants.load_model(path, device=device, dtype=dtype, moe_dispatch="batched")
-    bar = tqdm(total=total, desc="routing", unit="tok", file=sys.stderr, leave=False)
-    stats = {d: collect(model, ids, args.top_k, layer=args.layer, chunk_len=chunk_len, progress=bar,
-                        compare=compare[d]) for d, ids in texts.items()}
-    bar.close()
 
-    out = Path(args.out)
+def write_outputs(out, stats, tokenizer, *, compare_tokens, **kw):
+    """report.md, routing.json and (when matplotlib is installed) the figures, written to the directory out; kw:
+    report's keyword arguments. Returns nothing."""
     out.mkdir(parents=True, exist_ok=True)
-    kw = dict(label=args.label or args.checkpoint, k=args.top_k, K=config.num_experts_per_tok, layer=args.layer,
-              compare_label=args.compare_checkpoint, baseline=baseline, baseline_label=args.baseline)
     (out / "report.md").write_text(report(stats, tokenizer, **kw))
     (out / "routing.json").write_text(json.dumps(raw_json(stats, **kw)))
     try:
@@ -553,7 +634,34 @@ def run(args):
         return
     for name, fig in figures(stats, tokenizer, compare_tokens=compare_tokens, **kw).items():
         fig.savefig(out / name, dpi=110)
+    total = sum(s.tokens for s in stats.values())
     print(f"wrote {out / 'report.md'}, routing.json and figures for {total} tokens", file=sys.stderr)
+
+
+def run(args):
+    device = devices.pick_device(args.device)
+    if args.max_tokens is not None and args.max_tokens < 1:
+        raise ValueError(f"--max-tokens {args.max_tokens}: expected at least 1")
+    path, config = moe_config(args.checkpoint)
+    dtype = devices.pick_dtype(args.dtype, device, config)
+    chunk_len = checked_chunk_len(args, config)
+    tokenizer, _, _ = checkpoints.load_tokenizer(path)
+    texts = token_ids(args.text, tokenizer, args.max_tokens)
+
+    compare, compare_tokens = compared_choices(args.compare_checkpoint, texts, config=config, device=device,
+                                               dtype=dtype, k=args.top_k, chunk_len=chunk_len)
+    baseline = None
+    if args.baseline:  # the untrained model, gone from memory before this one loads
+        other, _ = load_like(args.baseline, "--baseline", config, device=device, dtype=dtype)
+        baseline = domain_stats(other, texts, k=args.top_k, layer=args.layer, chunk_len=chunk_len, desc="baseline")
+        del other
+
+    model = variants.load_model(path, device=device, dtype=dtype, moe_dispatch="batched")
+    stats = domain_stats(model, texts, k=args.top_k, layer=args.layer, chunk_len=chunk_len, desc="routing",
+                         compare=compare)
+    write_outputs(Path(args.out), stats, tokenizer, compare_tokens=compare_tokens,
+                  label=args.label or args.checkpoint, k=args.top_k, K=config.num_experts_per_tok, layer=args.layer,
+                  compare_label=args.compare_checkpoint, baseline=baseline, baseline_label=args.baseline)
 
 
 def main(argv=None):

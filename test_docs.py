@@ -75,6 +75,18 @@ def test_each_docs_page_is_short(page):
 # The README's first run, offline, walked end to end on a tiny model
 
 
+def test_the_readme_lists_every_file_with_its_current_length():
+    """The README's file table names every .py file here and the notebook, each with its length: `wc -l` lines,
+    or the notebook's cells."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    rows = dict(re.findall(r"^\| \[`([^`]+)`\]\(\1\) \| (\d+)(?: cells)? \|", readme, re.M))
+    assert sorted(rows) == sorted([p.name for p in ROOT.glob("*.py")] + ["tour.ipynb"])
+    for name, length in rows.items():
+        text = (ROOT / name).read_text(encoding="utf-8")
+        actual = len(json.loads(text)["cells"]) if name.endswith(".ipynb") else text.count("\n")
+        assert int(length) == actual, f"README.md says {name} has {length}, it has {actual}"
+
+
 def test_the_readme_runs_the_commands_the_offline_error_gives():
     """generate.py's offline error offers these commands; they must be the README's own first run."""
     import checkpoints

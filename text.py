@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+import cli
+
 EOS, PAD = "<|endoftext|>", "<|padding|>"  # the special tokens of a tokenizer trained here: ids 0 and 1
 
 
@@ -149,3 +151,41 @@ def open_token_file(out):
     """build_token_file's tokens, memory-mapped, and its index."""
     index = json.loads((out / "tokens.json").read_text())
     return np.memmap(out / "tokens.bin", dtype=index["dtype"], mode="r"), index
+
+
+# --------------------------------------------------------------------------------------------------------------
+# A training run's text, in its directory: made by the first process, read by every one (barrier: wait for it)
+
+
+def prepare(out, specs, *, val_fraction, vocab_size, tokenizer=None, is_main=True, barrier=lambda: None):
+    """(splits, tokenizer) of a run in out: each domain split (read_splits), its held-out text written to
+    out/heldout/NAME.txt for routing.py and evaluate.py, and the tokenizer given (a checkpoint's), or one trained
+    on the training text into out/tokenizer.json. The training is deterministic, so a resumed run trains the very
+    tokenizer its checkpoint holds."""
+    splits = read_splits(specs, val_fraction, say=is_main)
+    if is_main:
+        (out / "heldout").mkdir(parents=True, exist_ok=True)
+        for name, (_, held) in splits.items():
+            (out / "heldout" / f"{name}.txt").write_text("\n".join(held), encoding="utf-8")
+    if tokenizer is not None:
+        return splits, tokenizer
+    if is_main:
+        docs = [d for tr, _ in splits.values() for d in tr]
+        with cli.saying(is_main, f"training a byte-level BPE tokenizer of {vocab_size} tokens on "
+                                 f"{megabytes(docs):.2f} MB"):
+            train_tokenizer(docs, vocab_size).save(str(out / "tokenizer.json"))
+    barrier()
+    from tokenizers import Tokenizer
+
+    return splits, Tokenizer.from_file(str(out / "tokenizer.json"))
+
+
+def prepare_tokens(out, tokenizer, eos, splits, *, is_main=True, barrier=lambda: None):
+    """The run's token file (build_token_file), made by the first process, memory-mapped: (tokens, index)."""
+    out.mkdir(parents=True, exist_ok=True)
+    if is_main:
+        docs = [d for tr, va in splits.values() for d in tr + va]
+        with cli.saying(is_main, f"tokenizing {megabytes(docs):.2f} MB into {out / 'tokens.bin'}") as said:
+            said.append(f"{build_token_file(out, tokenizer, eos, splits)['train'][1]:,} training tokens")
+    barrier()
+    return open_token_file(out)

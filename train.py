@@ -10,7 +10,7 @@ Read like nanoGPT's train.py: the recipe first (presets -> batches -> learning r
 losses -> evaluation), then the run: set_up does everything before the first step, forward_backward and step take
 one optimizer step, and train() is the loop, one comment per phase; the command line last. What it leans on has a
 file of its own: text.py (the text, the tokenizer, the token file), checkpoints.py (writing and resuming),
-curves.py (curves.png and --compare-runs), balance.py (the load-balancing conventions), parallel.py (torchrun's
+runlog.py (log.jsonl and its curves), balance.py (the load-balancing conventions), parallel.py (torchrun's
 processes, DDP and FSDP2), devices.py (device and dtype) and measure.py (the matmul rate and active parameters
 behind MFU).
 
@@ -23,7 +23,6 @@ standard deviations, bf16 mixed precision (float32 master weights and optimizer 
 import argparse
 import json
 import math
-import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -38,11 +37,11 @@ from tqdm import tqdm
 import balance
 import checkpoints
 import cli
-import curves
 import devices
 import measure
 import olmoe
 import parallel
+import runlog
 import text
 import variants
 
@@ -158,8 +157,7 @@ def log_evaluation(run, step, train_loss, extra):
     if counts is not None:
         record["max_share"], record["entropy_bits"] = (t.tolist() for t in balance.load_summary(counts))
     if run.is_main:
-        with open(run.out / "log.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+        runlog.append(run.out, record)
         trained = f"train {train_loss:.3f} | " if train_loss is not None else ""
         line = (f"step {step} | {record['tokens']} tokens | {trained}val "
                 + ", ".join(f"{d} {v['loss']:.3f} ({v['bpb']:.3f} bpb)" for d, v in val.items()))
@@ -239,38 +237,17 @@ def batch_split(args, world):
     return micro, args.batch_size // world // micro
 
 
-def set_up_text(args, out, is_main, distributed):
-    """The text, split per domain into training and held-out documents (the held-out ones also written to
-    DIR/heldout/NAME.txt, for routing.py or evaluate.py), the tokenizer (the checkpoint's, or one trained on the
-    training text) and the model's config."""
-    splits = text.read_splits(args.text, args.val_fraction, say=is_main)
-    if is_main:
-        (out / "heldout").mkdir(parents=True, exist_ok=True)
-        for name, (_, held) in splits.items():
-            (out / "heldout" / f"{name}.txt").write_text("\n".join(held), encoding="utf-8")
-    if args.init:
-        init = checkpoints.checkpoint_dir(args.init)
-        return splits, checkpoints.load_tokenizer(init)[0], variants.read_config(init)[0], init
-    # Trained on the first process and read by the others. The training is deterministic, so a resumed run
-    # trains the very tokenizer its checkpoint holds (checked in set_up).
-    if is_main:
-        docs = [d for tr, _ in splits.values() for d in tr]
-        with cli.saying(is_main, f"training a byte-level BPE tokenizer of {args.vocab_size} tokens on "
-                                 f"{text.megabytes(docs):.2f} MB"):
-            text.train_tokenizer(docs, args.vocab_size).save(str(out / "tokenizer.json"))
-    if distributed:
-        dist.barrier()
-    from tokenizers import Tokenizer
-
-    tokenizer = Tokenizer.from_file(str(out / "tokenizer.json"))
+def model_config(args, tokenizer):
+    """The config of a model trained from scratch: the preset's, or a config.json's, with the tokenizer's
+    vocabulary (padded to a multiple of 64, as the released models'), eos and padding ids."""
     if args.model and args.model.endswith(".json"):
         config = olmoe.config_from_dict(json.loads(Path(args.model).read_text()))
     else:
         config = PRESETS[args.model or "olmoe-cpu"]()
-    config.vocab_size = -(-tokenizer.get_vocab_size() // 64) * 64  # padded to a multiple of 64, as released models
+    config.vocab_size = -(-tokenizer.get_vocab_size() // 64) * 64
     config.eos_token_id, config.pad_token_id = tokenizer.token_to_id(text.EOS), tokenizer.token_to_id(text.PAD)
     config.dtype = "float32"
-    return splits, tokenizer, config, None
+    return config
 
 
 def check_config(args, config, init, resume, tokenizer):
@@ -294,23 +271,7 @@ def check_config(args, config, init, resume, tokenizer):
     return config, eos
 
 
-def set_up_tokens(args, out, is_main, distributed, tokenizer, eos, splits):
-    """The token file, made once by the first process and memory-mapped by every one: (tokens, index)."""
-    out.mkdir(parents=True, exist_ok=True)
-    if is_main:
-        docs = [d for tr, va in splits.values() for d in tr + va]
-        with cli.saying(is_main, f"tokenizing {text.megabytes(docs):.2f} MB into {out / 'tokens.bin'}") as said:
-            said.append(f"{text.build_token_file(out, tokenizer, eos, splits)['train'][1]:,} training tokens")
-    if distributed:
-        dist.barrier()
-    tokens, index = text.open_token_file(out)
-    if index["train"][1] <= args.seq_len:
-        raise ValueError(f"only {index['train'][1]} training tokens: too few for one window of --seq-len "
-                         f"{args.seq_len}")
-    return tokens, index
-
-
-def set_up_model(args, config, device, world, dtype, checkpoint, upcycle=None):
+def set_up_model(args, config, *, device, world, dtype, checkpoint, upcycle=None):
     """The model in float32 (the master weights: from the checkpoint, upcycled if asked, else initialised), spread
     over the processes (parallel.wrap: DDP, or FSDP2 with --fsdp), and AdamW on every parameter."""
     if checkpoint:
@@ -340,18 +301,27 @@ def set_up(args) -> Run:
     if not resume and any(out.glob("step-*")):
         raise ValueError(f"--out {out} already holds checkpoints ({sorted(out.glob('step-*'))[-1].name}): pass "
                          f"--resume {out} to continue that run, or choose another --out")
-    splits, tokenizer, config, init = set_up_text(args, out, is_main, distributed)
+    init = checkpoints.checkpoint_dir(args.init) if args.init else None
+    barrier = dist.barrier if distributed else lambda: None
+    splits, tokenizer = text.prepare(out, args.text, val_fraction=args.val_fraction, vocab_size=args.vocab_size,
+                                     tokenizer=checkpoints.load_tokenizer(init)[0] if init else None,
+                                     is_main=is_main, barrier=barrier)
+    config = variants.read_config(init)[0] if init else model_config(args, tokenizer)
     config, eos = check_config(args, config, init, resume, tokenizer)
-    tokens, index = set_up_tokens(args, out, is_main, distributed, tokenizer, eos, splits)
+    tokens, index = text.prepare_tokens(out, tokenizer, eos, splits, is_main=is_main, barrier=barrier)
+    if index["train"][1] <= args.seq_len:
+        raise ValueError(f"only {index['train'][1]} training tokens: too few for one window of --seq-len "
+                         f"{args.seq_len}")
     with cli.saying(is_main, f"loading {resume or init}" if resume or init else "initialising the model"):
-        model, optimizer = set_up_model(args, config, device, world, dtype, resume or init,
-                                        upcycle=None if resume else args.upcycle)
+        model, optimizer = set_up_model(args, config, device=device, world=world, dtype=dtype,
+                                        checkpoint=resume or init, upcycle=None if resume else args.upcycle)
     run = Run(args=args, out=out, rank=rank, world=world, device=device, dtype=dtype, micro=micro,
               accumulate=accumulate, domains=list(splits), tokenizer=tokenizer, config=config, tokens=tokens,
               index=index, init=init, model=model, optimizer=optimizer, resumed=resume)
     if resume:
-        run.step = checkpoints.restore(resume, run.model, run.optimizer, args.fsdp,
-                                       log=out / "log.jsonl" if is_main else None)
+        run.step = checkpoints.restore(resume, run.model, run.optimizer, args.fsdp)
+        if is_main:
+            runlog.drop_after(out, run.step)
     return run
 
 
@@ -468,7 +438,7 @@ def finish(run):
             f" ({c.num_experts} experts, {c.num_experts_per_tok} per token)" if c.model_type == "olmoe" else "")
         origin = (f"upcycled from {run.args.init}" if run.args.upcycle else f"fine-tuned from {run.args.init}"
                   if run.init else "from scratch")
-        curves.plot(run.out, run.out / "curves.png", f"run {run.out.name}: {what}, {origin}, on "
+        runlog.plot(run.out, run.out / "curves.png", f"run {run.out.name}: {what}, {origin}, on "
                     f"{', '.join(run.domains)}", balanced=1 / c.num_experts if c.model_type == "olmoe" else None)
     if run.distributed:
         # All ranks leave together: FSDP2's DTensor caches keep the gloo process group alive past
@@ -494,50 +464,43 @@ def train(args):
     last_saved = start(run)
     bar = tqdm(total=args.steps, initial=run.step, desc="training", unit="step", file=sys.stderr,
                disable=not run.is_main, dynamic_ncols=True, bar_format=NO_ETA)
-    # Ctrl-C finishes the step under way, saves it and exits. The handler only raises a flag, so that a second
-    # SIGINT cannot break into the saving: a terminal's Ctrl-C reaches torchrun's workers twice, once directly
-    # and once forwarded by torchrun.
-    interrupted = []
-    previous_handler = signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
-    try:
-        while run.step < args.steps:
-            # one optimizer step, timed
-            t0 = time.perf_counter()
-            ce, lb, z, grad_norm = step(run, last_saved)
-            sync()
-            dt = time.perf_counter() - t0
-            train_s += dt
-            if run.step - first == ETA_AFTER:
-                bar.bar_format = None  # tqdm's own format, with the time left
-            bar.update(1)
-            bar.set_postfix(loss=f"{ce:.3f}", tok_s=f"{tokens_per_step / dt:.0f}",
-                            mfu=f"{flops_per_step / dt / peak:.1%}")
-            # evaluate, log and save
-            if args.eval_every and (run.step % args.eval_every == 0 or run.step == args.steps):
-                grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP
-                log_evaluation(run, run.step, ce, dict(lb_loss=lb, z_loss=z, grad_norm=grad_norm.item(),
-                                                       train_s=train_s, tokens_per_s=tokens_per_step / dt,
-                                                       mfu=flops_per_step / dt / peak))
-            if run.step % args.save_every == 0 or run.step == args.steps:
-                last_saved = save(run, run.step)
-            stop = torch.tensor(float(bool(interrupted)), device=run.device)
-            if run.distributed:  # every process stops at the same step, whichever saw the Ctrl-C
-                dist.all_reduce(stop, op=dist.ReduceOp.MAX)
-            if stop.item():
-                raise KeyboardInterrupt
-    except KeyboardInterrupt:
-        # Ctrl-C: keep what was trained. A step interrupted before optimizer.step() (a KeyboardInterrupt raised
-        # before the handler was in place) left the weights as the step before it had them.
-        bar.close()
-        if run.step and last_saved != run.out / f"step-{run.step:06d}":
-            if run.is_main:
-                print(f"\ninterrupted: saving step {run.step}", file=sys.stderr)
-            run.optimizer.zero_grad(set_to_none=True)
-            save(run, run.step)
-        raise
-    finally:
-        bar.close()  # before an error's line; closing twice does nothing
-        signal.signal(signal.SIGINT, previous_handler)
+    with cli.ctrl_c_deferred() as interrupted, bar:  # Ctrl-C: the step under way finishes, is saved, and it stops
+        try:
+            while run.step < args.steps:
+                # one optimizer step, timed
+                t0 = time.perf_counter()
+                ce, lb, z, grad_norm = step(run, last_saved)
+                sync()
+                dt = time.perf_counter() - t0
+                train_s += dt
+                if run.step - first == ETA_AFTER:
+                    bar.bar_format = None  # tqdm's own format, with the time left
+                bar.update(1)
+                bar.set_postfix(loss=f"{ce:.3f}", tok_s=f"{tokens_per_step / dt:.0f}",
+                                mfu=f"{flops_per_step / dt / peak:.1%}")
+                # evaluate, log and save
+                if args.eval_every and (run.step % args.eval_every == 0 or run.step == args.steps):
+                    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP
+                    log_evaluation(run, run.step, ce, dict(lb_loss=lb, z_loss=z, grad_norm=grad_norm.item(),
+                                                           train_s=train_s, tokens_per_s=tokens_per_step / dt,
+                                                           mfu=flops_per_step / dt / peak))
+                if run.step % args.save_every == 0 or run.step == args.steps:
+                    last_saved = save(run, run.step)
+                stop = torch.tensor(float(bool(interrupted)), device=run.device)
+                if run.distributed:  # every process stops at the same step, whichever saw the Ctrl-C
+                    dist.all_reduce(stop, op=dist.ReduceOp.MAX)
+                if stop.item():
+                    raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            # Keep what was trained. A step interrupted before optimizer.step() (a KeyboardInterrupt raised before
+            # the handler was in place) left the weights as the step before it had them.
+            bar.close()
+            if run.step and last_saved != run.out / f"step-{run.step:06d}":
+                if run.is_main:
+                    print(f"\ninterrupted: saving step {run.step}", file=sys.stderr)
+                run.optimizer.zero_grad(set_to_none=True)
+                save(run, run.step)
+            raise
     finish(run)
     return last_saved
 
@@ -611,7 +574,7 @@ def parse_args(argv=None):
 def run_command(argv):
     args = parse_args(argv)
     if args.compare_runs:
-        return curves.plot_runs(args.compare_runs, args.out)
+        return runlog.plot_runs(args.compare_runs, args.out)
     if not args.text:
         raise ValueError("--text NAME=FILE_OR_GLOB: give at least one text to train on")
     return train(args)

@@ -1,5 +1,8 @@
-"""Training curves from train.py's log.jsonl: one run's curves.png, drawn at the end of every run, and several runs
-side by side (train.py --compare-runs). matplotlib is optional: without it a run draws nothing."""
+"""A training run's log: DIR/log.jsonl, one JSON record per evaluation (the step, tokens, losses, validation loss
+and bits per byte of each domain, and for an OLMoE each layer's largest expert share and routing entropy). train.py
+appends to it, and drops the records a resumed run will redo; experiments.py reads it; its curves are drawn here:
+one run's curves.png at the end of every run, and several runs side by side (train.py --compare-runs). matplotlib is
+optional: without it a run draws nothing."""
 
 import json
 import math
@@ -8,12 +11,31 @@ from pathlib import Path
 import torch
 
 
+def append(run, record):
+    """One evaluation's record, at the end of the run's log."""
+    with open(Path(run) / "log.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def drop_after(run, step):
+    """--resume from `step`: the records of later steps go, which a run killed after its last checkpoint logged and
+    will now log again."""
+    log = Path(run) / "log.jsonl"
+    if log.is_file():
+        kept = [line for line in log.read_text().splitlines() if json.loads(line)["step"] <= step]
+        log.write_text("".join(line + "\n" for line in kept))
+
+
 def records(run):
     """A run's log.jsonl: one dict per evaluation."""
     log_file = Path(run) / "log.jsonl"
     if not log_file.is_file():
-        raise ValueError(f"--compare-runs {run}: no log.jsonl there (expected a train.py --out directory)")
+        raise ValueError(f"{run}: no log.jsonl there (expected a train.py --out directory)")
     return [json.loads(line) for line in log_file.read_text().splitlines()]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Curves
 
 
 def plot(run, png, title, balanced=None):
@@ -63,7 +85,10 @@ def plot_runs(runs, png):
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5), layout="constrained")
     E = None
     for run, color in zip(runs, plt.get_cmap("tab10").colors):
-        log = records(run)
+        try:
+            log = records(run)
+        except ValueError as e:
+            raise ValueError(f"--compare-runs {e}") from None
         E = json.loads(next(Path(run).glob("step-*/config.json")).read_text())["num_experts"]
         x = [r["tokens"] for r in log]
         axes[0].plot(x, [sum(r["val"].values()) / len(r["val"]) for r in log], color=color, label=Path(run).name)
