@@ -181,6 +181,18 @@ def check_paths(device, models=("OLMoE", "OLMo2 GQA"), batches=(1, 8)):
     return results
 
 
+def cpu_kernels(facts):
+    """One line: the CPU's class (fast.cpu_class), whether its rules were measured, and the kernel each precision's
+    linear layers take for a compiled decode row and for a 512-token prefill, on OLMoE-1B-7B's 2048 x 2048 shape."""
+    kernels = {"bf16": [fast.linear_path(*facts, torch.bfloat16, True, n) for n in (1, 512)],
+               "int8": [quantize.int8_path(*facts, True, n) for n in (1, 512)],
+               "int8-dynamic": [quantize.choose_kernel(8, *facts, torch.bfloat16, 2048, 2048, 128, dynamic=True)] * 2,
+               "int4": [quantize.choose_kernel(4, *facts, torch.bfloat16, 2048, 2048, 128)] * 2}
+    return (f"{fast.cpu_note(facts[1])} here; kernels, decode row / prefill: " +
+            ", ".join(f"{kind} {a} / {b}" for kind, (a, b) in kernels.items()) +
+            f"; decode attention {fast.attention_path(*facts)}")
+
+
 def check(device, steps=32):
     device = torch.device(device)
     dtype, sync = native_dtype_of(device), measure.synchronizer(device)
@@ -192,6 +204,8 @@ def check(device, steps=32):
     print("MoE path here: " + ", ".join(f"{N} tokens {'compiled' if c else 'eager'} -> "
                                         f"{fast.moe_path(*facts, dtype, c, N, 8, 64)}"
                                         for N in (1, 8, 64, 2048) for c in (False, True)))
+    if device.type == "cpu":
+        print(cpu_kernels(facts))
 
     # Speed: the OLMoE-1B-7B layer shape with 4 of its 16 layers (per-token figures scale with the layers).
     bandwidth, flops = device_ceilings(device, dtype)

@@ -219,14 +219,6 @@ def final_loss(run: Path, steps):
     return sum(last["val"].values()) / len(last["val"]), last.get("train_s", 0.0)
 
 
-def loss_at(points, tokens):
-    """A curve's [(tokens, loss, ...)] loss at tokens, interpolated between its evaluations."""
-    for (t0, l0, *_), (t1, l1, *_) in zip(points, points[1:]):
-        if t0 <= tokens <= t1:
-            return l0 + (l1 - l0) * (tokens - t0) / (t1 - t0) if t1 > t0 else l1
-    raise ValueError(f"{tokens} tokens is outside the curve's {points[0][0]}-{points[-1][0]}")
-
-
 def tokens_to_reach(points, loss):
     """The tokens at which a curve [(tokens, loss)] first reaches loss, interpolated in log tokens (loss falls about
     linearly in log tokens); None if it never does, 0 if its first point is already there."""

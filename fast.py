@@ -7,18 +7,19 @@ changes the class of three kinds of module in place (as FSDP2's fully_shard does
 state dict, the same function, computed by the kernel that is fastest on this device for this many tokens.
 
     module          olmoe.py (the reference)              here, chosen from device_facts
-    nn.Linear       F.linear                              linear_path: torch.mv (one bf16 row, a CPU with AMX) or
+    nn.Linear       F.linear                              linear_path: torch.mv (one bf16 row, an amx CPU) or
                                                           a reduction inductor vectorizes (one row, compiled,
-                                                          a CPU without AMX)
+                                                          an avx512 CPU)
     Attention       SDPA                                  attention_path: a decode step written out (attend_one)
-                                                          on a CPU without AMX
+                                                          on an avx512 CPU
     Experts         moe_batched, its grouped matmul       moe_path: grouped in the graph where it is one kernel,
                     run eagerly between compiled graphs   gathered or pairs at decode sizes, dense on a GPU
                                                           without a fused grouped kernel, else the loop
 
 quantize.py's quantized modules are swapped in by the same function, swap(), and take moe_path's choice too.
 Each rule cites the PyTorch source or issue it rests on; docs/performance.md holds the measurements, and
-test_fast.py checks every choice on a CPU by simulating the device.
+test_fast.py checks every choice on a CPU by simulating the device. A CPU's rules are per class (cpu_class: amx,
+avx512, avx2, other); a class never measured takes olmoe.py's portable kernels.
 """
 
 import torch
@@ -33,22 +34,42 @@ import olmoe
 
 def device_facts(device):
     """(device type, capability): all the kernel choices need to know of the hardware. capability is CUDA's compute
-    capability; for a CPU, "amx" if it has AMX tiles (Intel Xeons since Sapphire Rapids; asked once at import, as
-    inductor's cpu_vec_isa.py asks it, since dynamo cannot trace the call); else None. Under torch.compile,
-    get_device_properties is folded to a constant (constant_fold_functions in torch/_dynamo/variables/torch.py),
-    so asking costs nothing inside a compiled step. AMD GPUs (ROCm) also call themselves "cuda"; they are "rocm"
-    here, since their capability numbers mean other hardware."""
+    capability; for a CPU, its class (cpu_class). Under torch.compile, get_device_properties is folded to a constant
+    (constant_fold_functions in torch/_dynamo/variables/torch.py), so asking costs nothing inside a compiled step.
+    AMD GPUs (ROCm) also call themselves "cuda"; they are "rocm" here, since their capability numbers mean other
+    hardware."""
     if device.type == "cuda" and torch.version.hip:
         return "rocm", None
     if device.type == "cpu":
-        return "cpu", "amx" if CPU_HAS_AMX else None
+        return "cpu", CPU_CLASS
     if device.type != "cuda":
         return device.type, None
     p = torch.cuda.get_device_properties(device)
     return "cuda", (p.major, p.minor)
 
 
-CPU_HAS_AMX = torch.cpu._is_amx_tile_supported()
+def cpu_class(capability, amx):
+    """A CPU's class, from the facts PyTorch itself dispatches on: ATen's vector level
+    (torch.backends.cpu.get_cpu_capability(), which ATEN_CPU_CAPABILITY can lower) and AMX tiles, as inductor's
+    cpu_vec_isa.py asks them (torch.cpu._is_amx_tile_supported; asked once at import, since dynamo cannot trace it).
+        amx     AVX-512 and AMX: Intel Xeons since Sapphire Rapids
+        avx512  AVX-512 without AMX: AMD Zen 4 and 5, Intel Xeons before Sapphire Rapids
+        avx2    AVX2 without AVX-512: most laptops (Intel Core since Alder Lake, AMD Zen 2 and 3), many cloud VMs
+        other   anything else: ARM (Apple Silicon), older x86
+    Only the classes in MEASURED_CPUS have rules of their own (each measured there, docs/performance.md); any other
+    takes the portable choice, the one olmoe.py makes, and cpu_note says so."""
+    if capability == "AVX512":
+        return "amx" if amx else "avx512"
+    return "avx2" if capability == "AVX2" else "other"
+
+
+CPU_CLASS = cpu_class(torch.backends.cpu.get_cpu_capability(), torch.cpu._is_amx_tile_supported())
+MEASURED_CPUS = ("amx", "avx512")  # the classes this file's CPU rules were measured on: an Intel Xeon, an AMD EPYC
+
+
+def cpu_note(cls):
+    """How generate.py's statistics and benchmark.py check name a CPU class, and what it runs."""
+    return f"CPU class {cls}" + ("" if cls in MEASURED_CPUS else " (never measured: the portable kernels)")
 
 
 def stored(x):
@@ -63,18 +84,18 @@ def stored(x):
 
 
 def linear_path(device_type, capability, dtype, compiling, rows):
-    """Which product a linear layer takes, from device_facts (capability "amx": a CPU with AMX tiles). Which reads
-    weights fastest at one row was measured on two CPUs, and they disagree:
-    mv    one row in bf16 on a CPU with AMX: torch.mv, whose bf16 kernel sums each output's row of weights in
-          float32 (bf16_gemv_trans in aten/src/ATen/native/cpu/ReducedPrecisionFloatGemvFastPathKernel.cpp, which
-          gemv in aten/src/ATen/native/BlasKernel.cpp takes). AMX marks that class of machine: neither product
-          uses it at one row.
-    gemv  one row in bf16, compiled, on a CPU without AMX: the product as a multiply-and-sum, which inductor turns
-          into one vectorized reduction. quantize.int8pack_mm takes the same kind of reduction.
-    mm    everything else: F.linear, as olmoe.py."""
+    """Which product a linear layer takes, from device_facts. Which reads weights fastest at one row was measured on
+    two classes of CPU, and they disagree:
+    mv    one row in bf16 on an amx CPU: torch.mv, whose bf16 kernel sums each output's row of weights in float32
+          (bf16_gemv_trans in aten/src/ATen/native/cpu/ReducedPrecisionFloatGemvFastPathKernel.cpp, which gemv in
+          aten/src/ATen/native/BlasKernel.cpp takes). AMX marks that class of machine: neither product uses it at
+          one row.
+    gemv  one row in bf16, compiled, on an avx512 CPU: the product as a multiply-and-sum, which inductor turns into
+          one vectorized reduction. quantize.int8pack_mm takes the same kind of reduction.
+    mm    everything else, and every CPU class never measured: F.linear, as olmoe.py."""
     if device_type != "cpu" or dtype != torch.bfloat16 or rows != 1:
         return "mm"
-    return "mv" if capability == "amx" else "gemv" if compiling else "mm"
+    return "mv" if capability == "amx" else "gemv" if compiling and capability == "avx512" else "mm"
 
 
 def linear(x, w):
@@ -121,10 +142,10 @@ class Linear(nn.Linear):
 
 def attention_path(device_type, capability):
     """How a decode step (one query per row, a mask over the cache) attends, from device_facts:
-    sums  on a CPU without AMX: attend_one, which inductor fuses into reductions over the cache when compiled;
-          faster, compiled and eager, than SDPA's CPU flash kernel on the machine that measured it.
-    sdpa  everywhere else: olmoe.Attention.attend (a CPU with AMX was not measured)."""
-    return "sums" if device_type == "cpu" and capability is None else "sdpa"
+    sums  on an avx512 CPU: attend_one, which inductor fuses into reductions over the cache when compiled;
+          faster, compiled and eager, than SDPA's CPU flash kernel there.
+    sdpa  everywhere else: olmoe.Attention.attend (on amx it was not measured)."""
+    return "sums" if device_type == "cpu" and capability == "avx512" else "sdpa"
 
 
 def attend_one(q, k, v, mask):
@@ -160,9 +181,9 @@ def moe_path(device_type, capability, dtype, compiling, N, K, E):
               fuse it either.
     gathered  few pairs (N*K < E), compiled, on a GPU: each pair's expert weights are gathered and multiplied in
               one fused kernel, so only the chosen experts are read and nothing leaves the device.
-    pairs     the same few pairs, compiled, on a CPU: a product per pair (linear's: torch.mv with AMX, inductor's
-              reduction without), on its expert's weights in place. It decoded faster than gathered on a CPU with
-              AMX, and read the experts as fast or faster on one without.
+    pairs     the same few pairs, compiled, on a CPU of a measured class: a product per pair (linear's: torch.mv
+              on amx, inductor's reduction on avx512), on its expert's weights in place. It decoded faster than
+              gathered on amx, and read the experts as fast or faster on avx512. Other CPUs take grouped.
     dense     a GPU's many pairs, compiled, with no fused grouped kernel: every expert for every token, the
               unchosen ones weighted 0. It reads each expert once (at a decode batch of 64 nearly all are hit
               anyway) and needs no host sync, at E/K times the FLOPs: worth it up to DENSE_MAX_TOKENS tokens.
@@ -173,7 +194,7 @@ def moe_path(device_type, capability, dtype, compiling, N, K, E):
     fused_grouped = hasattr(F, "grouped_mm") and (  # torch >= 2.10
         device_type == "cpu" and (dtype == torch.bfloat16 or dtype == torch.float32 and not compiling)
         or device_type == "cuda" and capability[0] in (9, 10) and dtype == torch.bfloat16)
-    if compiling and N * K < E:
+    if compiling and N * K < E and (device_type != "cpu" or capability in MEASURED_CPUS):
         return "pairs" if device_type == "cpu" else "gathered"
     if fused_grouped:
         return "grouped"
@@ -273,7 +294,9 @@ FAST = {nn.Linear: Linear, olmoe.Attention: Attention, olmoe.Experts: Experts}
 
 def apply(model):
     """The model, its modules that have a fast path changed into it in place: their class only, so parameters,
-    state dict and results stay the same. Modules quantize.py swapped in keep their own kernels."""
+    state dict and results stay the same. Modules quantize.py swapped in keep their own kernels. On a CPU of a class
+    never measured, the portable kernels run (cpu_note says so)."""
+
     def faster(name, module, parent):
         if type(module) in FAST:
             module.__class__ = FAST[type(module)]

@@ -359,12 +359,15 @@ def run(args):
 
 
 def print_stats(stats, device, B):
-    """The statistics line, on stderr: prefill time, decode rate, the bandwidth it implies, and peak memory."""
+    """The statistics line, on stderr: prefill time, decode rate, the bandwidth it implies, peak memory, and on a
+    CPU the class whose kernels it ran (fast.cpu_class)."""
     peak = measure.peak_memory(device)
     rate = stats["decode_tokens"] / stats["decode_s"] if stats["decode_tokens"] else 0.0
+    cpu = f" | {fast.cpu_note(fast.device_facts(device)[1])}" if device.type == "cpu" else ""
     print(f"prefill {stats['prefill_tokens']} tokens in {stats['prefill_s'] * 1e3:.0f} ms | "
           f"decode {rate:.1f} tok/s | {stats['step_bytes'] * rate / B / 1e9:.1f} GB/s | "
-          f"peak memory {peak / 1e9:.2f} GB ({'GPU' if device.type == 'cuda' else 'process RSS'})", file=sys.stderr)
+          f"peak memory {peak / 1e9:.2f} GB ({'GPU' if device.type == 'cuda' else 'process RSS'}){cpu}",
+          file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -120,28 +120,39 @@ def int8_linear(x, w, scale, G):
 
 
 def int8pack_mm(x, w, scale, G):
-    """x (n, in) times int8 w (out, in) with one scale per output: torch._weight_int8pack_mm, except on a CPU
-    from INT8_CAST_ROWS rows on (below), and for one row in a compiled step on a CPU without AMX (batch-1
-    decoding, by fast.linear_path's rule), where it is a multiply-and-sum that inductor turns into one vectorized
-    reduction, over activations made float32 and stored first (fast.stored). In float32, inductor's loop takes 16
-    lanes and loads 16 int8 weights in one 128-bit load; with bf16 activations in the loop it takes 32 lanes
-    (select_tiling in torch/_inductor/codegen/cpp.py) and loads int8 half a vector at a time through a masked load
-    (Vectorized<int8_t>::loadu with a count, aten/src/ATen/cpu/vec/vec512/vec512_int.h), at half the speed.
+    """x (n, in) times int8 w (out, in) with one scale per output (int8_path): torch._weight_int8pack_mm, except
+    on a CPU of a measured class from INT8_CAST_ROWS rows on (below), and for one row in a compiled step on an
+    avx512 CPU (batch-1 decoding, by fast.linear_path's rule), where it is a multiply-and-sum that inductor turns
+    into one vectorized reduction, over activations made float32 and stored first (fast.stored). In float32,
+    inductor's loop takes 16 lanes and loads 16 int8 weights in one 128-bit load; with bf16 activations in the loop
+    it takes 32 lanes (select_tiling in torch/_inductor/codegen/cpp.py) and loads int8 half a vector at a time
+    through a masked load (Vectorized<int8_t>::loadu with a count, aten/src/ATen/cpu/vec/vec512/vec512_int.h), at
+    half the speed.
     _weight_int8pack_mm converts each weight to float and scales it before its multiply-add
     (aten/src/ATen/native/cpu/int8mm_kernel.cpp); the reduction scales each output once. It decoded faster than
-    _weight_int8pack_mm on the CPU without AMX it was measured on, and slower on the one with AMX
-    (docs/performance.md#which-kernel-runs-where)."""
-    if x.shape[0] == 1 and fast.device_facts(x.device) == ("cpu", None) and torch.compiler.is_compiling():
+    _weight_int8pack_mm on avx512, and slower on amx (docs/performance.md#which-kernel-runs-where)."""
+    path = int8_path(*fast.device_facts(x.device), torch.compiler.is_compiling(), x.shape[0])
+    if path == "reduction":
         return ((fast.stored(x.float())[:, None, :] * w.float()).sum(-1) * scale.float()).to(x.dtype)  # (1, out)
-    if x.shape[0] >= INT8_CAST_ROWS and x.device.type == "cpu":
+    if path == "cast":
         return int8_linear(x, w, scale, G)
     return torch._weight_int8pack_mm(x, w, scale)
 
 
-# From this many rows on, int8pack_mm casts the weight and calls F.linear (oneDNN's matmul): the CPU kernel
-# _weight_int8pack_mm (cpu/int8mm_kernel.cpp) takes time in proportion to the rows, the cast and F.linear far less,
-# and the cast is the faster from about 16 rows (docs/quantization.md#which-kernel-runs-where). A prefill, and an
-# expert given many tokens, take the cast.
+def int8_path(device_type, capability, compiling, rows):
+    """int8pack_mm's product for `rows` rows on this device: "reduction" (one row, compiled, an avx512 CPU),
+    "cast" (INT8_CAST_ROWS rows or more, a CPU of a measured class) or "int8pack", the portable one."""
+    if device_type != "cpu" or capability not in fast.MEASURED_CPUS:
+        return "int8pack"
+    if rows == 1 and compiling and capability == "avx512":
+        return "reduction"
+    return "cast" if rows >= INT8_CAST_ROWS else "int8pack"
+
+
+# From this many rows on, on a CPU of a measured class, int8pack_mm casts the weight and calls F.linear: the CPU
+# kernel _weight_int8pack_mm (cpu/int8mm_kernel.cpp) takes time in proportion to the rows, the cast and F.linear far
+# less, and the cast is the faster from about 16 rows (docs/quantization.md#which-kernel-runs-where). A prefill, and
+# an expert given many tokens, take the cast.
 INT8_CAST_ROWS = 16
 
 
@@ -226,8 +237,8 @@ def choose_kernel(bits, device_type, capability, dtype, out_features, in_feature
     int8pack      CPU and MPS: torch._weight_int8pack_mm(x, w int8 (out, in), scales (out,) in x's dtype).
                   CPU: aten/src/ATen/native/LinearAlgebra.cpp and cpu/int8mm_kernel.cpp; MPS:
                   aten/src/ATen/native/mps/operations/Quantized.mm, which also wants out and in multiples of 32.
-                  On a CPU, one row in a compiled step without AMX takes a reduction instead, and 16 rows or more
-                  the weight cast to x's dtype and F.linear (int8pack_mm).
+                  On an avx512 CPU, one row in a compiled step takes a reduction instead, and on a measured CPU
+                  class 16 rows or more the weight cast to x's dtype and F.linear (int8_path).
     int8-linear   CUDA: F.linear(x, w.to(x.dtype)) * scale, whose int8->float cast inductor fuses into the matmul
                   (gpt-fast's int8 path). CUDA's own _weight_int8pack_mm, where a build has it
                   (aten/src/ATen/native/cuda/int8mm.cu), is a plain float32 loop, one thread per output.

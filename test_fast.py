@@ -41,14 +41,14 @@ def test_every_moe_path_equals_the_dense_oracle(N, norm_topk_prob):
 # Written out from PyTorch's facts as moe_path's docstring states them, one device class at a time.
 BF16, F16, F32 = torch.bfloat16, torch.float16, torch.float32
 EXPECTED_MOE_PATH = [
-    (("cpu", None, BF16, False, 1), "grouped"),  # CPUs have a fused grouped_mm, bf16 and float32 eager
-    (("cpu", None, F32, False, 64), "grouped"),
-    (("cpu", None, F32, True, 1), "pairs"),  # compiled decoding: a product on each chosen expert in place
+    (("cpu", "avx512", BF16, False, 1), "grouped"),  # CPUs have a fused grouped_mm, bf16 and float32 eager
+    (("cpu", "avx512", F32, False, 64), "grouped"),
+    (("cpu", "avx512", F32, True, 1), "pairs"),  # compiled decoding: a product on each chosen expert in place
     (("cpu", "amx", F32, True, 1), "pairs"),
     (("cpu", "amx", BF16, True, 7), "pairs"),  # 56 pairs, fewer than the 64 experts
     (("cpu", "amx", BF16, True, 8), "grouped"),
-    (("cpu", None, F32, True, 64), "loop"),  # compiled float32: grouped_mm's shape function is bf16-only
-    (("cpu", None, BF16, True, 64), "grouped"),
+    (("cpu", "avx512", F32, True, 64), "loop"),  # compiled float32: grouped_mm's shape function is bf16-only
+    (("cpu", "avx512", BF16, True, 64), "grouped"),
     (("cuda", (9, 0), BF16, False, 1), "grouped"),  # H100: the fused CUDA kernel
     (("cuda", (10, 0), BF16, True, 64), "grouped"),  # B200
     (("cuda", (9, 0), BF16, True, 1), "gathered"),
@@ -74,7 +74,7 @@ def test_moe_path_is_the_right_kernel_for_each_device(facts, path):
 
 
 @pytest.mark.parametrize("facts, path", [
-    (("cpu", None), "sums"),  # a CPU without AMX: SDPA's flash kernel was 1.6-10x slower at T = 1
+    (("cpu", "avx512"), "sums"),  # a CPU with AVX-512, without AMX: SDPA's flash kernel was 1.6-10x slower at T = 1
     (("cpu", "amx"), "sdpa"),  # not measured with AMX
     (("cuda", (9, 0)), "sdpa"),
     (("mps", None), "sdpa"),
@@ -107,7 +107,8 @@ def test_amd_gpus_are_not_taken_for_nvidia_ones(monkeypatch):
     assert fast.device_facts(torch.device("cuda")) == ("rocm", None)
 
 
-@pytest.mark.parametrize("device", [("cpu", None), ("cuda", (9, 0)), ("cuda", (8, 0)), ("cuda", (7, 5)), ("mps", None)])
+@pytest.mark.parametrize("device", [("cpu", "avx512"), ("cuda", (9, 0)), ("cuda", (8, 0)), ("cuda", (7, 5)),
+                                    ("mps", None)])
 def test_simulated_devices_run_their_path_and_agree(device, monkeypatch):
     """Pretend the CPU is another device (the probe answers for it); fast.Experts takes that device's path,
     which runs here on the CPU and gives the naive dispatch's output."""
@@ -124,7 +125,7 @@ def test_simulated_devices_run_their_path_and_agree(device, monkeypatch):
     assert (y.double() - ref).norm() / ref.norm() < 1e-2  # bf16 rounding only
 
 
-@pytest.mark.parametrize("device", [("cpu", None), ("cuda", (9, 0))])
+@pytest.mark.parametrize("device", [("cpu", "avx512"), ("cuda", (9, 0))])
 def test_mixed_precision_training_takes_the_autocast_dtypes_path(device, monkeypatch):
     """Under bf16 autocast the experts' inputs and weights are float32 (master weights, a float32 norm before
     them), but their matmuls run in bf16: the path is the one for bf16 (grouped on an H100, not float32's loop),
@@ -153,13 +154,14 @@ def test_mixed_precision_training_takes_the_autocast_dtypes_path(device, monkeyp
 # Linear layers and decoding, compiled, on simulated CPUs and GPUs
 
 
-@pytest.mark.parametrize("device", [("cpu", None), ("cpu", "amx"), ("cuda", (8, 0))])
+@pytest.mark.parametrize("device", [("cpu", "avx512"), ("cpu", "amx"), ("cpu", "avx2"), ("cuda", (8, 0))])
 @pytest.mark.parametrize("prompts", [[[3, 1, 4, 1, 5], [9, 2]], [[3, 1, 4], [1, 5], [9], [2, 6], [5, 3]]])
 def test_compiled_decode_step_gives_the_same_tokens(tmp_path, tokenizer_json, monkeypatch, device, prompts):
     """torch.compile of the decode step (CUDA graphs on a GPU) is a fast path of the same function. With 2 rows
     of K = 2 of E = 8 experts the compiled step multiplies each pair by its expert (pairs on a CPU, gathered on a
     GPU); with 5 rows a CPU loops over the experts (a graph break), and an A100 computes them all (dense). Only the
-    CPU's loop breaks the graph. Every device is simulated, this CPU too."""
+    CPU's loop breaks the graph, which an avx2 CPU, never measured, takes at 2 rows too (the portable path, in
+    float32). Every device is simulated, this CPU too."""
     from torch._dynamo.utils import counters
 
     monkeypatch.setattr(fast, "device_facts", lambda _: device)
@@ -168,12 +170,13 @@ def test_compiled_decode_step_gives_the_same_tokens(tmp_path, tokenizer_json, mo
     torch._dynamo.reset()
     counters.clear()
     assert gen.generate(model, prompts, 10, compile=True) == gen.generate(model, prompts, 10)
-    assert (sum(counters["graph_break"].values()) > 0) == (device != ("cuda", (8, 0)) and len(prompts) == 5)
+    looped = device[0] == "cpu" and (len(prompts) == 5 or device[1] not in fast.MEASURED_CPUS)
+    assert (sum(counters["graph_break"].values()) > 0) == looped
 
 
 @pytest.mark.parametrize("model_type", ["olmoe", "olmo2"])
 @pytest.mark.parametrize("rows", [1, 2])
-@pytest.mark.parametrize("cpu", [None, "amx"])
+@pytest.mark.parametrize("cpu", ["avx512", "amx"])
 def test_compiled_bf16_decode_step_computes_eager_logits(tmp_path, tokenizer_json, monkeypatch, model_type, rows, cpu):
     """bf16, compiled against eager, both fed the same tokens (the sampler is replaced): each step's logits within
     bf16's rounding. One row on a CPU without AMX takes fast.linear_path's "gemv" in every linear layer; with AMX
@@ -200,15 +203,15 @@ def test_compiled_bf16_decode_step_computes_eager_logits(tmp_path, tokenizer_jso
     assert (compiled - eager).abs().max() <= 0.02 * eager.abs().max()
 
 
-@pytest.mark.parametrize("cpu", [None, "amx"])
+@pytest.mark.parametrize("cpu", ["avx512", "amx"])
 def test_the_one_row_paths_are_the_linear_product(monkeypatch, cpu):
     """linear_path's choice, and what gemv (a CPU without AMX) and mv (with AMX) compute, compiled and eager: x @ w.T,
     against float32 F.linear, and mv's gradients against F.linear's."""
-    assert fast.linear_path("cpu", None, torch.bfloat16, True, 1) == "gemv"
+    assert fast.linear_path("cpu", "avx512", torch.bfloat16, True, 1) == "gemv"
     assert fast.linear_path("cpu", "amx", torch.bfloat16, True, 1) == fast.linear_path(
         "cpu", "amx", torch.bfloat16, False, 1) == "mv"
-    for facts in [("cpu", None, torch.bfloat16, False, 1), ("cpu", None, torch.bfloat16, True, 2),
-                  ("cpu", None, torch.float32, True, 1), ("cpu", "amx", torch.bfloat16, True, 2),
+    for facts in [("cpu", "avx512", torch.bfloat16, False, 1), ("cpu", "avx512", torch.bfloat16, True, 2),
+                  ("cpu", "avx512", torch.float32, True, 1), ("cpu", "amx", torch.bfloat16, True, 2),
                   ("cpu", "amx", torch.float32, False, 1), ("cuda", (9, 0), torch.bfloat16, True, 1),
                   ("mps", None, torch.bfloat16, True, 1)]:
         assert fast.linear_path(*facts) == "mm", facts
@@ -233,3 +236,46 @@ def test_the_one_row_paths_are_the_linear_product(monkeypatch, cpu):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             y = layer.float()(x)
         torch.testing.assert_close(y.float(), ref, rtol=1e-2, atol=1e-2)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# CPU classes: a rule only where it was measured
+
+
+@pytest.mark.parametrize("capability, amx, expected", [
+    ("AVX512", True, "amx"),  # Intel Xeon since Sapphire Rapids
+    ("AVX512", False, "avx512"),  # AMD Zen 4 / 5
+    ("AVX2", False, "avx2"),  # most laptops
+    ("AVX2", True, "avx2"),  # an AMX machine held to ATen's AVX2 kernels (ATEN_CPU_CAPABILITY=avx2)
+    ("DEFAULT", False, "other"),  # ARM, Apple Silicon
+    ("SVE256", False, "other"),
+])
+def test_a_cpus_class_is_atens_vector_level_and_amx(capability, amx, expected):
+    assert fast.cpu_class(capability, amx) == expected
+
+
+@pytest.mark.parametrize("cpu", ["avx2", "other", "amx", "avx512"])
+def test_a_cpu_class_never_measured_takes_only_the_portable_choices(cpu):
+    """On avx2 and other CPUs every choice is olmoe.py's own (F.linear, SDPA, the grouped or looped MoE dispatch,
+    _weight_int8pack_mm); each measured class has at least one rule of its own, so that this test can fail."""
+    import quantize
+
+    grid = [(dtype, compiling, n) for dtype in (BF16, F32) for compiling in (False, True) for n in (1, 2, 7, 16, 64)]
+    linear = {fast.linear_path("cpu", cpu, dtype, compiling, n) for dtype, compiling, n in grid}
+    moe = {fast.moe_path("cpu", cpu, dtype, compiling, n, 8, 64) for dtype, compiling, n in grid}
+    int8 = {quantize.int8_path("cpu", cpu, compiling, n) for _, compiling, n in grid}
+    own = linear - {"mm"} | moe - {"grouped", "loop"} | int8 - {"int8pack"} | {fast.attention_path("cpu", cpu)} - {
+        "sdpa"}
+    assert (own == set()) == (cpu not in fast.MEASURED_CPUS), own
+
+
+def test_an_unmeasured_cpu_class_is_named_as_running_the_portable_kernels():
+    """What generate.py's statistics line and benchmark.py check say of the CPU."""
+    import benchmark
+
+    assert fast.cpu_note("avx512") == "CPU class avx512"
+    assert fast.cpu_note("avx2") == "CPU class avx2 (never measured: the portable kernels)"
+    assert benchmark.cpu_kernels(("cpu", "avx2")).startswith(
+        "CPU class avx2 (never measured: the portable kernels) here; kernels, decode row / prefill: bf16 mm / mm, "
+        "int8 int8pack / int8pack, ")
+    assert "bf16 gemv / mm, int8 reduction / cast" in benchmark.cpu_kernels(("cpu", "avx512"))

@@ -85,11 +85,13 @@ def test_compiling_goes_on_past_dynamo_recompile_limit(tmp_path, tokenizer_json)
     assert counters["stats"]["unique_graphs"] == 3
 
 
-def test_compiled_decoding_is_kept_and_new_lengths_compile_nothing(tmp_path, tokenizer_json):
+def test_compiled_decoding_is_kept_and_new_lengths_compile_nothing(tmp_path, tokenizer_json, monkeypatch):
     """The compiled step lives beside the model, and the cache length is rounded up to a bucket: a later call
-    with another prompt length and max_new_tokens reuses the compiled graph."""
+    with another prompt length and max_new_tokens reuses the compiled graph (on a CPU class whose decode step is
+    one graph, simulated)."""
     from torch._dynamo.utils import counters
 
+    monkeypatch.setattr(fast, "device_facts", lambda _: ("cpu", "avx512"))
     _, path = gen_checkpoint(tmp_path, tokenizer_json)
     model = fast.apply(olmoe.load_model(path))  # one graph per step, as generate.py runs it
     gen.generate(model, [[3, 1, 4, 1, 5]], 10, compile=True)
@@ -606,7 +608,8 @@ def test_cli_streams_one_prompts_text_and_holds_back_half_characters(sharp_check
 
 def test_cli_statistics_line_reports_the_runs_numbers(sharp_checkpoint, capsys, monkeypatch):
     """stderr's line from generate()'s stats: 2 prompts decoding 40 tokens in 2 s are 20 tok/s and 10 steps/s;
-    500 MB a step at 10 steps/s is 5 GB/s. With one new token there is no decode rate (and no division by 0)."""
+    500 MB a step at 10 steps/s is 5 GB/s; and the CPU's class. With one new token there is no decode rate (and no
+    division by 0)."""
     def fake(model, prompts, n, stats, **_):
         stats.update(prefill_s=0.25, prefill_tokens=6, decode_s=2.0 if n > 1 else 0.0,
                      decode_tokens=40 if n > 1 else 0, step_bytes=5e8)
@@ -614,8 +617,10 @@ def test_cli_statistics_line_reports_the_runs_numbers(sharp_checkpoint, capsys, 
 
     monkeypatch.setattr(gen, "generate", fake)
     monkeypatch.setattr(measure, "peak_memory", lambda device: 1.5e9)
+    monkeypatch.setattr(fast, "device_facts", lambda device: ("cpu", "avx2"))  # fast.cpu_class of a laptop
     err = cli(capsys, sharp_checkpoint, prompts=["the", "fox"]).err
-    assert err == "prefill 6 tokens in 250 ms | decode 20.0 tok/s | 5.0 GB/s | peak memory 1.50 GB (process RSS)\n"
+    assert err == ("prefill 6 tokens in 250 ms | decode 20.0 tok/s | 5.0 GB/s | peak memory 1.50 GB (process RSS) | "
+                   "CPU class avx2 (never measured: the portable kernels)\n")
     err = cli(capsys, sharp_checkpoint, prompts=["the", "fox"], max_new_tokens=1).err
     assert err.startswith("prefill 6 tokens in 250 ms | decode 0.0 tok/s | 0.0 GB/s |")
 

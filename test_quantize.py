@@ -77,8 +77,8 @@ def test_clip_search_never_rounds_a_group_worse_than_absmax():
 
 
 @pytest.mark.parametrize("facts, dtype, int8, int4", [
-    (("cpu", None), torch.bfloat16, "int8pack", "int4pack-cpu"),
-    (("cpu", None), torch.float32, "int8pack", "int4pack-cpu"),
+    (("cpu", "avx512"), torch.bfloat16, "int8pack", "int4pack-cpu"),
+    (("cpu", "avx512"), torch.float32, "int8pack", "int4pack-cpu"),
     (("cuda", (7, 5)), torch.bfloat16, "int8-linear", "dequant"),  # tinygemm needs Ampere's bf16 MMA
     (("cuda", (8, 0)), torch.bfloat16, "int8-linear", "tinygemm"),
     (("cuda", (9, 0)), torch.bfloat16, "int8-linear", "tinygemm"),
@@ -91,7 +91,7 @@ def test_kernel_choice_per_device(facts, dtype, int8, int4):
     assert quantize.choose_kernel(4, *facts, dtype, 2048, 2048, 128) == int4
 
 
-@pytest.mark.parametrize("facts", [("cpu", None), ("cuda", (8, 0)), ("mps", None)])
+@pytest.mark.parametrize("facts", [("cpu", "avx512"), ("cpu", "avx2"), ("cuda", (8, 0)), ("mps", None)])
 def test_kernel_choice_respects_the_kernels_shape_limits(facts):
     dtype = torch.bfloat16
     assert quantize.choose_kernel(4, *facts, dtype, 2048, 2048, 48) == "dequant"  # group size not in {32..256}
@@ -259,7 +259,7 @@ def test_clip_search_in_the_loader_rounds_every_group_no_worse_and_clips_some(mo
 
 @pytest.mark.parametrize("kind", ["int8", "int4"])
 @pytest.mark.parametrize("rows", [1, 2, 5])
-@pytest.mark.parametrize("cpu", [None, "amx"])
+@pytest.mark.parametrize("cpu", ["avx512", "amx"])
 def test_compiled_decoding_gives_the_same_tokens(moe_checkpoint, monkeypatch, kind, rows, cpu):
     """1 or 2 rows x K = 2 of E = 8 experts: the experts' packed weights are read inside the compiled step
     (fast.moe_pairs), one graph with no break; 5 rows: the experts loop eagerly between graphs. One row on a
@@ -280,7 +280,7 @@ def test_compiled_decoding_gives_the_same_tokens(moe_checkpoint, monkeypatch, ki
 def test_int8pack_mm_at_one_compiled_row_is_the_packed_kernels_product(monkeypatch):
     """The reduction a compiled step on a CPU without AMX takes for one row, against _weight_int8pack_mm itself,
     in bf16."""
-    monkeypatch.setattr(fast, "device_facts", lambda _: ("cpu", None))
+    monkeypatch.setattr(fast, "device_facts", lambda _: ("cpu", "avx512"))
     torch.manual_seed(0)
     q, scale = quantize.quantize(torch.randn(96, 256), 8, scale_dtype=torch.bfloat16)
     x = torch.randn(1, 256, dtype=torch.bfloat16)
@@ -291,8 +291,10 @@ def test_int8pack_mm_at_one_compiled_row_is_the_packed_kernels_product(monkeypat
 
 
 def test_int8pack_mm_casts_the_weight_from_16_rows_on(monkeypatch):
-    """From INT8_CAST_ROWS rows on, a CPU casts the weight and calls F.linear instead of _weight_int8pack_mm (which
-    is made to fail here), with the packed kernel's product; below, it calls the kernel."""
+    """From INT8_CAST_ROWS rows on, a CPU of a measured class casts the weight and calls F.linear instead of
+    _weight_int8pack_mm (which is made to fail here), with the packed kernel's product; below, it calls the
+    kernel."""
+    monkeypatch.setattr(fast, "device_facts", lambda _: ("cpu", "amx"))
     torch.manual_seed(0)
     q, scale = quantize.quantize(torch.randn(96, 256), 8, scale_dtype=torch.bfloat16)
     x = torch.randn(quantize.INT8_CAST_ROWS, 256, dtype=torch.bfloat16)
@@ -528,9 +530,9 @@ def test_w8a8_keeps_7_bit_activations_exactly_where_the_cpu_lacks_vnni(vnni, red
 
 
 @pytest.mark.parametrize("facts, fbgemm, kernel", [
-    (("cpu", None), True, "w8a8-fbgemm"),  # x86 without AMX: AMD EPYC, Intel client
+    (("cpu", "avx512"), True, "w8a8-fbgemm"),  # x86 without AMX: AMD EPYC, Intel client
     (("cpu", "amx"), True, "w8a8-fbgemm"),  # Intel Xeon with AMX
-    (("cpu", None), False, "int8pack"),  # an ARM CPU (Apple silicon): no fbgemm, weight-only int8
+    (("cpu", "other"), False, "int8pack"),  # an ARM CPU (Apple silicon): no fbgemm, weight-only int8
     (("cuda", (9, 0)), True, "int8-linear"),
     (("mps", None), False, "int8pack"),
 ])
@@ -574,12 +576,15 @@ def test_int8_dynamic_model_stays_close_and_drops_fbgemms_weights_with_itself(mo
 
 
 @pytest.mark.parametrize("rows", [1, 5])
-def test_int8_dynamic_compiled_decoding_gives_the_same_tokens_without_a_graph_break(moe_checkpoint, rows):
+def test_int8_dynamic_compiled_decoding_gives_the_same_tokens_without_a_graph_break(moe_checkpoint, monkeypatch,
+                                                                                     rows):
     """fbgemm's packed weights cannot enter a graph; w8a8_mm, a custom op, takes their handle instead. One row: the
-    experts' products too, inside the graph (fast.moe_pairs); 5 rows: the experts loop eagerly, as for int8."""
+    experts' products too, inside the graph (fast.moe_pairs, on a measured CPU class, simulated); 5 rows: the
+    experts loop eagerly, as for int8."""
     import generate
     from torch._dynamo.utils import counters
 
+    monkeypatch.setattr(fast, "device_facts", lambda _: ("cpu", "avx512"))
     model = fast.apply(quantize.load_model(moe_checkpoint, "int8-dynamic"))
     prompts = [[1, 2, 3], [4, 5], [6], [7, 8, 9, 10], [11, 12]][:rows]
     torch._dynamo.reset()
