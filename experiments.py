@@ -316,9 +316,8 @@ def plan(experiments, schedule, out):
         rates[v], tried = best_rate(out, v, schedule)
         for lr in tried:
             add_run(runs, out, v, budget=schedule["sweep"], lr=lr, seed=0, schedule=schedule, rates=rates)
-    map_first = EXPERIMENTS["moe_vs_dense"].variants[0] in rates and all(rates.get(v) for v in EXPERIMENTS[
-        "moe_vs_dense"].variants)
-    decisive = decisive_budget(schedule, out, rates) if map_first else None
+    map_rated = all(rates.get(v) for v in EXPERIMENTS["moe_vs_dense"].variants)  # the map needs both arms' rates
+    decisive = decisive_budget(schedule, out, rates) if map_rated else None
     for ex in experiments.values():
         budgets = schedule["budgets"] if ex.every_budget else [decisive] if decisive else []
         if any(rates[v] is None for v in ex.variants):
