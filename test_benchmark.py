@@ -3,8 +3,8 @@ tiny models, through benchmark.main. Each measures time, so what a test can hold
 requested configuration, each ratio and fraction the one its own numbers give, each bound the formula's, and each
 accuracy figure the one computed here from its definition. The measured ceilings (a 256 MB copy, a 1024^3 matmul)
 are replaced by fixed numbers, and torch.compile by the eager function, which takes seconds a test cannot spend
-(the compiled paths are tested in test_generate.py and test_quantize.py); llama.cpp, which needs a build, is
-replaced by scripts that keep its command line's contract."""
+(the compiled paths are tested in test_generate.py and test_quantize.py); llama.cpp, which needs a build, gives
+given rates (llama_cpp.py has its own tests)."""
 
 import re
 import subprocess
@@ -18,6 +18,7 @@ import benchmark
 import evaluate
 import fast
 import generate
+import llama_cpp
 import olmoe
 import quantize
 from conftest import gen_checkpoint
@@ -229,8 +230,8 @@ def test_cpu_table_takes_each_sides_better_run_and_their_ratios(tiny, monkeypatc
     runs = [[2e9, 1e9, 3.5e9, 30.0, 10.0, 40.0, 200.0], [2e9, 1e9, 3.0e9, 5.0, 12.0, 38.0, 210.0]]
     calls, benches = [], iter([(11.0, 300.0, False), (15.0, 250.0, True)] * 4)  # before and after, each kind
     monkeypatch.setattr(subprocess, "run", fake_cpu_run(runs, calls))
-    monkeypatch.setattr(benchmark, "gguf_files", lambda root, path, kinds: {k: path / f"{k}.gguf" for k in kinds})
-    monkeypatch.setattr(benchmark, "llama_bench", lambda root, gguf, steps, prompt_len: next(benches))
+    monkeypatch.setattr(llama_cpp, "gguf_files", lambda root, path, kinds: {k: path / f"{k}.gguf" for k in kinds})
+    monkeypatch.setattr(llama_cpp, "bench", lambda root, gguf, steps, prompt_len: next(benches))
     benchmark.main(["cpu", str(tmp_path), "--layers", "1", "--threads", "1"] +
                    (["--llama-cpp", str(tmp_path / "llama.cpp")] if llama else []))
     out = capsys.readouterr().out
@@ -260,65 +261,14 @@ def test_cpu_measures_only_the_kinds_asked_for(monkeypatch, tmp_path, capsys):
     (tmp_path / "olmoe-1-layers" / "config.json").write_text("{}")
     calls, asked, benched = [], [], []
     monkeypatch.setattr(subprocess, "run", fake_cpu_run([[2e9, 1e9, 3e9, 5.0, 10.0, 40.0, 200.0]], calls))
-    monkeypatch.setattr(benchmark, "gguf_files", lambda root, path, kinds: asked.append(kinds) or
+    monkeypatch.setattr(llama_cpp, "gguf_files", lambda root, path, kinds: asked.append(kinds) or
                         {k: path / f"{k}.gguf" for k in kinds})
-    monkeypatch.setattr(benchmark, "llama_bench", lambda root, gguf, *_: benched.append(gguf.name) or (9.0, 90.0, 0))
+    monkeypatch.setattr(llama_cpp, "bench", lambda root, gguf, *_: benched.append(gguf.name) or (9.0, 90.0, 0))
     benchmark.main(["cpu", str(tmp_path), "--layers", "1", "--threads", "1", "--kinds", "int8-dynamic", "int8",
                     "--llama-cpp", str(tmp_path)])
     assert [r[1] for r in rows_of(capsys.readouterr().out)] == ["int8-dynamic / Q8_0", "int8 / Q8_0"]
     assert [cmd[-1] for cmd, _ in calls] == ["int8-dynamic"] * 2 + ["int8"] * 2
     assert asked == [["int8-dynamic", "int8"]] and benched == ["int8-dynamic.gguf"] * 2 + ["int8.gguf"] * 2
-
-
-def fake_llama_cpp(root, crash_prefill=False):
-    """A llama.cpp tree as gguf_files and llama_bench use it: convert_hf_to_gguf.py and llama-quantize write their
-    output file (its content the type), llama-bench prints its JSON (tg 12.5, pp 99 tok/s) and logs its arguments;
-    with crash_prefill, a prefill without --repack 0 dies by SIGSEGV, as the AMX kernel did by SIGILL."""
-    bin = root / "build" / "bin"
-    bin.mkdir(parents=True)
-    (root / "convert_hf_to_gguf.py").write_text(
-        "import sys; a = sys.argv; open(a[a.index('--outfile') + 1], 'w').write(a[a.index('--outtype') + 1])\n")
-    scripts = {"llama-quantize": 'echo "$3" > "$2"; echo quantize >> "$(dirname "$0")/log"',
-               "llama-bench": f'echo "$@" >> "$(dirname "$0")/log"\n'
-                              f'case "$*" in *"-n 0"*) ;; *) echo \'[{{"avg_ts": 12.5}}]\'; exit 0;; esac\n'
-                              f'case "$*" in *"--repack 0"*) ;; *) [ {int(crash_prefill)} = 1 ] && kill -SEGV $$;; '
-                              f'esac\necho \'[{{"avg_ts": 99.0}}]\''}
-    for name, body in scripts.items():
-        (bin / name).write_text("#!/bin/bash\n" + body + "\n")
-        (bin / name).chmod(0o755)
-    return bin / "log"
-
-
-@pytest.mark.parametrize("crash_prefill", [False, True])
-def test_llama_bench_reads_its_json_and_retries_a_crashed_prefill_with_plain_layouts(tmp_path, crash_prefill):
-    log = fake_llama_cpp(tmp_path, crash_prefill)
-    threads = torch.get_num_threads()
-    assert benchmark.llama_bench(tmp_path, tmp_path / "m.gguf", 32, 512) == (12.5, 99.0, crash_prefill)
-    calls = log.read_text().splitlines()
-    assert calls[0].endswith("-p 0 -n 32") and calls[1].endswith("-p 512 -n 0")
-    assert all(c.startswith(f"-m {tmp_path / 'm.gguf'} -t {threads} -r 3 -o json") for c in calls)
-    assert calls[2:] == ([calls[1] + " --repack 0"] if crash_prefill else [])
-
-
-def test_gguf_files_converts_once_and_quantizes_to_q8_0_and_q4_0(tmp_path):
-    log = fake_llama_cpp(tmp_path / "llama.cpp")
-    checkpoint = tmp_path / "ckpt"
-    checkpoint.mkdir()
-    (checkpoint / "tokenizer.json").write_text("{}")
-    gguf = benchmark.gguf_files(tmp_path / "llama.cpp", checkpoint)
-    assert {k: (p.name, p.read_text().strip()) for k, p in gguf.items()} == {
-        "bf16": ("ckpt-BF16.gguf", "bf16"), "int8": ("ckpt-Q8_0.gguf", "Q8_0"), "int8-dynamic": ("ckpt-Q8_0.gguf", "Q8_0"),
-        "int4": ("ckpt-Q4_0.gguf", "Q4_0")}
-    assert benchmark.gguf_files(tmp_path / "llama.cpp", checkpoint) == gguf
-    assert log.read_text().split() == ["quantize", "quantize"]  # written once, found the second time
-    other = tmp_path / "other"
-    other.mkdir()
-    (other / "tokenizer.json").write_text("{}")
-    assert benchmark.gguf_files(tmp_path / "llama.cpp", other, ["int8-dynamic"]) == {
-        "int8-dynamic": other.parent / "other-Q8_0.gguf"}  # the BF16 it was quantized from is written, not returned
-    assert (other.parent / "other-BF16.gguf").is_file() and log.read_text().split() == ["quantize"] * 3
-    with pytest.raises(SystemExit, match="expected a llama.cpp source tree with build/bin/llama-bench"):
-        benchmark.gguf_files(tmp_path, checkpoint)
 
 
 # --------------------------------------------------------------------------------------------------------------
