@@ -210,13 +210,22 @@ def decided(better, worse, noise):
 
 
 def final_loss(run: Path, steps):
-    """A run's validation loss (the mean over the domains) at the end of its schedule, and its training seconds.
+    """A run's validation loss (the mean over the domains) at the end of its schedule, and its training seconds
+    (step_seconds per step).
     Its last evaluation must be its last step: a run read before its end would be compared mid-schedule."""
-    last = runlog.records(run)[-1]
-    if last["step"] != steps:
-        raise ValueError(f"{run}: its last evaluation is at step {last['step']} of {steps}: comparing it now would "
-                         "compare it mid-schedule")
-    return sum(last["val"].values()) / len(last["val"]), last.get("train_s", 0.0)
+    records = runlog.records(run)
+    if records[-1]["step"] != steps:
+        raise ValueError(f"{run}: its last evaluation is at step {records[-1]['step']} of {steps}: comparing it now "
+                         "would compare it mid-schedule")
+    return sum(records[-1]["val"].values()) / len(records[-1]["val"]), steps * step_seconds(records)
+
+
+def step_seconds(records):
+    """A run's seconds per optimizer step: the median over its intervals between evaluations, so that a moment when
+    the machine was busy with something else (or the run was paused) moves no figure."""
+    rates = sorted((b["train_s"] - a["train_s"]) / (b["step"] - a["step"]) for a, b in zip(records, records[1:])
+                   if b["step"] > a["step"] and "train_s" in a and "train_s" in b)
+    return rates[len(rates) // 2] if rates else 0.0
 
 
 def tokens_to_reach(points, loss):
@@ -397,7 +406,8 @@ def curve(run: Path, v: Variant):
     """(tokens, mean validation loss over the domains, training seconds) at each evaluation of a run; a run that
     continues another (Variant.start: train.py's --init names it) after that run's curve, its tokens and seconds
     added to the other's last."""
-    points = [(r["tokens"], sum(r["val"].values()) / len(r["val"]), r.get("train_s", 0.0)) for r in runlog.records(run)]
+    records = runlog.records(run)
+    points = [(r["tokens"], sum(r["val"].values()) / len(r["val"]), r["step"] * step_seconds(records)) for r in records]
     if not v.start:
         return points
     state = json.loads(next(run.glob("step-*/trainer_state.json")).read_text())

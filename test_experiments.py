@@ -70,6 +70,19 @@ def test_a_run_read_before_the_end_of_its_schedule_is_refused(tmp_path):
         experiments.final_loss(tmp_path / "run", 600)
 
 
+def test_a_runs_seconds_are_its_median_step_time_so_a_pause_moves_nothing(tmp_path):
+    """A run paused (or slowed by something else) during one interval between evaluations: its seconds, at its end
+    and along its curve, are its steps times the median interval's seconds per step, not the clock's total."""
+    fake_run(tmp_path / "run", 300, 5.0, seconds=90.0)  # evaluations at steps 0, 150, 300: 0.3 s per step
+    records = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    records.insert(2, dict(records[1], step=200, tokens=200 * 2048, train_s=45.0 + 50 * 0.3 + 600))  # a 10-min pause
+    records[3]["train_s"] += 600
+    (tmp_path / "run" / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert experiments.final_loss(tmp_path / "run", 300)[1] == pytest.approx(90.0)
+    assert [s for _, _, s in experiments.curve(tmp_path / "run", experiments.BASELINE)] == pytest.approx(
+        [0.0, 45.0, 60.0, 90.0])
+
+
 def test_tokens_to_reach_interpolates_in_log_tokens():
     points = [(100, 6.0), (1000, 5.0), (10000, 4.5)]
     assert experiments.tokens_to_reach(points, 5.5) == pytest.approx(math.sqrt(100 * 1000))  # halfway in log
