@@ -186,7 +186,7 @@ def cpu_kernels(facts):
     """One line: the CPU's class (fast.cpu_class), whether its rules were measured, and the kernel each precision's
     linear layers take for a compiled decode row and for a 512-token prefill, on OLMoE-1B-7B's 2048 x 2048 shape."""
     kernels = {"bf16": [fast.linear_path(*facts, torch.bfloat16, True, n) for n in (1, 512)],
-               "int8": [quantize.int8_path(*facts, True, n) for n in (1, 512)],
+               "int8": [quantize.int8_path(*facts, True, n, 2048) for n in (1, 512)],
                "int8-dynamic": [quantize.choose_kernel(8, *facts, torch.bfloat16, 2048, 2048, 128, dynamic=True)] * 2,
                "int4": [quantize.choose_kernel(4, *facts, torch.bfloat16, 2048, 2048, 128)] * 2}
     return (f"{fast.cpu_note(facts[1])} here; kernels, decode row / prefill: " +
@@ -199,8 +199,7 @@ def check(device, steps=32):
     dtype, sync = native_dtype_of(device), measure.synchronizer(device)
     print(f"# self-check on {devices.device_name(device)}, torch {torch.__version__}")
     results = check_paths(device)
-    for what, ok, detail in results:
-        print(f"{'ok  ' if ok else 'FAIL'} {what}: {detail}")
+    print_results(results)
     facts = fast.device_facts(device)
     print("MoE path here: " + ", ".join(f"{N} tokens {'compiled' if c else 'eager'} -> "
                                         f"{fast.moe_path(*facts, dtype, c, N, 8, 64)}"
@@ -229,9 +228,33 @@ def check(device, steps=32):
         seconds = measure.timed(lambda: model(ids, last_only=True), sync)
     fraction = prefill_flops(model, T) / seconds / flops
     print(f"| prefill, {T} tokens | {T / seconds:.0f} | matmul peak | {fraction:.0%} |")
+    if device.type == "cpu":
+        speed = quantized_speed_check()
+        print_results(speed)
+        results += speed
     failed = [what for what, ok, _ in results if not ok]
     print(f"\n{len(results) - len(failed)} passed, {len(failed)} failed")
     return not failed
+
+
+def print_results(results):
+    for what, ok, detail in results:
+        print(f"{'ok  ' if ok else 'FAIL'} {what}: {detail}")
+
+
+def quantized_speed_check():
+    """The speed half of --check on a CPU: each quantized precision, compiled, must decode at batch 1 at least as
+    fast as bf16 compiled on this machine (quantized() on a random 2-layer checkpoint of OLMoE-1B-7B's shape, written
+    to a temporary folder, 2 GB); returns a (what, ok, detail) per precision."""
+    import tempfile
+
+    print()
+    with tempfile.TemporaryDirectory() as tmp:
+        rates = quantized(Path(tmp), batches=(1,), steps=32, transformers=False)
+    base = rates["bf16 compiled", 1]
+    return [(f"{kind} compiled decodes at least as fast as bf16 compiled, batch 1", rate >= base,
+             f"{rate / base:.2f}x bf16") for kind in ("int8", "int8-dynamic", "int4")
+            for rate in [rates[f"{kind} compiled", 1]]]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -330,11 +353,12 @@ def training_step(config, device, dtype, *, batch=16, seq_len=128, repeat=7, ref
 # Quantized decoding: speed of bf16 / int8 / int4 in one run, on a random checkpoint of OLMoE's layer shape
 
 
-def quantized(path: Path, batches=(1, 8), steps=48, repeat=3, group_size=128, reference=False):
+def quantized(path: Path, batches=(1, 8), steps=48, repeat=3, group_size=128, reference=False, transformers=True):
     """Decode tokens/s of the same random bf16 checkpoint loaded as bf16, int8 and int4, eager and compiled,
-    through generate.generate, and by transformers in bf16 when it is installed. All the models stay loaded and
-    take turns, so slow moments of a shared machine fall on all of them alike; each figure is the median of
-    `repeat` runs after one warm-up (which compiles). Beside llama.cpp, with memory and start-up: cpu()."""
+    through generate.generate, and by transformers in bf16 when it is installed (and asked for). All the models
+    stay loaded and take turns, so slow moments of a shared machine fall on all of them alike; each figure is the
+    median of `repeat` runs after one warm-up (which compiles). Prints the table and returns {(row, batch): tok/s}.
+    Beside llama.cpp, with memory and start-up: cpu()."""
     load_before = os.getloadavg()[0]
     if not (path / "config.json").is_file():
         write_random_checkpoint(olmoe_with_layers(2), path)
@@ -354,11 +378,11 @@ def quantized(path: Path, batches=(1, 8), steps=48, repeat=3, group_size=128, re
     rates_of = {f"{kind}{suffix}": ours(model, compile) for kind, model in models.items()
                 for suffix, compile in (("", False), (" compiled", True))}
     try:  # the reference, when installed: transformers' own model of the same checkpoint, eager, bf16
-        import transformers
+        import transformers as hf_library
     except ImportError:
-        transformers = None
-    if transformers is not None:
-        hf = transformers.OlmoeForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
+        hf_library = None
+    if transformers and hf_library is not None:
+        hf = hf_library.OlmoeForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
 
         def hf_rate(prompts):  # new tokens after the first, over the time they took: as generate's stats count
             ids = torch.tensor(prompts)
@@ -387,6 +411,7 @@ def quantized(path: Path, batches=(1, 8), steps=48, repeat=3, group_size=128, re
         base = "bf16 compiled" if kind.endswith("compiled") else "bf16"
         cells = [f"{rates[kind, B]:.1f} | {rates[kind, B] / rates[base, B]:.2f}x" for B in batches]
         print(f"| {kind} | " + " | ".join(cells) + " |")
+    return rates
 
 
 def olmoe_with_layers(n):

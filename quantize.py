@@ -123,7 +123,8 @@ def int8pack_mm(x, w, scale, G):
     """x (n, in) times int8 w (out, in) with one scale per output (int8_path): torch._weight_int8pack_mm, except
     on a CPU of a measured class from INT8_CAST_ROWS rows on (below), and for one row in a compiled step on an
     avx512 CPU (batch-1 decoding, by fast.linear_path's rule), where it is a multiply-and-sum that inductor turns
-    into one vectorized reduction, over activations made float32 and stored first (fast.stored). In float32,
+    into one vectorized reduction, over activations made float32 and stored first (fast.stored); on avx2, the same
+    over int32 words (int8_words). In float32,
     inductor's loop takes 16 lanes and loads 16 int8 weights in one 128-bit load; with bf16 activations in the loop
     it takes 32 lanes (select_tiling in torch/_inductor/codegen/cpp.py) and loads int8 half a vector at a time
     through a masked load (Vectorized<int8_t>::loadu with a count, aten/src/ATen/cpu/vec/vec512/vec512_int.h), at
@@ -131,7 +132,9 @@ def int8pack_mm(x, w, scale, G):
     _weight_int8pack_mm converts each weight to float and scales it before its multiply-add
     (aten/src/ATen/native/cpu/int8mm_kernel.cpp); the reduction scales each output once. It decoded faster than
     _weight_int8pack_mm on avx512, and slower on amx (docs/performance.md#which-kernel-runs-where)."""
-    path = int8_path(*fast.device_facts(x.device), torch.compiler.is_compiling(), x.shape[0])
+    path = int8_path(*fast.device_facts(x.device), torch.compiler.is_compiling(), x.shape[0], w.shape[-1])
+    if path == "words":
+        return int8_words(x, w, scale)
     if path == "reduction":
         return ((fast.stored(x.float())[:, None, :] * w.float()).sum(-1) * scale.float()).to(x.dtype)  # (1, out)
     if path == "cast":
@@ -139,14 +142,31 @@ def int8pack_mm(x, w, scale, G):
     return torch._weight_int8pack_mm(x, w, scale)
 
 
-def int8_path(device_type, capability, compiling, rows):
-    """int8pack_mm's product for `rows` rows on this device: "reduction" (one row, compiled, an avx512 CPU),
-    "cast" (INT8_CAST_ROWS rows or more, a CPU of a measured class) or "int8pack", the portable one."""
+def int8_path(device_type, capability, compiling, rows, in_features):
+    """int8pack_mm's product for `rows` rows on this device: "reduction" (one row, compiled, an avx512 CPU), "words"
+    (the same on an avx2 CPU), "cast" (INT8_CAST_ROWS rows or more, a CPU of a measured class) or "int8pack", the
+    portable one."""
     if device_type != "cpu" or capability not in fast.MEASURED_CPUS:
         return "int8pack"
     if rows == 1 and compiling and capability == "avx512":
         return "reduction"
+    if rows == 1 and compiling and capability == "avx2" and in_features % 4 == 0:
+        return "words"
     return "cast" if rows >= INT8_CAST_ROWS else "int8pack"
+
+
+def int8_words(x, w, scale):
+    """int8pack_mm's one compiled row on an avx2 CPU: the reduction above, reading the weights four to an int32.
+    There, inductor's loop over float32 activations takes 8 lanes, and its load of 8 int8 weights
+    (Vectorized<int8_t>::loadu(ptr, 8), aten/src/ATen/cpu/vec/vec256/vec256_int.h) goes through a buffer on the
+    stack, since only the 512-bit header has a fast path for a part of a vector: the reduction read 1.7 GB/s of
+    weights where _weight_int8pack_mm read 10-11. Read as int32, every load is a whole vector of 32 weights; byte j
+    of each word is sign-extended by two shifts and meets activation 4i+j, so the activations are laid out as
+    four planes (4, in/4) first. Little-endian: byte j of a word is the weight at 4i+j (docs/performance.md)."""
+    w32 = w.view(torch.int32)  # (out, in/4)
+    planes = fast.stored(x.float().view(-1, 4).T.contiguous())  # (4, in/4): x[4i + j] at [j, i]
+    t = [((w32 << (24 - 8 * j)) >> 24).float() * planes[j] for j in range(4)]
+    return ((((t[0] + t[1]) + (t[2] + t[3])).sum(-1) * scale.float()).to(x.dtype))[None]  # (1, out)
 
 
 # From this many rows on, on a CPU of a measured class, int8pack_mm casts the weight and calls F.linear: the CPU

@@ -194,6 +194,19 @@ def test_quantized_prints_each_precision_at_each_batch_against_bf16(tiny, quant_
     assert rows[0][2] == rows[0][4] == "1.00x"
 
 
+def test_the_cpu_check_fails_where_a_quantized_precision_decodes_slower_than_bf16(monkeypatch):
+    """check's speed rows on a CPU: quantized() gives int4 compiled below bf16 compiled, so its row fails; the
+    others pass, each with its ratio."""
+    rates = {("bf16 compiled", 1): 50.0, ("int8 compiled", 1): 65.0, ("int8-dynamic compiled", 1): 50.0,
+             ("int4 compiled", 1): 48.0}
+    asked = []
+    monkeypatch.setattr(benchmark, "quantized", lambda path, **kw: asked.append(kw) or rates)
+    results = benchmark.quantized_speed_check()
+    assert asked == [dict(batches=(1,), steps=32, transformers=False)]
+    assert [(what.split()[0], ok, detail) for what, ok, detail in results] == [
+        ("int8", True, "1.30x bf16"), ("int8-dynamic", True, "1.00x bf16"), ("int4", False, "0.96x bf16")]
+
+
 @pytest.mark.parametrize("kind", ["bf16", "int8"])
 def test_cpu_one_prints_the_weights_bytes_memory_and_rates_of_one_process(tiny, quant_checkpoint, kind, capsys):
     """The body of each fresh process of `cpu`: weight bytes are the checkpoint's (bf16), or for int8 a byte per

@@ -154,14 +154,15 @@ def test_mixed_precision_training_takes_the_autocast_dtypes_path(device, monkeyp
 # Linear layers and decoding, compiled, on simulated CPUs and GPUs
 
 
-@pytest.mark.parametrize("device", [("cpu", "avx512"), ("cpu", "amx"), ("cpu", "avx2"), ("cuda", (8, 0))])
+@pytest.mark.parametrize("device", [("cpu", "avx512"), ("cpu", "amx"), ("cpu", "avx2"), ("cpu", "other"),
+                                    ("cuda", (8, 0))])
 @pytest.mark.parametrize("prompts", [[[3, 1, 4, 1, 5], [9, 2]], [[3, 1, 4], [1, 5], [9], [2, 6], [5, 3]]])
 def test_compiled_decode_step_gives_the_same_tokens(tmp_path, tokenizer_json, monkeypatch, device, prompts):
     """torch.compile of the decode step (CUDA graphs on a GPU) is a fast path of the same function. With 2 rows
     of K = 2 of E = 8 experts the compiled step multiplies each pair by its expert (pairs on a CPU, gathered on a
     GPU); with 5 rows a CPU loops over the experts (a graph break), and an A100 computes them all (dense). Only the
-    CPU's loop breaks the graph, which an avx2 CPU, never measured, takes at 2 rows too (the portable path, in
-    float32). Every device is simulated, this CPU too."""
+    CPU's loop breaks the graph, which a CPU of a class never measured ("other": ARM) takes at 2 rows too (the
+    portable path, in float32). Every device is simulated, this CPU too."""
     from torch._dynamo.utils import counters
 
     monkeypatch.setattr(fast, "device_facts", lambda _: device)
@@ -176,7 +177,7 @@ def test_compiled_decode_step_gives_the_same_tokens(tmp_path, tokenizer_json, mo
 
 @pytest.mark.parametrize("model_type", ["olmoe", "olmo2"])
 @pytest.mark.parametrize("rows", [1, 2])
-@pytest.mark.parametrize("cpu", ["avx512", "amx"])
+@pytest.mark.parametrize("cpu", ["avx512", "avx2", "amx"])
 def test_compiled_bf16_decode_step_computes_eager_logits(tmp_path, tokenizer_json, monkeypatch, model_type, rows, cpu):
     """bf16, compiled against eager, both fed the same tokens (the sampler is replaced): each step's logits within
     bf16's rounding. One row on a CPU without AMX takes fast.linear_path's "gemv" in every linear layer; with AMX
@@ -254,16 +255,16 @@ def test_a_cpus_class_is_atens_vector_level_and_amx(capability, amx, expected):
     assert fast.cpu_class(capability, amx) == expected
 
 
-@pytest.mark.parametrize("cpu", ["avx2", "other", "amx", "avx512"])
+@pytest.mark.parametrize("cpu", ["other", "avx2", "amx", "avx512"])
 def test_a_cpu_class_never_measured_takes_only_the_portable_choices(cpu):
-    """On avx2 and other CPUs every choice is olmoe.py's own (F.linear, SDPA, the grouped or looped MoE dispatch,
+    """On an "other" CPU (ARM, older x86) every choice is olmoe.py's own (F.linear, SDPA, the grouped or looped MoE dispatch,
     _weight_int8pack_mm); each measured class has at least one rule of its own, so that this test can fail."""
     import quantize
 
     grid = [(dtype, compiling, n) for dtype in (BF16, F32) for compiling in (False, True) for n in (1, 2, 7, 16, 64)]
     linear = {fast.linear_path("cpu", cpu, dtype, compiling, n) for dtype, compiling, n in grid}
     moe = {fast.moe_path("cpu", cpu, dtype, compiling, n, 8, 64) for dtype, compiling, n in grid}
-    int8 = {quantize.int8_path("cpu", cpu, compiling, n) for _, compiling, n in grid}
+    int8 = {quantize.int8_path("cpu", cpu, compiling, n, 2048) for _, compiling, n in grid}
     own = linear - {"mm"} | moe - {"grouped", "loop"} | int8 - {"int8pack"} | {fast.attention_path("cpu", cpu)} - {
         "sdpa"}
     assert (own == set()) == (cpu not in fast.MEASURED_CPUS), own
@@ -274,8 +275,9 @@ def test_an_unmeasured_cpu_class_is_named_as_running_the_portable_kernels():
     import benchmark
 
     assert fast.cpu_note("avx512") == "CPU class avx512"
-    assert fast.cpu_note("avx2") == "CPU class avx2 (never measured: the portable kernels)"
-    assert benchmark.cpu_kernels(("cpu", "avx2")).startswith(
-        "CPU class avx2 (never measured: the portable kernels) here; kernels, decode row / prefill: bf16 mm / mm, "
+    assert fast.cpu_note("other") == "CPU class other (never measured: the portable kernels)"
+    assert benchmark.cpu_kernels(("cpu", "other")).startswith(
+        "CPU class other (never measured: the portable kernels) here; kernels, decode row / prefill: bf16 mm / mm, "
         "int8 int8pack / int8pack, ")
     assert "bf16 gemv / mm, int8 reduction / cast" in benchmark.cpu_kernels(("cpu", "avx512"))
+    assert "bf16 gemv / mm, int8 words / cast" in benchmark.cpu_kernels(("cpu", "avx2"))

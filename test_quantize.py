@@ -259,12 +259,12 @@ def test_clip_search_in_the_loader_rounds_every_group_no_worse_and_clips_some(mo
 
 @pytest.mark.parametrize("kind", ["int8", "int4"])
 @pytest.mark.parametrize("rows", [1, 2, 5])
-@pytest.mark.parametrize("cpu", ["avx512", "amx"])
+@pytest.mark.parametrize("cpu", ["avx512", "avx2", "amx"])
 def test_compiled_decoding_gives_the_same_tokens(moe_checkpoint, monkeypatch, kind, rows, cpu):
     """1 or 2 rows x K = 2 of E = 8 experts: the experts' packed weights are read inside the compiled step
     (fast.moe_pairs), one graph with no break; 5 rows: the experts loop eagerly between graphs. One row on a
     CPU without AMX also takes int8pack_mm's reduction in every int8 layer; with AMX (simulated), the packed
-    kernel. Greedy tokens as eager's."""
+    kernel; on avx2, its reduction over words. Greedy tokens as eager's."""
     import generate
     from torch._dynamo.utils import counters
 
@@ -277,12 +277,16 @@ def test_compiled_decoding_gives_the_same_tokens(moe_checkpoint, monkeypatch, ki
     assert (sum(counters["graph_break"].values()) == 0) == (rows < 5), dict(counters["graph_break"])
 
 
-def test_int8pack_mm_at_one_compiled_row_is_the_packed_kernels_product(monkeypatch):
-    """The reduction a compiled step on a CPU without AMX takes for one row, against _weight_int8pack_mm itself,
-    in bf16."""
-    monkeypatch.setattr(fast, "device_facts", lambda _: ("cpu", "avx512"))
+@pytest.mark.parametrize("cpu, path", [("avx512", "reduction"), ("avx2", "words")])
+def test_int8pack_mm_at_one_compiled_row_is_the_packed_kernels_product(monkeypatch, cpu, path):
+    """The reduction a compiled step on an avx512 or avx2 CPU takes for one row (over int8 weights, or over int32
+    words of four), against _weight_int8pack_mm itself, in bf16; the expert's matrix a view at an offset, as
+    fast.moe_pairs reads it."""
+    monkeypatch.setattr(fast, "device_facts", lambda _: ("cpu", cpu))
+    assert quantize.int8_path("cpu", cpu, True, 1, 256) == path
     torch.manual_seed(0)
-    q, scale = quantize.quantize(torch.randn(96, 256), 8, scale_dtype=torch.bfloat16)
+    q, scale = quantize.quantize(torch.randn(3, 96, 256), 8, scale_dtype=torch.bfloat16)
+    q, scale = q[2], scale[2]
     x = torch.randn(1, 256, dtype=torch.bfloat16)
     y = torch.compile(quantize.int8pack_mm, fullgraph=True)(x, q, scale, None)
     ref = torch._weight_int8pack_mm(x, q, scale)
