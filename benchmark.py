@@ -3,6 +3,7 @@
     python benchmark.py check                   # any device: is every path right here, and how fast?
     python benchmark.py speed --shape OLMoE-1B-7B   # decoding and prefill against transformers, same weights
     python benchmark.py quantized DIR           # decode speed of bf16 / int8 / int4 on an OLMoE-shaped checkpoint
+    python benchmark.py rows                    # one compiled decode row through each product a CPU rule picks from
     python benchmark.py cpu DIR                 # bf16 / int8 / int4 speed, memory and start-up, 2 and 16 layers,
                           [--llama-cpp LLAMA_CPP_DIR]   # ... beside llama.cpp's BF16 / Q8_0 / Q4_0
     python benchmark.py accuracy DIR            # weight and logit error of int8 / int4 on a small OLMoE
@@ -414,6 +415,46 @@ def quantized(path: Path, batches=(1, 8), steps=48, repeat=3, group_size=128, re
     return rates
 
 
+def row_products(out=2048, inp=2048, rows=1, eager=False, copies=32, repeat=5):
+    """Each product the CPU rules choose between for `rows` rows (1: a batch-1 decode step's, compiled; from
+    quantize.INT8_CAST_ROWS on, int8's weight cast and F.linear too, as a prefill's, eager), on `copies` random
+    weights of (out, inp) taken in turn, so that they come from memory, not the cache: microseconds a product, the
+    median of `repeat` turns, and the weight bytes read a second."""
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(rows, inp, dtype=torch.bfloat16, generator=g)
+    bf16 = [torch.randn(out, inp, generator=g).bfloat16() for _ in range(copies)]
+    int8 = [torch.randint(-127, 128, (out, inp), dtype=torch.int8, generator=g) for _ in range(copies)]
+    int4 = [torch._convert_weight_to_int4pack_for_cpu(torch.randint(0, 16, (out, inp), dtype=torch.int32,
+                                                                     generator=g), 1) for _ in range(copies)]
+    scale, sz = torch.rand(out, dtype=torch.bfloat16) / 100, torch.rand(inp // 128, out, 2, dtype=torch.bfloat16)
+    products = {"bf16 F.linear": (lambda w: F.linear(x, w), bf16), "bf16 gemv": (lambda w: fast.gemv(x, w), bf16),
+                "int8 _weight_int8pack_mm": (lambda w: torch._weight_int8pack_mm(x, w, scale), int8),
+                "int8 reduction over bytes": (lambda w: quantize.int8_reduction(x, w, scale), int8),
+                "int8 reduction over int32 words": (lambda w: quantize.int8_words(x, w, scale), int8),
+                "int8 cast, F.linear": (lambda w: quantize.int8_linear(x, w, scale, None), int8),
+                "int4 _weight_int4pack_mm_for_cpu": (lambda w: torch._weight_int4pack_mm_for_cpu(x, w, 128, sz), int4)}
+    one_row = {"bf16 gemv", "int8 reduction over bytes", "int8 reduction over int32 words"}
+    products = {k: v for k, v in products.items() if rows == 1 or k not in one_row}
+    if not eager:
+        products = {name: (torch.compile(f, dynamic=False), ws) for name, (f, ws) in products.items()}
+
+    def one_pass(f, ws):  # seconds a product, over one pass through the weights
+        t = time.perf_counter()
+        for w in ws:
+            f(w)
+        return (time.perf_counter() - t) / len(ws)
+
+    seconds = taking_turns({name: lambda f=f, ws=ws: one_pass(f, ws) for name, (f, ws) in products.items()}, repeat)
+    print(f"{rows} rows by ({out}, {inp}), {'eager' if eager else 'compiled'}, {copies} weights in turn; CPU class "
+          f"{fast.CPU_CLASS} ({torch.backends.cpu.get_cpu_capability()}), torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads")
+    print("| product | us | weight GB/s |\n|---|---|---|")
+    for name, s in seconds.items():
+        print(f"| {name} | {s * 1e6:.0f} | {products[name][1][0].nbytes / s / 1e9:.1f} |")
+
+
 def olmoe_with_layers(n):
     """OLMoE-1B-7B's config with n layers: every layer, the vocabulary and so every kernel as in the real one."""
     config = olmoe.PRESETS["OLMoE-1B-7B-0924"]()
@@ -630,6 +671,10 @@ def run_quantized(args):
     quantized(args.dir, args.batch, args.steps, group_size=args.group_size or 128, reference=args.reference)
 
 
+def run_rows(args):
+    row_products(*args.shape, rows=args.rows, eager=args.eager, copies=args.copies)
+
+
 def run_cpu(args):
     cpu(args.dir, llama_root=args.llama_cpp, layers=args.layers, kinds=args.kinds, reference=args.reference)
 
@@ -669,6 +714,11 @@ def parser():
     q.add_argument("dir", type=Path)
     q.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     q.add_argument("--steps", type=int, default=48, help="new tokens per decode measurement")
+    r = sub.add_parser("rows", help="a compiled decode row (or --rows N) through each product a CPU rule picks from")
+    r.add_argument("--shape", type=int, nargs=2, default=[2048, 2048], metavar=("OUT", "IN"))
+    r.add_argument("--rows", type=int, default=1, help="rows of activations (1: a decode step's)")
+    r.add_argument("--eager", action="store_true", help="not compiled (a prefill runs eager)")
+    r.add_argument("--copies", type=int, default=32, help="weights taken in turn, so that they come from memory")
     m = sub.add_parser("cpu", help="speed, peak memory and start-up at bf16 / int8 / int4 of random checkpoints of "
                                    "OLMoE-1B-7B's shape with 2 and 16 layers in DIR (written if absent: 16 GB)")
     m.add_argument("dir", type=Path)
@@ -687,10 +737,10 @@ def parser():
     b.add_argument("--text", action="append", required=True, metavar="NAME=FILE")
     b.add_argument("--context", type=int, default=None, help="tokens per window (default: the sequence length a "
                    "train.py checkpoint was trained on, else the model's context)")
-    for parser_, run in ((c, run_check), (s, run_speed), (t, run_train), (q, run_quantized), (m, run_cpu),
-                         (a, run_accuracy), (b, run_bpb)):
+    for parser_, run in ((c, run_check), (s, run_speed), (t, run_train), (q, run_quantized), (r, run_rows),
+                         (m, run_cpu), (a, run_accuracy), (b, run_bpb)):
         parser_.set_defaults(run=run)
-    for parser_ in (q, m, a, b):
+    for parser_ in (q, r, m, a, b):
         parser_.add_argument("--threads", type=int, default=2)
     for parser_ in (s, t, q, m):
         parser_.add_argument("--reference", action="store_true", help="olmoe.py's plain modules, without fast.py")

@@ -105,10 +105,15 @@ def linear(x, w):
     rows = x.numel() // x.shape[-1]
     path = linear_path(*device_facts(x.device), x.dtype, torch.compiler.is_compiling(), rows)
     if path == "gemv":
-        return (stored(x)[..., None, :].float() * w.float()).sum(-1).to(x.dtype)  # (..., out)
+        return gemv(x, w)
     if path == "mv":
         return mv(w, x.reshape(-1)).view(*x.shape[:-1], w.shape[0])
     return F.linear(x, w)
+
+
+def gemv(x, w):
+    """linear_path's gemv: x (..., in) times w (out, in) transposed as a multiply-and-sum in float32, (..., out)."""
+    return (stored(x)[..., None, :].float() * w.float()).sum(-1).to(x.dtype)
 
 
 @torch.library.custom_op("olmoe::mv", mutates_args=())

@@ -136,7 +136,7 @@ def int8pack_mm(x, w, scale, G):
     if path == "words":
         return int8_words(x, w, scale)
     if path == "reduction":
-        return ((fast.stored(x.float())[:, None, :] * w.float()).sum(-1) * scale.float()).to(x.dtype)  # (1, out)
+        return int8_reduction(x, w, scale)
     if path == "cast":
         return int8_linear(x, w, scale, G)
     return torch._weight_int8pack_mm(x, w, scale)
@@ -153,6 +153,11 @@ def int8_path(device_type, capability, compiling, rows, in_features):
     if rows == 1 and compiling and capability == "avx2" and in_features % 4 == 0:
         return "words"
     return "cast" if rows >= INT8_CAST_ROWS else "int8pack"
+
+
+def int8_reduction(x, w, scale):
+    """int8pack_mm's one compiled row on an avx512 CPU: (1, out)."""
+    return ((fast.stored(x.float())[:, None, :] * w.float()).sum(-1) * scale.float()).to(x.dtype)
 
 
 def int8_words(x, w, scale):

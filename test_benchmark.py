@@ -207,6 +207,25 @@ def test_the_cpu_check_fails_where_a_quantized_precision_decodes_slower_than_bf1
         ("int8", True, "1.30x bf16"), ("int8-dynamic", True, "1.00x bf16"), ("int4", False, "0.96x bf16")]
 
 
+def test_rows_times_each_products_row_and_its_weights_bytes_a_second(tiny, capsys):
+    """rows: a row per product a CPU rule picks from (each checked against its kernel in test_quantize.py), its GB/s
+    the bytes of one weight over its time."""
+    benchmark.main(["rows", "--shape", "32", "256", "--copies", "2", "--threads", "1"])
+    rows = rows_of(capsys.readouterr().out)
+    assert [r[0] for r in rows] == ["bf16 F.linear", "bf16 gemv", "int8 _weight_int8pack_mm",
+                                    "int8 reduction over bytes", "int8 reduction over int32 words",
+                                    "int8 cast, F.linear", "int4 _weight_int4pack_mm_for_cpu"]
+    benchmark.main(["rows", "--shape", "32", "256", "--rows", "16", "--eager", "--copies", "2", "--threads", "1"])
+    out = capsys.readouterr().out
+    assert out.startswith("16 rows by (32, 256), eager") and [r[0] for r in rows_of(out)] == [
+        "bf16 F.linear", "int8 _weight_int8pack_mm", "int8 cast, F.linear", "int4 _weight_int4pack_mm_for_cpu"]
+    rows += rows_of(out)
+    nbytes = {"bf16": 32 * 256 * 2, "int8": 32 * 256, "int4": 32 * 256 // 2}
+    for r in rows:  # us printed whole, GB/s to 0.1: slack for both roundings
+        us, exact = number(r[1]), nbytes[r[0].split()[0]] / (number(r[1]) * 1e-6) / 1e9
+        assert us > 0 and abs(number(r[2]) - exact) <= 0.05 + exact * 0.6 / us, r
+
+
 @pytest.mark.parametrize("kind", ["bf16", "int8"])
 def test_cpu_one_prints_the_weights_bytes_memory_and_rates_of_one_process(tiny, quant_checkpoint, kind, capsys):
     """The body of each fresh process of `cpu`: weight bytes are the checkpoint's (bf16), or for int8 a byte per
