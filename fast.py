@@ -92,7 +92,7 @@ def linear_path(device_type, capability, dtype, compiling, rows):
           aten/src/ATen/native/BlasKernel.cpp takes). AMX marks that class of machine: neither product uses it at
           one row.
     gemv  one row in bf16, compiled, on an avx512 or avx2 CPU: the product as a multiply-and-sum, which inductor
-          turns into one vectorized reduction (on avx2, 2.4x F.linear's speed at OLMoE's 2048 x 2048).
+          turns into one vectorized reduction (on avx2, 1.7x F.linear's speed at OLMoE's 2048 x 2048).
           quantize.int8pack_mm takes the same kind of reduction.
     mm    everything else, and every CPU class never measured: F.linear, as olmoe.py."""
     if device_type != "cpu" or dtype != torch.bfloat16 or rows != 1:
@@ -190,8 +190,8 @@ def moe_path(device_type, capability, dtype, compiling, N, K, E):
               one fused kernel, so only the chosen experts are read and nothing leaves the device.
     pairs     the same few pairs, compiled, on a CPU of a measured class: a product per pair (linear's: torch.mv
               on amx, inductor's reduction on avx512 and avx2), on its expert's weights in place. It decoded faster
-              than gathered on amx, and read the experts as fast or faster on avx512; on avx2, with gemv, bf16
-              decoded 1.8-2.1x as fast as with grouped. Other CPUs take grouped.
+              than gathered on amx, and read the experts as fast or faster on avx512; on avx2, bf16 decoded 2.3x as
+              fast with pairs and gemv as with grouped and F.linear. Other CPUs take grouped.
     dense     a GPU's many pairs, compiled, with no fused grouped kernel: every expert for every token, the
               unchosen ones weighted 0. It reads each expert once (at a decode batch of 64 nearly all are hit
               anyway) and needs no host sync, at E/K times the FLOPs: worth it up to DENSE_MAX_TOKENS tokens.

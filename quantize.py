@@ -120,18 +120,13 @@ def int8_linear(x, w, scale, G):
 
 
 def int8pack_mm(x, w, scale, G):
-    """x (n, in) times int8 w (out, in) with one scale per output (int8_path): torch._weight_int8pack_mm, except
-    on a CPU of a measured class from INT8_CAST_ROWS rows on (below), and for one row in a compiled step on an
-    avx512 CPU (batch-1 decoding, by fast.linear_path's rule), where it is a multiply-and-sum that inductor turns
-    into one vectorized reduction, over activations made float32 and stored first (fast.stored); on avx2, the same
-    over int32 words (int8_words). In float32,
-    inductor's loop takes 16 lanes and loads 16 int8 weights in one 128-bit load; with bf16 activations in the loop
-    it takes 32 lanes (select_tiling in torch/_inductor/codegen/cpp.py) and loads int8 half a vector at a time
-    through a masked load (Vectorized<int8_t>::loadu with a count, aten/src/ATen/cpu/vec/vec512/vec512_int.h), at
-    half the speed.
-    _weight_int8pack_mm converts each weight to float and scales it before its multiply-add
-    (aten/src/ATen/native/cpu/int8mm_kernel.cpp); the reduction scales each output once. It decoded faster than
-    _weight_int8pack_mm on avx512, and slower on amx (docs/performance.md#which-kernel-runs-where)."""
+    """x (n, in) times int8 w (out, in) with one scale per output, by int8_path's product: torch._weight_int8pack_mm,
+    which converts each weight to float and scales it before its multiply-add (aten/src/ATen/native/cpu/
+    int8mm_kernel.cpp); on a CPU of a measured class from INT8_CAST_ROWS rows on, the weight cast and F.linear
+    (below); for one row in a compiled step (batch-1 decoding, by fast.linear_path's rule), a multiply-and-sum that
+    inductor turns into one vectorized reduction, scaling each output once: over int8 weights on avx512
+    (int8_reduction), over int32 words on avx2 (int8_words). Those decoded faster than _weight_int8pack_mm on their
+    classes, and slower on amx (docs/performance.md#which-kernel-runs-where)."""
     path = int8_path(*fast.device_facts(x.device), torch.compiler.is_compiling(), x.shape[0], w.shape[-1])
     if path == "words":
         return int8_words(x, w, scale)
@@ -156,7 +151,11 @@ def int8_path(device_type, capability, compiling, rows, in_features):
 
 
 def int8_reduction(x, w, scale):
-    """int8pack_mm's one compiled row on an avx512 CPU: (1, out)."""
+    """int8pack_mm's one compiled row on an avx512 CPU, (1, out), over activations made float32 and stored first
+    (fast.stored): in float32, inductor's loop takes 16 lanes and loads 16 int8 weights in one 128-bit load; with
+    bf16 activations it would take 32 lanes (select_tiling in torch/_inductor/codegen/cpp.py) and load int8 half a
+    vector at a time through a masked load (Vectorized<int8_t>::loadu with a count, aten/src/ATen/cpu/vec/vec512/
+    vec512_int.h), at half the speed."""
     return ((fast.stored(x.float())[:, None, :] * w.float()).sum(-1) * scale.float()).to(x.dtype)
 
 
@@ -165,9 +164,9 @@ def int8_words(x, w, scale):
     There, inductor's loop over float32 activations takes 8 lanes, and its load of 8 int8 weights
     (Vectorized<int8_t>::loadu(ptr, 8), aten/src/ATen/cpu/vec/vec256/vec256_int.h) goes through a buffer on the
     stack, since only the 512-bit header has a fast path for a part of a vector: the reduction read 1.7 GB/s of
-    weights where _weight_int8pack_mm read 10-11. Read as int32, every load is a whole vector of 32 weights; byte j
-    of each word is sign-extended by two shifts and meets activation 4i+j, so the activations are laid out as
-    four planes (4, in/4) first. Little-endian: byte j of a word is the weight at 4i+j (docs/performance.md)."""
+    weights where _weight_int8pack_mm read 12 (benchmark.py rows). Read as int32, every load is a whole vector of
+    32 weights; byte j of each word is sign-extended by two shifts and meets activation 4i+j, so the activations
+    are laid out as four planes (4, in/4) first. Little-endian: byte j of a word is the weight at 4i+j."""
     w32 = w.view(torch.int32)  # (out, in/4)
     planes = fast.stored(x.float().view(-1, 4).T.contiguous())  # (4, in/4): x[4i + j] at [j, i]
     t = [((w32 << (24 - 8 * j)) >> 24).float() * planes[j] for j in range(4)]

@@ -257,8 +257,9 @@ def test_a_cpus_class_is_atens_vector_level_and_amx(capability, amx, expected):
 
 @pytest.mark.parametrize("cpu", ["other", "avx2", "amx", "avx512"])
 def test_a_cpu_class_never_measured_takes_only_the_portable_choices(cpu):
-    """On an "other" CPU (ARM, older x86) every choice is olmoe.py's own (F.linear, SDPA, the grouped or looped MoE dispatch,
-    _weight_int8pack_mm); each measured class has at least one rule of its own, so that this test can fail."""
+    """On an "other" CPU (ARM, older x86) every choice is olmoe.py's own (F.linear, SDPA, the grouped or looped MoE
+    dispatch, _weight_int8pack_mm); each measured class has at least one rule of its own, so that this test can
+    fail."""
     import quantize
 
     grid = [(dtype, compiling, n) for dtype in (BF16, F32) for compiling in (False, True) for n in (1, 2, 7, 16, 64)]

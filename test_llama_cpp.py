@@ -44,8 +44,8 @@ def test_gguf_files_converts_once_and_quantizes_to_q8_0_and_q4_0(tmp_path):
     (checkpoint / "tokenizer.json").write_text("{}")
     gguf = llama_cpp.gguf_files(tmp_path / "llama.cpp", checkpoint)
     assert {k: (p.name, p.read_text().strip()) for k, p in gguf.items()} == {
-        "bf16": ("ckpt-BF16.gguf", "bf16"), "int8": ("ckpt-Q8_0.gguf", "Q8_0"), "int8-dynamic": ("ckpt-Q8_0.gguf", "Q8_0"),
-        "int4": ("ckpt-Q4_0.gguf", "Q4_0")}
+        "bf16": ("ckpt-BF16.gguf", "bf16"), "int8": ("ckpt-Q8_0.gguf", "Q8_0"),
+        "int8-dynamic": ("ckpt-Q8_0.gguf", "Q8_0"), "int4": ("ckpt-Q4_0.gguf", "Q4_0")}
     assert llama_cpp.gguf_files(tmp_path / "llama.cpp", checkpoint) == gguf
     assert log.read_text().split() == ["quantize", "quantize"]  # written once, found the second time
     other = tmp_path / "other"
