@@ -103,7 +103,7 @@ def test_every_variant_is_swept_first_at_the_sweep_budget_with_seed_0(tmp_path):
     # each variant's runs (one directory per model and flags) at each of the three rates; the upcycled arm's once its
     # start's rate is known
     names = {v.name for v in variants | starts if not v.start}
-    assert len(runs) == 3 * len(names) == 3 * 13
+    assert len(runs) == 3 * len(names) == 3 * 14
     for run, argv in runs.items():
         assert run.name == "seed-0" and argv[argv.index("--seed") + 1] == "0"
         v = next(v for v in variants | starts if v.name == run.parents[2].name)
@@ -170,7 +170,7 @@ def test_the_map_compares_every_budget_at_its_end_paired_and_says_how_many_token
             fake_run(experiments.run_dir(tmp_path, dense, budget, 6e-3, seed), budget, b + jitter)
             for run in (experiments.run_dir(tmp_path, v, budget, rates[v], seed) for v in (moe, dense)):
                 (run / f"step-{budget:06d}" / "config.json").write_text(json.dumps(experiments.MODELS[
-                    "olmoe-64x8" if run.parents[2].name == moe.name else "dense-active"] | dict(vocab_size=4096)))
+                    "olmoe-64x8" if run.parents[2].name == moe.name else "dense-1x1"] | dict(vocab_size=4096)))
     rows = experiments.regime_rows(schedule, tmp_path, rates)
     assert [r["verdict"] for r in rows] == ["seen"] * 3 and [r["unpaired"] for r in rows] == ["within noise"] * 3
     assert rows[0]["dense_needs"] == pytest.approx(600 * 2048) and rows[2]["dense_needs"] is None
@@ -206,9 +206,9 @@ def test_the_quick_suite_runs_end_to_end_and_resumes(tmp_path, capsys):
     experiments.main(["--data", str(data), "--out", str(out), "--quick"])
     err = capsys.readouterr().err
     waves = re.findall(r"(\d+) of (\d+) runs planned so far already finished; (\d+) to run", err)
-    # the sweeps (13 variants, 2 rates), the upcycled arm's once its start's rate is known, then the map's larger
+    # the sweeps (14 variants, 2 rates), the upcycled arm's once its start's rate is known, then the map's larger
     # budget and the other experiments at the decisive one; nothing is run twice
-    assert waves[0] == ("0", "26", "26") and waves[-1][2] == "0" and len(waves) >= 3, err
+    assert waves[0] == ("0", "28", "28") and waves[-1][2] == "0" and len(waves) >= 3, err
     assert sum(int(w[2]) for w in waves) == int(waves[-1][1])
     assert [json.loads(line)["step"] for line in (short / "log.jsonl").read_text().splitlines()] == [0, 1, 2]
     report = (out / "experiments.md").read_text()
